@@ -1,0 +1,92 @@
+"""The topic tree of DESIGN.md, in one place.
+
+Everything that builds or parses a topic goes through `Topics`, so the tree is
+written down exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "edge/v1"
+
+# Device ids double as MQTT client ids and topic levels (DESIGN: [A-Za-z0-9_-]{1,64}).
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+POOL_RE = DEVICE_ID_RE
+# Model names, versions and job ids end up in topics and file names.
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def has_wildcard(topic: str) -> bool:
+    return "+" in topic or "#" in topic
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topics of one device under one prefix."""
+
+    prefix: str
+    device_id: str
+
+    def _dev(self, leaf: str) -> str:
+        return f"{self.prefix}/dev/{self.device_id}/{leaf}"
+
+    @property
+    def state(self) -> str:
+        return self._dev("state")
+
+    @property
+    def desired(self) -> str:
+        return self._dev("desired")
+
+    @property
+    def reported(self) -> str:
+        return self._dev("reported")
+
+    @property
+    def jobs(self) -> str:
+        return self._dev("jobs")
+
+    @property
+    def results(self) -> str:
+        return self._dev("results")
+
+    @property
+    def telemetry(self) -> str:
+        return self._dev("telemetry")
+
+    @property
+    def events(self) -> str:
+        return self._dev("events")
+
+    def pool_jobs(self, pool: str) -> str:
+        return f"{self.prefix}/pool/{pool}/jobs"
+
+    def pool_subscription(self, pool: str) -> str:
+        # A shared subscription hands each pool job to exactly one agent of the pool.
+        return f"$share/{pool}/{self.pool_jobs(pool)}"
+
+
+def device_topic(prefix: str, device_id: str, leaf: str) -> str:
+    return f"{prefix}/dev/{device_id}/{leaf}"
+
+
+def device_wildcard(prefix: str, leaf: str) -> str:
+    """`edge/v1/dev/+/<leaf>`: what a fleet tool subscribes to."""
+    return f"{prefix}/dev/+/{leaf}"
+
+
+def device_of(prefix: str, topic: str) -> str | None:
+    """The device id of a `{prefix}/dev/{dev}/...` topic, or None."""
+    head = f"{prefix}/dev/"
+    if not topic.startswith(head):
+        return None
+    rest = topic[len(head):]
+    dev, _, _ = rest.partition("/")
+    return dev or None
+
+
+def reply_prefix(prefix: str) -> str:
+    """Default root under which clients ask for responses."""
+    return f"{prefix}/reply/"

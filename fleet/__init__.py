@@ -1,0 +1,1 @@
+"""The operator side: edge-fleet CLI, artifact server and the job client."""

@@ -1,0 +1,1 @@
+"""Hardware detection, runtime selection and one backend per runtime."""
