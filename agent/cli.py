@@ -1,0 +1,139 @@
+"""`edge-agent run | doctor | version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from agent import __version__
+from agent.brokerurl import parse_broker_url
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def _config_path(arg: str | None) -> Path | None:
+    if arg:
+        return Path(arg)
+    env = os.environ.get("EDGE_AGENT_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def _load(arg: str | None) -> AgentConfig:
+    return load_config(_config_path(arg))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if args.validate_config:
+        print(f"config OK: device {cfg.device_id}, broker {cfg.broker.url}, state {cfg.state_dir}")
+        return 0
+    logging.basicConfig(
+        level=cfg.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from agent.service import Agent  # heavy imports (runtimes) only when running
+
+    agent = Agent(cfg)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        logging.getLogger("agent").info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    agent.start()
+    try:
+        stop.wait()
+    finally:
+        agent.stop()
+    return 0
+
+
+def _broker_answers(url: str, timeout: float = 3.0) -> str:
+    """One line on whether an MQTT broker answers at `url`."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    addr = parse_broker_url(url)
+    result: dict[str, str] = {}
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
+        result["rc"] = str(rc)
+        done.set()
+
+    client.on_connect = on_connect
+    if addr.tls:
+        client.tls_set()
+    try:
+        client.connect(addr.host, addr.port, keepalive=10)
+    except (OSError, socket.timeout) as exc:
+        return f"broker {addr}: unreachable ({exc})"
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return f"broker {addr}: no CONNACK within {timeout}s"
+        return f"broker {addr}: answers ({result['rc']})"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from runtimes.hardware import detect
+    from runtimes.selection import explain
+
+    cfg = _load(args.config)
+    print(f"edge-agent {__version__}")
+    print(f"config: OK (device {cfg.device_id}, state_dir {cfg.state_dir})")
+    hw = detect()
+    print("hardware:")
+    for key, value in hw.summary().items():
+        print(f"  {key}: {value}")
+    for line in hw.errors:
+        print(f"  ! {line}")
+    print(f"runtime preference {', '.join(cfg.runtime.prefer)}:")
+    for line in explain(cfg.runtime.prefer, hw):
+        print(f"  {line}")
+    line = _broker_answers(cfg.broker.url)
+    print(line)
+    return 0 if "answers" in line else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", help="YAML config file (default: $EDGE_AGENT_CONFIG or "
+                     f"{DEFAULT_CONFIG_PATH} if present)")
+    run.add_argument("--validate-config", action="store_true",
+                     help="check the config and exit (0 when valid, 2 when not)")
+    doctor = sub.add_parser("doctor", help="hardware, runtimes, broker reachability, config")
+    doctor.add_argument("--config")
+    sub.add_parser("version", help="print the version")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "version":
+            print(f"edge-agent {__version__}")
+            return 0
+        if args.command == "doctor":
+            return _cmd_doctor(args)
+        return _cmd_run(args)
+    except ConfigError as exc:
+        print(f"edge-agent: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""In-process inference metrics: counts, errors and latency percentiles per model."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Recent latencies kept per model for percentiles: enough for a stable p99.
+WINDOW = 2048
+
+
+@dataclass
+class _ModelStats:
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    total_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    infer_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+
+def percentiles(values: deque[float] | list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    p50, p95, p99 = np.percentile(np.fromiter(values, dtype=np.float64), [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, _ModelStats] = {}
+        self.errors_by_code: dict[str, int] = {}
+        self.jobs_ok = 0
+        self.jobs_failed = 0
+
+    def record_ok(self, model: str, queue_ms: float, infer_ms: float, total_ms: float) -> None:
+        with self._lock:
+            s = self._models.setdefault(model, _ModelStats())
+            s.ok += 1
+            s.queue_ms.append(queue_ms)
+            s.infer_ms.append(infer_ms)
+            s.total_ms.append(total_ms)
+            self.jobs_ok += 1
+
+    def record_error(self, model: str | None, code: str) -> None:
+        with self._lock:
+            self.jobs_failed += 1
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+            if model is not None:
+                s = self._models.setdefault(model, _ModelStats())
+                s.errors[code] = s.errors.get(code, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            models = {
+                name: {
+                    "ok": s.ok,
+                    "errors": dict(s.errors),
+                    "latency_ms": percentiles(s.total_ms),
+                    "infer_ms": percentiles(s.infer_ms),
+                    "queue_ms": percentiles(s.queue_ms),
+                }
+                for name, s in self._models.items()
+            }
+            return {
+                "jobs_ok": self.jobs_ok,
+                "jobs_failed": self.jobs_failed,
+                "errors_by_code": dict(self.errors_by_code),
+                "models": models,
+            }

@@ -1,0 +1,276 @@
+"""The agent's MQTT v5 session: one network thread, persistent session, birth and will.
+
+paho runs every callback on the network thread. Handlers registered here must
+only hand work off (a bounded queue's put_nowait); each is wrapped so that an
+exception is logged and never escapes into paho.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.brokerurl import parse_broker_url
+from agent.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """What a handler gets: the message, its v5 properties and when it arrived."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None
+    correlation_data: bytes | None
+    user_properties: tuple[tuple[str, str], ...]
+    expiry_s: int | None
+    received: float  # time.monotonic()
+
+    def user_property(self, name: str) -> str | None:
+        for key, value in self.user_properties:
+            if key == name:
+                return value
+        return None
+
+
+Handler = Callable[[Inbound], None]
+
+
+@dataclass(frozen=True)
+class Route:
+    subscription: str  # what we subscribe to (may be $share/...)
+    qos: int
+    handler: Handler
+
+    @property
+    def match_filter(self) -> str:
+        # Messages of a shared subscription arrive on the plain topic.
+        if self.subscription.startswith("$share/"):
+            return self.subscription.split("/", 2)[2]
+        return self.subscription
+
+
+@dataclass(frozen=True)
+class Retained:
+    topic: str
+    payload: bytes
+
+
+def new_properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def backoff_delay(attempt: int, low: float, high: float) -> float:
+    """Full-jitter exponential backoff: a random delay in [low, min(high, low * 2**attempt)]."""
+    ceiling = min(high, low * (2 ** min(attempt, 20)))
+    return random.uniform(low, max(low, ceiling))  # noqa: S311 - jitter, not crypto
+
+
+class MqttSession:
+    """Owns the paho client and its network thread; thread-safe `publish`."""
+
+    def __init__(
+        self,
+        client_id: str,
+        cfg: BrokerConfig,
+        routes: Sequence[Route],
+        will: Retained,
+        on_connected: Callable[[], None],
+    ) -> None:
+        self._cfg = cfg
+        self._addr = parse_broker_url(cfg.url)
+        self._routes = tuple(routes)
+        self._on_connected_cb = on_connected
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.connect_count = 0
+        self._thread: threading.Thread | None = None
+
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        client.will_set(will.topic, will.payload, qos=1, retain=True)
+        client.max_inflight_messages_set(64)
+        client.max_queued_messages_set(0)
+        if self._addr.tls:
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        # A registered write callback makes publish() from worker threads only queue
+        # the packet and wake our loop, instead of writing the socket concurrently.
+        client.on_socket_register_write = self._on_register_write
+        self._client = client
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        try:
+            self._client.disconnect()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.debug("disconnect failed", exc_info=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        attempt = 0
+        first = True
+        props = new_properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._cfg.session_expiry_s
+        while not self._stop.is_set():
+            try:
+                if first:
+                    self._client.connect(
+                        self._addr.host,
+                        self._addr.port,
+                        keepalive=self._cfg.keepalive_s,
+                        clean_start=False,
+                        properties=props,
+                    )
+                    first = False
+                else:
+                    self._client.reconnect()
+            except (OSError, mqtt.WebsocketConnectionError) as exc:
+                delay = backoff_delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
+                log.warning("broker %s unreachable (%s); retrying in %.1fs", self._addr, exc, delay)
+                attempt += 1
+                self._stop.wait(delay)
+                continue
+            while not self._stop.is_set():
+                rc = self._client.loop(timeout=0.5)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+            if self.connected.is_set():
+                attempt = 0
+            self.connected.clear()
+            if self._stop.is_set():
+                # Let the DISCONNECT packet go out.
+                for _ in range(4):
+                    if self._client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+                return
+            delay = backoff_delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
+            attempt += 1
+            log.warning("connection to %s lost; reconnecting in %.1fs", self._addr, delay)
+            self._stop.wait(delay)
+
+    # --- paho callbacks (network thread: never block, never raise) -------------------------
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Small QoS 1 packets otherwise wait on delayed ACKs (tens of ms each).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            log.debug("could not set TCP_NODELAY", exc_info=True)
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        return None
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self._addr, reason_code)
+            return
+        try:
+            self.connect_count += 1
+            subs = [(r.subscription, SubscribeOptions(qos=r.qos)) for r in self._routes]
+            # Always re-subscribe: the broker may have lost our session.
+            client.subscribe(subs)
+            self.connected.set()
+            log.info(
+                "connected to %s (session present: %s)", self._addr, flags.session_present
+            )
+            self._on_connected_cb()
+        except Exception:
+            log.exception("on_connect handler failed")
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from %s: %s", self._addr, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            inbound = _to_inbound(msg)
+            for route in self._routes:
+                if mqtt.topic_matches_sub(route.match_filter, inbound.topic):
+                    route.handler(inbound)
+                    return
+            log.warning("message on unhandled topic %s dropped", inbound.topic)
+        except Exception:
+            log.exception("handler for %s failed", msg.topic)
+
+    # --- publishing (any thread) -----------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> mqtt.MQTTMessageInfo:
+        props: Properties | None = None
+        if correlation_data is not None or user_properties:
+            props = new_properties(PacketTypes.PUBLISH)
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if user_properties:
+                props.UserProperty = list(user_properties)
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+
+def _to_inbound(msg: mqtt.MQTTMessage) -> Inbound:
+    props = getattr(msg, "properties", None)
+    response_topic = getattr(props, "ResponseTopic", None) if props else None
+    correlation = getattr(props, "CorrelationData", None) if props else None
+    user = getattr(props, "UserProperty", None) if props else None
+    expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+    return Inbound(
+        topic=msg.topic,
+        payload=bytes(msg.payload),
+        qos=msg.qos,
+        retain=bool(msg.retain),
+        response_topic=response_topic,
+        correlation_data=bytes(correlation) if correlation is not None else None,
+        user_properties=tuple((str(k), str(v)) for k, v in (user or ())),
+        expiry_s=int(expiry) if expiry is not None else None,
+        received=time.monotonic(),
+    )

@@ -1,0 +1,295 @@
+"""Desired state in, serving models out.
+
+The reconciler runs on its own thread. It takes the newest desired manifest
+(older ones not yet started are superseded), fetches, verifies, loads and warms
+each new model version, and swaps the set in only then. A version that fails
+never replaces a serving one. What is serving is written to `applied.json` so a
+restarted agent serves it again from its store before the broker answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.config import AgentConfig
+from agent.manifest import Manifest, ManifestError, ModelSpec, decode_manifest
+from agent.registry import ModelRegistry, ServingModel
+from agent.store import ArtifactError, ModelStore, atomic_write
+from runtimes.base import LoadOptions
+from runtimes.hardware import HardwareInfo
+from runtimes.selection import Attempt, NoRuntimeError, load_first_workable
+
+log = logging.getLogger(__name__)
+
+EmitEvent = Callable[..., None]
+APPLIED_FILE = "applied.json"
+
+
+class Applied(msgspec.Struct, forbid_unknown_fields=True):
+    """What this agent serves, as written to disk after each reconcile."""
+
+    revision: int | None
+    models: list[ModelSpec]
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    version: str
+    sha256: str
+    state: str  # "loading" | "serving" | "failed"
+    runtime: str | None = None
+    device: str | None = None
+    error: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "state": self.state,
+            "runtime": self.runtime,
+            "device": self.device,
+            "error": self.error,
+            "attempts": [
+                {"runtime": a.runtime, "device": a.device, "ok": a.ok, "reason": a.reason}
+                for a in self.attempts
+            ],
+        }
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: ModelStore,
+        registry: ModelRegistry,
+        hardware: HardwareInfo,
+        emit_event: EmitEvent,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._registry = registry
+        self._hw = hardware
+        self._emit = emit_event
+        self._on_change = on_change
+        self._applied_path = cfg.state_path / APPLIED_FILE
+        self._lock = threading.Lock()
+        self._statuses: dict[tuple[str, str], ModelStatus] = {}
+        self.applied_revision: int | None = None
+        self.last_error: str | None = None
+        # A failed (name, version, sha256) is not retried until the manifest changes it.
+        self._failed: dict[tuple[str, str], str] = {}
+        self._last_manifest: Manifest | None = None
+        self._mailbox: bytes | None = None
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.reconcile_count = 0
+
+    # --- status, read by the service for `reported` --------------------------------------
+
+    def statuses(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [s.to_json() for s in self._statuses.values()]
+
+    def _set_status(self, status: ModelStatus) -> None:
+        with self._lock:
+            self._statuses[(status.name, status.version)] = status
+
+    # --- thread --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def offer(self, payload: bytes) -> None:
+        """Hand over a desired-state payload (network thread: never blocks)."""
+        with self._wake:
+            self._mailbox = payload
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._mailbox is None and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                payload, self._mailbox = self._mailbox, None
+            try:
+                self.apply_payload(payload)
+            except Exception as exc:
+                log.exception("reconcile failed")
+                self.last_error = f"reconcile failed: {exc}"
+                self._emit("reconcile_failed", message=self.last_error)
+                self._on_change()
+
+    # --- reconciling ---------------------------------------------------------------------
+
+    def apply_payload(self, payload: bytes) -> None:
+        if not payload:
+            log.info("desired state is empty (retained message cleared); nothing to do")
+            return
+        try:
+            manifest = decode_manifest(payload)
+        except ManifestError as exc:
+            self.last_error = f"manifest refused: {exc}"
+            log.warning("%s", self.last_error)
+            self._emit("manifest_rejected", message=str(exc))
+            self._on_change()
+            return
+        self.apply(manifest)
+
+    def apply(self, manifest: Manifest) -> None:
+        if manifest == self._last_manifest:
+            log.debug("manifest revision %s unchanged; nothing to do", manifest.revision)
+            return
+        self.reconcile_count += 1
+        started = time.monotonic()
+        self._emit("deploy_started", revision=manifest.revision)
+        chosen: list[ServingModel] = []
+        failures: list[str] = []
+        loaded_names: set[str] = set()
+        for spec in manifest.models:
+            model, error = self._bring_up(spec)
+            if model is not None:
+                chosen.append(model)
+                loaded_names.add(spec.name)
+            elif error is not None:
+                failures.append(error)
+        wanted_names = {spec.name for spec in manifest.models}
+        # A name whose new versions all failed keeps serving what it served.
+        for old in self._registry.snapshot():
+            if old.spec.name in wanted_names and old.spec.name not in loaded_names:
+                chosen.append(old)
+                self._emit(
+                    "kept_serving",
+                    model=old.spec.name,
+                    version=old.spec.version,
+                    message=f"{old.label} keeps serving: no new version of it could be loaded",
+                )
+        dropped = self._registry.replace(chosen)
+        serving_keys = {m.spec.key for m in chosen}
+        for m in dropped:
+            self._emit("model_unloaded", model=m.spec.name, version=m.spec.version)
+        with self._lock:
+            wanted_keys = {spec.key for spec in manifest.models}
+            self._statuses = {
+                k: s for k, s in self._statuses.items() if k in wanted_keys or k in serving_keys
+            }
+        self._persist(chosen, manifest.revision if not failures else self.applied_revision)
+        self._store.remove_unreferenced({m.spec.sha256 for m in chosen})
+        if failures:
+            self.last_error = "; ".join(failures)
+        else:
+            self.applied_revision = manifest.revision
+            self.last_error = None
+        self._last_manifest = manifest
+        self._emit(
+            "deploy_finished" if not failures else "deploy_failed",
+            revision=manifest.revision,
+            seconds=round(time.monotonic() - started, 3),
+            message=self.last_error,
+        )
+        self._on_change()
+
+    def _bring_up(self, spec: ModelSpec) -> tuple[ServingModel | None, str | None]:
+        """Return (model, None) when it serves, (None, reason) when it failed."""
+        current = self._registry.find(spec.name, spec.version)
+        if current is not None and current.spec.sha256 == spec.sha256:
+            return current, None
+        if self._failed.get(spec.key) == spec.sha256:
+            status = self._statuses.get(spec.key)
+            return None, (status.error if status and status.error else f"{spec.name} failed")
+        self._set_status(ModelStatus(spec.name, spec.version, spec.sha256, "loading"))
+        self._on_change()
+        label = f"{spec.name}:{spec.version}"
+        try:
+            path = self._store.fetch(
+                spec, self._cfg.deploy.download_timeout_s, self._cfg.deploy.max_artifact_bytes
+            )
+            self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
+            loaded = load_first_workable(
+                path,
+                spec.runtime.prefer or self._cfg.runtime.prefer,
+                self._hw,
+                LoadOptions(threads=self._cfg.runtime.threads),
+                warmup=True,
+            )
+        except (ArtifactError, NoRuntimeError) as exc:
+            attempts = exc.attempts if isinstance(exc, NoRuntimeError) else []
+            reason = f"{label}: {exc}"
+            self._failed[spec.key] = spec.sha256
+            self._set_status(
+                ModelStatus(spec.name, spec.version, spec.sha256, "failed", error=reason,
+                            attempts=attempts)
+            )
+            self._emit("model_failed", model=spec.name, version=spec.version, message=reason)
+            log.error("%s", reason)
+            return None, reason
+        self._failed.pop(spec.key, None)
+        session = loaded.session
+        fallbacks = [a for a in loaded.attempts if not a.ok]
+        self._set_status(
+            ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
+                        device=session.device, attempts=loaded.attempts)
+        )
+        self._emit(
+            "model_serving",
+            model=spec.name,
+            version=spec.version,
+            runtime=session.runtime,
+            device=session.device,
+            fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in fallbacks],
+        )
+        log.info("%s serving on %s/%s", label, session.runtime, session.device)
+        return ServingModel(spec, session, loaded.attempts), None
+
+    # --- disk ----------------------------------------------------------------------------
+
+    def _persist(self, serving: list[ServingModel], revision: int | None) -> None:
+        applied = Applied(revision=revision, models=[m.spec for m in serving])
+        atomic_write(self._applied_path, msgspec.json.encode(applied))
+
+    def restore(self) -> int:
+        """Serve what was applied before the restart, from the store. Returns models loaded."""
+        try:
+            raw = self._applied_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        try:
+            applied = msgspec.json.decode(raw, type=Applied)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.last_error = f"{self._applied_path} unreadable ({exc}); waiting for desired state"
+            log.error("%s", self.last_error)
+            return 0
+        chosen: list[ServingModel] = []
+        for spec in applied.models:
+            if not self._store.has(spec):
+                log.warning("%s:%s missing from the store", spec.name, spec.version)
+                continue
+            model, _ = self._bring_up(spec)
+            if model is not None:
+                chosen.append(model)
+        self._registry.replace(chosen)
+        self.applied_revision = applied.revision
+        log.info("restored %d model(s) from %s", len(chosen), self._store.root)
+        return len(chosen)

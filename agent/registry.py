@@ -1,0 +1,131 @@
+"""The models being served, by name and version, safe to swap under load.
+
+A job holds its model for the whole run (`ModelRegistry.use`); a model that a
+deploy replaces is retired and closed only when its last job has finished, so
+jobs in flight finish on the version they started on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from agent.errors import Code, JobError
+from agent.manifest import ModelSpec
+from runtimes.base import Session
+from runtimes.selection import Attempt
+
+log = logging.getLogger(__name__)
+
+
+class ServingModel:
+    def __init__(self, spec: ModelSpec, session: Session, attempts: list[Attempt]) -> None:
+        self.spec = spec
+        self.session = session
+        self.attempts = attempts
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._retired = False
+        self._closed = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name}:{self.spec.version}"
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._retired:
+                return False
+            self._inflight += 1
+            return True
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            close = self._retired and self._inflight == 0
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            close = self._inflight == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.session.close()
+        except Exception:
+            log.exception("closing %s failed", self.label)
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # name -> versions in manifest order; the last one answers jobs that name no version.
+        self._by_name: dict[str, list[ServingModel]] = {}
+
+    def snapshot(self) -> list[ServingModel]:
+        with self._lock:
+            return [m for versions in self._by_name.values() for m in versions]
+
+    def find(self, name: str, version: str) -> ServingModel | None:
+        with self._lock:
+            for m in self._by_name.get(name, ()):
+                if m.spec.version == version:
+                    return m
+        return None
+
+    def replace(self, models: Iterable[ServingModel]) -> list[ServingModel]:
+        """Serve exactly `models` from now on; retire and return the ones dropped."""
+        fresh: dict[str, list[ServingModel]] = {}
+        for m in models:
+            fresh.setdefault(m.spec.name, []).append(m)
+        keep_ids = {id(m) for versions in fresh.values() for m in versions}
+        with self._lock:
+            old = [m for versions in self._by_name.values() for m in versions]
+            self._by_name = fresh
+        dropped = [m for m in old if id(m) not in keep_ids]
+        for m in dropped:
+            m.retire()
+        return dropped
+
+    def _lookup(self, name: str, version: str | None) -> ServingModel:
+        versions = self._by_name.get(name)
+        if not versions:
+            served = ", ".join(sorted(self._by_name)) or "none"
+            raise JobError(Code.NOT_FOUND, f"model {name!r} is not served here (serving: {served})")
+        if version is None:
+            return versions[-1]
+        for m in versions:
+            if m.spec.version == version:
+                return m
+        have = ", ".join(m.spec.version for m in versions)
+        raise JobError(
+            Code.NOT_FOUND, f"model {name!r} has no version {version!r} here (versions: {have})"
+        )
+
+    @contextmanager
+    def use(self, name: str, version: str | None) -> Iterator[ServingModel]:
+        """Hold a model for one job; raises JobError(NOT_FOUND)."""
+        while True:
+            with self._lock:
+                model = self._lookup(name, version)
+            if model._enter():
+                break
+            # Retired between lookup and enter: the registry already holds its successor.
+        try:
+            yield model
+        finally:
+            model._exit()
+
+    def close_all(self) -> None:
+        for m in self.replace(()):
+            m.retire()

@@ -1,0 +1,139 @@
+"""Periodic health and inference figures: published over MQTT, optionally served to Prometheus."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def host_health(state_dir: Path) -> dict[str, Any]:
+    vm = psutil.virtual_memory()
+    disk = psutil.disk_usage(str(state_dir))
+    proc = psutil.Process()
+    health: dict[str, Any] = {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "load_avg": list(psutil.getloadavg()),
+        "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
+        "disk": {"total": disk.total, "free": disk.free, "percent": disk.percent},
+        "process": {"rss": proc.memory_info().rss, "threads": proc.num_threads()},
+    }
+    temps = _temperatures()
+    if temps:
+        health["temperatures_c"] = temps
+    return health
+
+
+def _temperatures() -> dict[str, float]:
+    reader = getattr(psutil, "sensors_temperatures", None)
+    if reader is None:
+        return {}
+    try:
+        sensors = reader()
+    except (OSError, RuntimeError):
+        return {}
+    out: dict[str, float] = {}
+    for chip, entries in sensors.items():
+        for i, entry in enumerate(entries):
+            label = entry.label or f"{chip}{i}"
+            out[f"{chip}/{label}"] = float(entry.current)
+    return out
+
+
+class TelemetryLoop:
+    """Every `interval_s`, build one telemetry document and hand it to `publish`."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        state_dir: Path,
+        metrics: Metrics,
+        queue_depth: Callable[[], int],
+        publish: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self._interval = interval_s
+        self._state_dir = state_dir
+        self._metrics = metrics
+        self._queue_depth = queue_depth
+        self._publish = publish
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "ts": time.time(),
+            "health": host_health(self._state_dir),
+            "queue_depth": self._queue_depth(),
+            "inference": self._metrics.snapshot(),
+        }
+
+    def start(self) -> None:
+        psutil.cpu_percent(interval=None)  # prime: the first call always says 0.0
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._publish(self.document())
+            except Exception:
+                log.exception("telemetry failed")
+
+
+def start_prometheus(
+    port: int, metrics: Metrics, queue_depth: Callable[[], int], state_dir: Path
+) -> Callable[[], None]:
+    """Serve the same figures on 127.0.0.1:`port`/metrics; returns a stop function."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    class _Collector(Collector):
+        def collect(self) -> Iterator[Any]:
+            snap = metrics.snapshot()
+            jobs = CounterMetricFamily("edge_jobs", "Jobs answered", labels=["model", "outcome"])
+            latency = GaugeMetricFamily(
+                "edge_job_latency_ms", "Job latency percentiles (recent window)",
+                labels=["model", "quantile"],
+            )
+            for name, m in snap["models"].items():
+                jobs.add_metric([name, "ok"], m["ok"])
+                for code, n in m["errors"].items():
+                    jobs.add_metric([name, code], n)
+                for q, v in m["latency_ms"].items():
+                    if v is not None:
+                        latency.add_metric([name, q], v)
+            yield jobs
+            yield latency
+            yield GaugeMetricFamily("edge_queue_depth", "Jobs waiting", value=queue_depth())
+            health = host_health(state_dir)
+            yield GaugeMetricFamily("edge_cpu_percent", "Host CPU use", value=health["cpu_percent"])
+            yield GaugeMetricFamily(
+                "edge_memory_percent", "Host memory use", value=health["memory"]["percent"]
+            )
+            yield GaugeMetricFamily("edge_disk_free_bytes", "Free bytes on the state disk",
+                                    value=health["disk"]["free"])
+
+    registry = CollectorRegistry()
+    registry.register(_Collector())
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join(5)
+
+    return stop

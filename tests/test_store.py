@@ -1,0 +1,105 @@
+"""The content-addressed store: verified, atomic, never half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agent.manifest import ModelSpec
+from agent.store import ArtifactError, ModelStore
+
+
+def spec_for(uri: str, data: bytes, **over: object) -> ModelSpec:
+    fields: dict[str, object] = {
+        "name": "m", "version": "1", "uri": uri,
+        "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+    }
+    fields.update(over)
+    return ModelSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_file_artifact_is_installed_by_content(tmp_path: Path) -> None:
+    data = b"model-bytes" * 1000
+    src = tmp_path / "m.onnx"
+    src.write_bytes(data)
+    store = ModelStore(tmp_path / "state")
+    spec = spec_for(src.as_uri(), data)
+    path = store.fetch(spec, 5, 10**9)
+    assert path == store.root / spec.sha256
+    assert path.read_bytes() == data
+    assert store.has(spec)
+    assert list(store.tmp.iterdir()) == []
+    src.unlink()  # a second fetch does not read the source again
+    assert store.fetch(spec, 5, 10**9) == path
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"sha256": "0" * 64}, "has sha256"),
+        ({"size": 5}, "longer than"),
+        ({"size": 999_999}, "has 11000 bytes"),
+    ],
+)
+def test_mismatch_is_refused_and_leaves_nothing(tmp_path: Path, over: dict[str, object],
+                                                needle: str) -> None:
+    data = b"model-bytes" * 1000
+    src = tmp_path / "m.onnx"
+    src.write_bytes(data)
+    store = ModelStore(tmp_path / "state")
+    spec = spec_for(src.as_uri(), data, **over)
+    with pytest.raises(ArtifactError, match=needle):
+        store.fetch(spec, 5, 10**9)
+    assert list(store.root.iterdir()) == []
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_limits_and_missing_sources(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "state")
+    data = b"x" * 100
+    with pytest.raises(ArtifactError, match="over the limit"):
+        store.fetch(spec_for("file:///nonexistent", data), 5, 10)
+    with pytest.raises(ArtifactError, match="cannot read"):
+        store.fetch(spec_for("file:///nonexistent", data), 5, 1000)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    body = b"http-model" * 500
+
+    def do_GET(self) -> None:
+        if self.path != "/a":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_http_artifact(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        store = ModelStore(tmp_path / "state")
+        spec = spec_for(f"{base}/a", _Handler.body)
+        assert store.fetch(spec, 5, 10**9).read_bytes() == _Handler.body
+        with pytest.raises(ArtifactError, match="HTTP 404"):
+            store.fetch(spec_for(f"{base}/missing", b"other"), 5, 10**9)
+    finally:
+        server.shutdown()
+
+
+def test_clear_tmp_removes_leftovers(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "state")
+    (store.tmp / "half-download").write_bytes(b"...")
+    assert store.clear_tmp() == 1
+    assert list(store.tmp.iterdir()) == []
