@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -78,7 +77,7 @@ def _broker_answers(url: str, timeout: float = 3.0) -> str:
         client.tls_set()
     try:
         client.connect(addr.host, addr.port, keepalive=10)
-    except (OSError, socket.timeout) as exc:
+    except (TimeoutError, OSError) as exc:
         return f"broker {addr}: unreachable ({exc})"
     client.loop_start()
     try:

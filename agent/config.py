@@ -26,6 +26,12 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
+def _default_device_id() -> str:
+    host = socket.gethostname().split(".")[0]
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in host)[:64]
+    return cleaned or "edge-device"
+
+
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -71,7 +77,7 @@ class LogConfig(_Section):
 
 
 class AgentConfig(_Section):
-    device_id: str = msgspec.field(default_factory=lambda: _default_device_id())
+    device_id: str = msgspec.field(default_factory=_default_device_id)
     state_dir: str = DEFAULT_STATE_DIR
     topic_prefix: str = DEFAULT_PREFIX
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
@@ -91,12 +97,6 @@ class AgentConfig(_Section):
 
 class ConfigError(Exception):
     """One clear line: which file, which key, what is wrong."""
-
-
-def _default_device_id() -> str:
-    host = socket.gethostname().split(".")[0]
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "-" for c in host)[:64]
-    return cleaned or "edge-device"
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -130,7 +130,7 @@ class MqttSession:
         self._stop.set()
         try:
             self._client.disconnect()
-        except Exception:  # noqa: BLE001 - best effort on the way out
+        except Exception:
             log.debug("disconnect failed", exc_info=True)
         if self._thread is not None:
             self._thread.join(timeout)

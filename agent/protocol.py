@@ -187,7 +187,7 @@ def check_inputs(
                 f"input {tensor.name!r} has a negative dimension in shape {list(shape)}",
             )
         # A spec of shape () means the runtime does not know the rank: it judges the shape.
-        if spec.shape and len(shape) != len(spec.shape) or any(
+        if (spec.shape and len(shape) != len(spec.shape)) or any(
             d < 0 or (want >= 0 and d != want) for d, want in zip(shape, spec.shape, strict=False)
         ):
             raise JobError(

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -131,9 +130,10 @@ class Reconciler:
             with self._wake:
                 while self._mailbox is None and not self._stop:
                     self._wake.wait()
-                if self._stop:
+                if self._stop or self._mailbox is None:
                     return
-                payload, self._mailbox = self._mailbox, None
+                payload: bytes = self._mailbox
+                self._mailbox = None
             try:
                 self.apply_payload(payload)
             except Exception as exc:

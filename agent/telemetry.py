@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from agent.metrics import Metrics
 
@@ -98,10 +101,6 @@ def start_prometheus(
     port: int, metrics: Metrics, queue_depth: Callable[[], int], state_dir: Path
 ) -> Callable[[], None]:
     """Serve the same figures on 127.0.0.1:`port`/metrics; returns a stop function."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    from prometheus_client.registry import Collector
-
     class _Collector(Collector):
         def collect(self) -> Iterator[Any]:
             snap = metrics.snapshot()

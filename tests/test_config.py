@@ -72,7 +72,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 
 
 def test_environment_typo_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="broker.ur'"):
+    with pytest.raises(ConfigError, match=r"broker\.ur'"):
         load_config(None, {"EDGE_AGENT_BROKER__UR": "mqtt://x:1"})
 
 

@@ -24,7 +24,7 @@ SPECS = [TensorSpec("x", "FP32", (-1, 4))]
 
 
 def request(**fields: object) -> bytes:
-    body = {
+    body: dict[str, object] = {
         "id": "j-1",
         "model_name": "m",
         "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
