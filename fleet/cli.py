@@ -1,0 +1,368 @@
+"""`edge-fleet`: deploy models, list devices, run a job, serve artifacts.
+
+Exit codes: 0 done; 1 the fleet said no (deploy failed, job error, timeout);
+2 the command cannot run (bad arguments, missing file, unreachable broker);
+130 interrupted. Expected failures print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from agent.brokerurl import DEFAULT_BROKER_URL
+from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, has_wildcard
+from fleet.artifacts import ArtifactStore, default_artifact_dir, serve_artifacts
+from fleet.client import InferenceClient
+from fleet.deploy import (
+    DeployError,
+    artifact_uri,
+    deploy,
+    model_spec,
+    parse_base_url,
+    store_artifact,
+)
+from fleet.devices import format_table, read_devices
+from fleet.errors import InferenceError
+from fleet.mqtt import BrokerError, connect
+from fleet.oip import InferResult, datatype_of
+
+BROKER_ENV = "EDGE_FLEET_BROKER"
+PROG = "edge-fleet"
+
+
+class UsageError(Exception):
+    """The command cannot run as given (exit 2)."""
+
+
+# -- arguments ------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--broker", metavar="URL", default=os.environ.get(BROKER_ENV) or DEFAULT_BROKER_URL,
+        help=f"mqtt://host:port or mqtts://host:port (default: ${BROKER_ENV}, "
+             f"else {DEFAULT_BROKER_URL})",
+    )
+    common.add_argument("--prefix", default=DEFAULT_PREFIX,
+                        help=f"topic prefix (default: {DEFAULT_PREFIX})")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    return common
+
+
+def _artifact_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact-dir", type=Path, default=None, metavar="DIR",
+                   help="content-addressed artifact store (default: $EDGE_FLEET_ARTIFACT_DIR, "
+                        "else ~/.local/share/edgeinfer/artifacts)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Operate an edgeinfer fleet over MQTT.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common()
+
+    p = sub.add_parser(
+        "deploy", parents=[common], help="deploy a model version to a device, or remove one",
+        description="Publish the device's next desired manifest with one model added, "
+                    "replaced (same name) or removed; other models stay.",
+    )
+    p.add_argument("--device", required=True, help="device id")
+    p.add_argument("--model", metavar="NAME", help="model name to deploy")
+    p.add_argument("--version", metavar="V", help="model version to deploy")
+    p.add_argument("--file", type=Path, metavar="PATH", help="the model file (ONNX)")
+    p.add_argument("--remove", metavar="NAME", help="remove this model instead")
+    p.add_argument("--task", default="tensor", help="task pipeline (default: tensor)")
+    p.add_argument("--prefer", metavar="LIST",
+                   help="runtime preference, comma-separated, e.g. cuda,openvino,onnxruntime")
+    p.add_argument("--max-batch", type=int, metavar="N", help="largest batch the agent forms")
+    p.add_argument("--max-delay-ms", type=float, metavar="MS",
+                   help="how long the agent waits to fill a batch")
+    _artifact_dir_arg(p)
+    p.add_argument("--artifact-base-url", metavar="URL",
+                   help="point the device at http://host:port/artifacts/sha256/<hex> "
+                        "(an `edge-fleet serve`) instead of a file:// path")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="wait until the device serves the model (or fails)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "devices", parents=[common], help="list devices and what they serve",
+        description="A table of every device's state, applied revision, models and last "
+                    "error, read from the retained state, reported and desired topics.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser(
+        "infer", parents=[common], help="send one inference job and print the result",
+        description="Send one OIP v2 job built from a .npy or .npz file.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", help="send to this device")
+    target.add_argument("--pool", help="send to any device of this pool")
+    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--version", metavar="V", help="model version (default: the served one)")
+    p.add_argument("--input", required=True, type=Path, metavar="FILE",
+                   help=".npy (one tensor, named by --input-name) or .npz (keys are names)")
+    p.add_argument("--input-name", metavar="NAME", help="the model input a .npy file feeds")
+    p.add_argument("--output", action="append", metavar="NAME",
+                   help="ask for this output only (repeatable; default: all)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for the answer (default: 10)")
+    p.add_argument("--json", action="store_true", help="print the raw OIP response")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser(
+        "serve", parents=[common], help="serve artifacts over HTTP",
+        description="Serve GET/HEAD /artifacts/sha256/<hex> from the artifact store "
+                    "until SIGINT or SIGTERM.",
+    )
+    _artifact_dir_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8780, help="port (default: 8780)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def _prefix(args: argparse.Namespace) -> str:
+    prefix = str(args.prefix).strip("/")
+    if not prefix or has_wildcard(prefix):
+        raise UsageError(f"--prefix {args.prefix!r} must be a topic without wildcards")
+    return prefix
+
+
+def _device(device: str) -> str:
+    if not DEVICE_ID_RE.match(device):
+        raise UsageError(f"device id {device!r} must match {DEVICE_ID_RE.pattern}")
+    return device
+
+
+def _artifact_store(args: argparse.Namespace) -> ArtifactStore:
+    return ArtifactStore(args.artifact_dir or default_artifact_dir())
+
+
+# -- deploy ---------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    topics = Topics(_prefix(args), _device(args.device))
+    if args.wait is not None and args.wait <= 0:
+        raise UsageError("--wait needs a positive number of seconds")
+    if args.remove:
+        given = [f for f in ("model", "version", "file") if getattr(args, f)]
+        if given:
+            raise UsageError(f"--remove cannot be combined with --{', --'.join(given)}")
+        with connect(args.broker) as conn:
+            outcome = deploy(conn, topics, remove=args.remove, wait_s=args.wait)
+        print(f"published revision {outcome.manifest.revision} to {outcome.topic}: "
+              f"removed {args.remove}")
+    else:
+        missing = [f"--{f}" for f in ("model", "version", "file") if not getattr(args, f)]
+        if missing:
+            raise UsageError(f"deploy needs {', '.join(missing)} (or --remove NAME)")
+        prefer = [p.strip() for p in args.prefer.split(",")] if args.prefer else None
+        if prefer is not None and not all(prefer):
+            raise UsageError(f"--prefer {args.prefer!r} has an empty entry")
+        try:
+            base_url = parse_base_url(args.artifact_base_url) if args.artifact_base_url else None
+            artifact = store_artifact(args.file, _artifact_store(args))
+            spec = model_spec(
+                name=args.model, version=args.version, artifact=artifact,
+                uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
+                max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+            )
+        except (ValueError, OSError) as exc:
+            raise UsageError(str(exc)) from None
+        with connect(args.broker) as conn:
+            outcome = deploy(conn, topics, upsert=spec, wait_s=args.wait)
+        print(f"published revision {outcome.manifest.revision} to {outcome.topic}: "
+              f"{spec.name}:{spec.version} sha256 {spec.sha256[:12]} ({spec.size} bytes) "
+              f"from {spec.uri}")
+    if outcome.wait is None:
+        return 0
+    print(outcome.wait.message, file=sys.stdout if outcome.wait.ok else sys.stderr)
+    return 0 if outcome.wait.ok else 1
+
+
+# -- devices --------------------------------------------------------------------------
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    prefix = _prefix(args)
+    with connect(args.broker) as conn:
+        rows = read_devices(conn, prefix)
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+    elif not rows:
+        print(f"no devices under {prefix}/dev/ on {args.broker}")
+    else:
+        print(format_table(rows))
+    return 0
+
+
+# -- infer ----------------------------------------------------------------------------
+
+
+def load_inputs(path: Path, input_name: str | None) -> dict[str, np.ndarray[Any, Any]]:
+    """Named input tensors from a .npy (with a name) or a .npz (names are its keys)."""
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path} as .npy/.npz: {exc}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            inputs = {k: loaded[k] for k in loaded.files}
+        if input_name is not None:
+            if input_name not in inputs:
+                raise UsageError(f"{path} has no array {input_name!r} (has: {', '.join(inputs)})")
+            inputs = {input_name: inputs[input_name]}
+        if not inputs:
+            raise UsageError(f"{path} holds no arrays")
+        return inputs
+    if input_name is None:
+        raise UsageError(
+            f"{path} holds one unnamed array: say which model input it feeds with "
+            "--input-name (or use a .npz whose keys are the input names)"
+        )
+    return {input_name: np.asarray(loaded)}
+
+
+def summarize(array: np.ndarray[Any, Any]) -> str:
+    """Small tensors in full; large ones as range, mean and argmax over the last axis."""
+    head = f"{datatype_of(array)} {list(array.shape)}"
+    if array.size <= 16:
+        return f"{head} {np.array2string(array, separator=', ', threshold=16)}"
+    if array.dtype.kind not in "biuf":
+        return f"{head} (first: {array.ravel()[0].item()!r})"
+    parts = [head, f"min {array.min():.4g}", f"max {array.max():.4g}",
+             f"mean {array.mean():.4g}"]
+    if array.ndim >= 1:
+        argmax = array.argmax(axis=-1).ravel()
+        more = ", ..." if argmax.size > 10 else ""
+        parts.append(f"argmax[-1] [{', '.join(str(i) for i in argmax[:10])}{more}]")
+    return "  ".join(parts)
+
+
+def _print_result(result: InferResult, round_trip_ms: float) -> None:
+    p = result.parameters
+
+    def ms(key: str) -> str:
+        v = p.get(key)
+        return f"{v:.2f}" if isinstance(v, (int, float)) else "?"
+
+    print(f"{result.model_name}:{result.model_version} via {p.get('runtime', '?')}/"
+          f"{p.get('device', '?')}: queue {ms('queue_ms')} ms, infer {ms('infer_ms')} ms, "
+          f"round trip {round_trip_ms:.2f} ms")
+    width = max((len(n) for n in result.outputs), default=0)
+    for name, array in result.outputs.items():
+        print(f"  {name.ljust(width)}  {summarize(array)}")
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    prefix = _prefix(args)
+    if args.device:
+        _device(args.device)
+    inputs = load_inputs(args.input, args.input_name)
+    with InferenceClient(args.broker, prefix=prefix) as client:
+        started = time.perf_counter()
+        try:
+            result = client.infer(
+                args.model, inputs, device=args.device, pool=args.pool, version=args.version,
+                outputs=args.output, timeout=args.timeout,
+            )
+        except InferenceError as exc:
+            if args.json and exc.response is not None:
+                print(json.dumps(exc.response))
+            print(f"{PROG}: job failed: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"{PROG}: {exc} (is the device online and serving {args.model}?)",
+                  file=sys.stderr)
+            return 1
+        except ValueError as exc:  # inputs OIP cannot carry
+            raise UsageError(str(exc)) from None
+        round_trip_ms = (time.perf_counter() - started) * 1000
+    if args.json:
+        print(json.dumps(result.raw))
+    else:
+        _print_result(result, round_trip_ms)
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    store = _artifact_store(args)
+    try:
+        store.dir.mkdir(parents=True, exist_ok=True)
+        server = serve_artifacts(store.root, args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"serving {store.root} at {server.url}/artifacts/sha256/<hex> "
+              "(Ctrl-C to stop)", flush=True)
+        stop.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        server.shutdown()
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except DeployError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Deploys: read a device's desired manifest, change one model, publish the next revision.
+
+The manifest is read-modify-written: the retained `desired` is the only record of what a
+device must serve, so other models in it are kept as they are. `ReportWatcher` then
+follows the retained `reported` until the agent serves the new version or gives up.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import paho.mqtt.client as paho
+
+from agent.manifest import Manifest, ManifestError, ModelSpec, decode_manifest, encode_manifest
+from agent.topics import NAME_RE, Topics
+from fleet.artifacts import Artifact, ArtifactStore, artifact_url
+from fleet.mqtt import BrokerError, Connection
+from fleet.reports import (
+    applied_revision,
+    attempts_text,
+    device_state,
+    find_model,
+    parse_json_object,
+)
+
+
+class DeployError(Exception):
+    """A deploy that cannot go on; the message says what to do."""
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_name(what: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"{what} {value!r} must match {NAME_RE.pattern}")
+    return value
+
+
+def parse_base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"artifact base URL {url!r} must look like http://host:port")
+    return url.rstrip("/")
+
+
+def store_artifact(src: Path, store: ArtifactStore) -> Artifact:
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file: {src}")
+    artifact = store.put_file(src)
+    if artifact.size == 0:
+        raise ValueError(f"{src} is empty")
+    return artifact
+
+
+def artifact_uri(artifact: Artifact, base_url: str | None) -> str:
+    """`http://.../artifacts/sha256/<hex>` with a base URL, else the stored file's URI."""
+    if base_url:
+        return artifact_url(base_url, artifact.sha256)
+    return artifact.path.resolve().as_uri()
+
+
+def model_spec(
+    *,
+    name: str,
+    version: str,
+    artifact: Artifact,
+    uri: str,
+    task: str = "tensor",
+    prefer: Sequence[str] | None = None,
+    max_batch: int | None = None,
+    max_delay_ms: float | None = None,
+) -> ModelSpec:
+    """A validated manifest entry; raises ValueError naming the bad field."""
+    check_name("model name", name)
+    check_name("version", version)
+    check_name("task", task)
+    entry: dict[str, Any] = {
+        "name": name, "version": version, "task": task, "uri": uri,
+        "sha256": artifact.sha256, "size": artifact.size,
+    }
+    if prefer:
+        entry["runtime"] = {"prefer": list(prefer)}
+    batching: dict[str, Any] = {}
+    if max_batch is not None:
+        batching["max_batch"] = max_batch
+    if max_delay_ms is not None:
+        batching["max_delay_ms"] = max_delay_ms
+    if batching:
+        entry["batching"] = batching
+    try:
+        # convert() checks the constraints that plain construction would skip.
+        return msgspec.convert(entry, ModelSpec)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid model entry: {exc}") from None
+
+
+def next_manifest(
+    current: Manifest | None,
+    *,
+    upsert: ModelSpec | None = None,
+    remove: str | None = None,
+    issued_at: str | None = None,
+    applied: int | None = None,
+) -> Manifest:
+    """The next revision: `upsert` replaces every entry of its name, `remove` drops one.
+
+    The revision also passes `applied` (the device's reported revision): an agent
+    refuses a revision lower than the one it applied, e.g. after `desired` was cleared.
+    The old signature is dropped: it covered the old content.
+    """
+    models = list(current.models) if current else []
+    if remove is not None:
+        if not any(m.name == remove for m in models):
+            listed = ", ".join(sorted({m.name for m in models})) or "none"
+            raise DeployError(f"the desired manifest has no model {remove!r} (models: {listed})")
+        models = [m for m in models if m.name != remove]
+    if upsert is not None:
+        models = [m for m in models if m.name != upsert.name] + [upsert]
+    manifest = Manifest(
+        revision=max(current.revision if current else 0, applied or 0) + 1,
+        models=models,
+        issued_at=issued_at or utc_now(),
+    )
+    # What we publish must be what an agent accepts: round-trip through its decoder.
+    return decode_manifest(encode_manifest(manifest))
+
+
+def read_current(conn: Connection, topics: Topics) -> tuple[Manifest | None, int | None]:
+    """The device's retained desired manifest and its applied revision (None if absent)."""
+    got = conn.read_retained([topics.desired, topics.reported])
+    reported = parse_json_object(got.get(topics.reported, b""))
+    applied = applied_revision(reported) if reported else None
+    payload = got.get(topics.desired)
+    if not payload:
+        return None, applied
+    try:
+        return decode_manifest(payload), applied
+    except ManifestError as exc:
+        raise DeployError(
+            f"the retained manifest on {topics.desired} is unusable ({exc}); "
+            "fix or clear it before deploying"
+        ) from None
+
+
+def publish_desired(conn: Connection, topics: Topics, manifest: Manifest,
+                    timeout_s: float = 5.0) -> None:
+    """Publish retained at QoS 1 and wait for the broker's PUBACK."""
+    fut = conn.publish(topics.desired, encode_manifest(manifest), qos=1, retain=True)
+    try:
+        fut.result(timeout_s)
+    except TimeoutError:
+        raise BrokerError(
+            f"broker {conn.url} did not acknowledge the manifest within {timeout_s:g}s"
+        ) from None
+
+
+# -- following `reported` ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    ok: bool
+    message: str
+    entry: dict[str, Any] | None = None
+
+
+class ReportWatcher:
+    """Follows a device's `reported` and `state`; subscribe before publishing.
+
+    The first `reported` (retained) predates our manifest, so a failure in it is old
+    news unless its revision already reaches ours; later messages are fresh.
+    """
+
+    def __init__(self, conn: Connection, topics: Topics) -> None:
+        self.topics = topics
+        self._conn = conn
+        self._inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self.device_state: str | None = None
+        self.last_entry: dict[str, Any] | None = None
+        for topic in (topics.reported, topics.state):
+            conn.subscribe(topic, self._on_message)
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        self._inbox.put((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def close(self) -> None:
+        for topic in (self.topics.reported, self.topics.state):
+            self._conn.unsubscribe(topic, timeout_s=1.0)
+
+    def _next_report(self, deadline: float) -> tuple[dict[str, Any], bool] | None:
+        """The next `reported` document and whether it is fresh, or None at the deadline."""
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                topic, payload, retained = self._inbox.get(timeout=left)
+            except queue.Empty:
+                return None
+            if topic == self.topics.state:
+                self.device_state = device_state(payload)
+                continue
+            doc = parse_json_object(payload)
+            if doc is not None:
+                return doc, retained
+        return None
+
+    def wait_serving(self, name: str, version: str, sha256: str, revision: int,
+                     timeout_s: float) -> WaitResult:
+        deadline = time.monotonic() + timeout_s
+        while (got := self._next_report(deadline)) is not None:
+            doc, retained = got
+            entry = find_model(doc, name, version)
+            if entry is None or entry.get("sha256") not in (None, sha256):
+                continue
+            self.last_entry = entry
+            state = entry.get("state")
+            if state == "serving":
+                return WaitResult(True, (
+                    f"{name}:{version} is serving on {self.topics.device_id} via "
+                    f"{entry.get('runtime')}/{entry.get('device')}"
+                ), entry)
+            fresh = not retained or _revision(doc) >= revision
+            if state == "failed" and fresh:
+                text = f"{name}:{version} failed on {self.topics.device_id}: {entry.get('error')}"
+                attempts = attempts_text(entry)
+                return WaitResult(False, f"{text}\n{attempts}" if attempts else text, entry)
+        return self._timed_out(f"serve {name}:{version}", timeout_s)
+
+    def wait_removed(self, name: str, revision: int, timeout_s: float) -> WaitResult:
+        deadline = time.monotonic() + timeout_s
+        while (got := self._next_report(deadline)) is not None:
+            doc, retained = got
+            fresh = not retained or _revision(doc) >= revision
+            if fresh and find_model(doc, name) is None:
+                return WaitResult(True, f"{name} is no longer served on {self.topics.device_id}")
+        return self._timed_out(f"stop serving {name}", timeout_s)
+
+    def _timed_out(self, goal: str, timeout_s: float) -> WaitResult:
+        seen = self.last_entry.get("state") if self.last_entry else "nothing reported"
+        return WaitResult(False, (
+            f"timed out after {timeout_s:g}s waiting for {self.topics.device_id} to {goal} "
+            f"(last reported: {seen}; device state: {self.device_state or 'unknown'})"
+        ), self.last_entry)
+
+
+def _revision(reported: dict[str, Any]) -> int:
+    rev = applied_revision(reported)
+    return -1 if rev is None else rev
+
+
+# -- the whole deploy ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployOutcome:
+    topic: str
+    manifest: Manifest
+    wait: WaitResult | None = None
+
+
+def deploy(
+    conn: Connection,
+    topics: Topics,
+    *,
+    upsert: ModelSpec | None = None,
+    remove: str | None = None,
+    wait_s: float | None = None,
+) -> DeployOutcome:
+    """Publish the next desired revision with one model added/replaced or removed.
+
+    With `wait_s`, follow `reported` until the agent serves (or has dropped) the model.
+    """
+    if (upsert is None) == (remove is None):
+        raise ValueError("deploy one model or remove one, not both or neither")
+    current, applied = read_current(conn, topics)
+    manifest = next_manifest(current, upsert=upsert, remove=remove, applied=applied)
+    # Subscribe before publishing so no report about this revision can slip by.
+    watcher = ReportWatcher(conn, topics) if wait_s is not None else None
+    try:
+        publish_desired(conn, topics, manifest)
+        if watcher is None or wait_s is None:
+            return DeployOutcome(topics.desired, manifest)
+        if upsert is not None:
+            result = watcher.wait_serving(
+                upsert.name, upsert.version, upsert.sha256, manifest.revision, wait_s
+            )
+        else:
+            assert remove is not None
+            result = watcher.wait_removed(remove, manifest.revision, wait_s)
+        return DeployOutcome(topics.desired, manifest, result)
+    finally:
+        if watcher is not None:
+            watcher.close()
