@@ -133,7 +133,6 @@ class Scheduler:
         model_label: str | None = None
         try:
             if reply.refusal is not None:
-                job_id = peek_id(inbound.payload)
                 raise JobError(Code.INVALID_ARGUMENT, reply.refusal)
             if len(inbound.payload) > self._max_payload:
                 job_id = peek_id(inbound.payload[: 64 * 1024])
@@ -183,6 +182,8 @@ class Scheduler:
                 model_label, queue_ms, infer_ms, (time.monotonic() - inbound.received) * 1000.0
             )
         except JobError as err:
+            if job_id is None and len(inbound.payload) <= self._max_payload:
+                job_id = peek_id(inbound.payload)  # the request failed before its id was read
             self._answer_error(inbound, job_id, model_label, err, reply)
 
     def _answer_error(

@@ -79,6 +79,7 @@ class Agent:
         )
         self._stop_prometheus: Any = None
         self._stopped = threading.Event()
+        self._reported_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -156,7 +157,13 @@ class Agent:
         }
 
     def publish_reported(self) -> None:
-        self._publish(self.topics.reported, _json.encode(self.reported()), retain=True)
+        # Offline, a queued copy would be resent after the fresh one that every reconnect
+        # publishes, and the stale one would stay retained. So only publish while connected.
+        if not self.mqtt.connected.is_set():
+            return
+        # Build and publish under one lock: a snapshot taken earlier never goes out later.
+        with self._reported_lock:
+            self._publish(self.topics.reported, _json.encode(self.reported()), retain=True)
 
     def emit_event(self, kind: str, **fields: Any) -> None:
         event = {"ts": _now_iso(), "type": kind, "device_id": self.cfg.device_id}
