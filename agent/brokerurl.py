@@ -22,6 +22,12 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """Raises ValueError naming what is wrong with the URL."""
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Never echo such a URL: it may hold a password.
+        raise ValueError(
+            "broker URL must not carry a user name or password; give the user name and a "
+            "password file separately"
+        )
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")

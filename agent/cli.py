@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.brokerurl import parse_broker_url
-from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    AgentConfig,
+    BrokerConfig,
+    ConfigError,
+    load_config,
+)
 
 EXIT_CONFIG = 2
 
@@ -39,51 +45,61 @@ def _cmd_run(args: argparse.Namespace) -> int:
         level=cfg.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from agent.lifecycle import run_service
     from agent.service import Agent  # heavy imports (runtimes) only when running
 
-    agent = Agent(cfg)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: object) -> None:
-        logging.getLogger("agent").info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    agent.start()
-    try:
-        stop.wait()
-    finally:
-        agent.stop()
-    return 0
+    # READY=1, WATCHDOG=1, drain on SIGTERM, reload on SIGHUP: agent/lifecycle.py.
+    return run_service(Agent(cfg), _config_path(args.config))
 
 
-def _broker_answers(url: str, timeout: float = 3.0) -> str:
-    """One line on whether an MQTT broker answers at `url`."""
+def _broker_answers(broker: BrokerConfig, timeout: float = 3.0) -> tuple[bool, list[str]]:
+    """Whether the broker accepts a connection made exactly as the daemon's (same TLS,
+    client certificate and credentials), and lines saying so; never a secret."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    addr = parse_broker_url(url)
+    from agent.tls import TransportError, describe_connect_error, security_from_config
+
+    addr = parse_broker_url(broker.url)
+    try:
+        security = security_from_config(broker)
+    except TransportError as exc:
+        return False, [f"broker {addr}: {exc}"]
+    lines = [f"broker {addr}: {security.describe(addr)}"]
+    lines += [f"  ! {w}" for w in security.warnings(addr)]
     result: dict[str, str] = {}
     done = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
-    def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
-        result["rc"] = str(rc)
+    def on_connect(c: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
+        result.setdefault("refused" if rc.is_failure else "rc", str(rc))
+        done.set()
+
+    def on_disconnect(c: mqtt.Client, u: object, f: object, rc: Any, p: object) -> None:
+        # A TLS 1.3 broker that rejects our certificate closes the link after the handshake.
+        result.setdefault("lost", str(rc))
         done.set()
 
     client.on_connect = on_connect
-    if addr.tls:
-        client.tls_set()
+    client.on_disconnect = on_disconnect
+    try:
+        security.apply(client, addr)
+    except TransportError as exc:
+        return False, [*lines, f"broker {addr}: {exc}"]
     try:
         client.connect(addr.host, addr.port, keepalive=10)
     except (TimeoutError, OSError) as exc:
-        return f"broker {addr}: unreachable ({exc})"
+        return False, [*lines, f"broker {addr}: unreachable ({describe_connect_error(exc)})"]
     client.loop_start()
     try:
         if not done.wait(timeout):
-            return f"broker {addr}: no CONNACK within {timeout}s"
-        return f"broker {addr}: answers ({result['rc']})"
+            return False, [*lines, f"broker {addr}: no CONNACK within {timeout}s"]
+        if "rc" in result:
+            return True, [*lines, f"broker {addr}: answers ({result['rc']})"]
+        if "refused" in result:
+            return False, [*lines, f"broker {addr}: refused the connection ({result['refused']})"]
+        return False, [*lines, f"broker {addr}: closed the connection before CONNACK "
+                               f"({result['lost']}; a rejected client certificate?)"]
     finally:
         client.disconnect()
         client.loop_stop()
@@ -105,9 +121,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"runtime preference {', '.join(cfg.runtime.prefer)}:")
     for line in explain(cfg.runtime.prefer, hw):
         print(f"  {line}")
-    line = _broker_answers(cfg.broker.url)
-    print(line)
-    return 0 if "answers" in line else 1
+    ok, lines = _broker_answers(cfg.broker)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,9 @@ import msgspec
 import yaml
 
 from agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
+from agent.faults import CRASH_ENV
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE
+from agent.trust import TrustConfig, load_trusted_keys
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
@@ -36,9 +38,28 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+class TlsConfig(_Section):
+    """TLS for mqtts:// URLs. Verification is always on; nothing here turns it off."""
+
+    # PEM CA bundle the broker's certificate must chain to (default: the system CA store).
+    ca_file: str | None = None
+    # Client certificate and key for mutual TLS (PEM); key_file may be left out when the
+    # key is inside cert_file.
+    cert_file: str | None = None
+    key_file: str | None = None
+    # The name the broker's certificate must carry (default: the host of broker.url).
+    server_name: str | None = None
+
+
 class BrokerConfig(_Section):
     url: str = DEFAULT_BROKER_URL
-    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=65535)] = 30
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    # MQTT username; its password comes from password_file, else from
+    # $CREDENTIALS_DIRECTORY/<password_credential> (systemd LoadCredential=), never from here.
+    username: str | None = None
+    password_file: str | None = None
+    password_credential: str = "mqtt-password"  # noqa: S105 - a credential's name, not a password
+    keepalive_s: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 30
     # Kept by the broker across disconnects so QoS 1 jobs wait for us.
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 3600
     reconnect_min_s: PositiveFloat = 0.5
@@ -54,6 +75,29 @@ class JobsConfig(_Section):
     # Response Topics must lie under one of these; "{prefix}" is the topic prefix.
     reply_prefixes: list[str] = msgspec.field(default_factory=lambda: ["{prefix}/reply/"])
     pools: list[str] = msgspec.field(default_factory=list)
+    # Journaled jobs waiting to run are bounded by count (queue_size) and by bytes; past
+    # either bound a new job is answered RESOURCE_EXHAUSTED at once and not kept.
+    max_queued_bytes: PositiveInt = 256 * 1024 * 1024
+    # A job id seen again within this window is answered from its stored answer.
+    dedup_window_s: PositiveFloat = 600.0
+
+
+class JournalConfig(_Section):
+    # NORMAL survives a killed agent; FULL also survives power loss (an fsync per commit).
+    synchronous: str = "NORMAL"
+
+
+class OutboxConfig(_Section):
+    """Answers and events waiting for the broker's PUBACK, kept on disk.
+
+    When full, workers stop taking jobs until the broker takes answers again (jobs wait
+    in the journal, and jobs beyond `jobs.queue_size` are refused RESOURCE_EXHAUSTED);
+    events are dropped and counted.
+    """
+
+    max_messages: PositiveInt = 10_000
+    max_bytes: PositiveInt = 64 * 1024 * 1024
+    window: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 256
 
 
 class RuntimeConfig(_Section):
@@ -62,6 +106,7 @@ class RuntimeConfig(_Section):
 
 
 class DeployConfig(_Section):
+    # A deadline for the whole download of one artifact, from connecting to the last byte.
     download_timeout_s: PositiveFloat = 60.0
     max_artifact_bytes: PositiveInt = 2 * 1024 * 1024 * 1024
 
@@ -76,6 +121,17 @@ class LogConfig(_Section):
     level: str = "INFO"
 
 
+class ServiceConfig(_Section):
+    """Running under systemd (agent/lifecycle.py, systemd/edge-agent.service)."""
+
+    # SIGTERM: jobs already taken get this long to be answered before the agent exits.
+    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 20.0
+    # WATCHDOG=1 stops when a job has run longer than this (a hung runtime or driver) ...
+    job_stall_s: PositiveFloat = 300.0
+    # ... or when the MQTT network thread has not gone round its loop for this long.
+    network_stall_s: PositiveFloat = 60.0
+
+
 class AgentConfig(_Section):
     device_id: str = msgspec.field(default_factory=_default_device_id)
     state_dir: str = DEFAULT_STATE_DIR
@@ -84,8 +140,13 @@ class AgentConfig(_Section):
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     deploy: DeployConfig = msgspec.field(default_factory=DeployConfig)
+    # Keys that sign manifests (agent/trust.py); none: manifests need no signature.
+    trust: TrustConfig = msgspec.field(default_factory=TrustConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
 
     @property
     def state_path(self) -> Path:
@@ -103,7 +164,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """EDGE_AGENT_BROKER__URL=... -> {"broker": {"url": "..."}}; values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        # EDGE_AGENT_CONFIG names the file; EDGE_AGENT_TEST_CRASH_AT is a test hook (faults).
+        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", CRASH_ENV):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         node = tree
@@ -120,7 +182,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-_STRING_KEYS = {"device_id", "url", "state_dir", "topic_prefix", "level"}
+_STRING_KEYS = {"device_id", "url", "state_dir", "topic_prefix", "level", "username",
+                "password_file", "password_credential", "ca_file", "cert_file", "key_file",
+                "server_name"}
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,6 +232,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if env_tree:
         data = _merge(data, env_tree)
         source += " + EDGE_AGENT_* environment"
+    _refuse_inline_password(data, source)
     try:
         cfg = msgspec.convert(data, AgentConfig, strict=False)
     except msgspec.ValidationError as exc:
@@ -193,17 +258,75 @@ def _check(cfg: AgentConfig, source: str) -> None:
         parse_broker_url(cfg.broker.url)
     except ValueError as exc:
         raise ConfigError(f"{source}: key 'broker.url': {exc}") from None
+    _check_transport(cfg.broker, source)
+    try:
+        load_trusted_keys(cfg.trust)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     if cfg.broker.reconnect_min_s > cfg.broker.reconnect_max_s:
         raise ConfigError(
             f"{source}: key 'broker.reconnect_min_s': must not exceed broker.reconnect_max_s"
         )
+    # Here, not at the top: runtimes.selection imports numpy, which `edge-agent version`
+    # (it imports this module) has no use for.
+    from runtimes.selection import parse_preference  # noqa: PLC0415
+
+    for entry in cfg.runtime.prefer:
+        try:
+            parse_preference(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: key 'runtime.prefer': {exc}") from None
     for pool in cfg.jobs.pools:
         if not POOL_RE.match(pool):
             raise ConfigError(f"{source}: key 'jobs.pools': {pool!r} must match [A-Za-z0-9_-]{{1,64}}")
     for prefix in cfg.reply_prefixes_resolved():
         if not prefix or "+" in prefix or "#" in prefix:
             raise ConfigError(f"{source}: key 'jobs.reply_prefixes': {prefix!r} is not a topic prefix")
+    if cfg.journal.synchronous.upper() not in {"NORMAL", "FULL"}:
+        raise ConfigError(f"{source}: key 'journal.synchronous': must be NORMAL or FULL")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: key 'log.level': {cfg.log.level!r} is not a log level")
     if not cfg.topic_prefix or "+" in cfg.topic_prefix or "#" in cfg.topic_prefix:
         raise ConfigError(f"{source}: key 'topic_prefix': {cfg.topic_prefix!r} is not a topic prefix")
+
+
+def _refuse_inline_password(data: Mapping[str, Any], source: str) -> None:
+    """A password in the YAML or the environment is refused, and never echoed."""
+    broker = data.get("broker")
+    if isinstance(broker, Mapping) and "password" in broker:
+        raise ConfigError(
+            f"{source}: key 'broker.password': a password is never read from the config or "
+            "the environment; put it in a file readable only by the agent and name it with "
+            "broker.password_file, or hand it over with systemd LoadCredential= "
+            "(read from $CREDENTIALS_DIRECTORY/<broker.password_credential>)"
+        )
+
+
+def _check_transport(broker: BrokerConfig, source: str) -> None:
+    """TLS options only with mqtts://, files that exist, a password only with a username."""
+    tls = broker.tls
+    named = {f"broker.tls.{k}": getattr(tls, k) for k in ("ca_file", "cert_file", "key_file")}
+    named["broker.password_file"] = broker.password_file
+    if not parse_broker_url(broker.url).tls:
+        given = [k for k, v in named.items() if k.startswith("broker.tls.") and v]
+        if given or tls.server_name:
+            raise ConfigError(
+                f"{source}: key 'broker.tls': TLS options are set but broker.url is mqtt:// "
+                "(plain TCP); use mqtts:// (they are never ignored silently)"
+            )
+    for key, value in named.items():
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{source}: key '{key}': {value}: no such file")
+    if tls.key_file and not tls.cert_file:
+        raise ConfigError(f"{source}: key 'broker.tls.key_file': needs broker.tls.cert_file")
+    if tls.server_name is not None and not tls.server_name.strip():
+        raise ConfigError(f"{source}: key 'broker.tls.server_name': must not be empty")
+    if broker.username is not None and not broker.username:
+        raise ConfigError(f"{source}: key 'broker.username': must not be empty")
+    if broker.password_file and broker.username is None:
+        raise ConfigError(f"{source}: key 'broker.password_file': needs broker.username")
+    cred = broker.password_credential
+    if not cred or "/" in cred or cred in {".", ".."}:
+        raise ConfigError(
+            f"{source}: key 'broker.password_credential': {cred!r} must be a plain file name"
+        )

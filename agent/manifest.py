@@ -1,13 +1,22 @@
-"""The desired-state manifest of DESIGN.md: typed, validated, canonically encoded."""
+"""The desired-state manifest of DESIGN.md: typed, validated, canonically encoded.
+
+A manifest is decoded once into a plain JSON object and converted from that into
+typed structs, so what a signature covers (`Published.signed_bytes`: the canonical
+JSON of that same object without `signature`) is exactly what the agent acts on.
+"""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Annotated
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any
 
 import msgspec
 
 from agent.topics import NAME_RE
+from runtimes.datatypes import OIP_DATATYPES
 
 SHA256_RE = r"^[0-9a-f]{64}$"
 
@@ -25,6 +34,30 @@ class Batching(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 0.0
 
 
+class HealthTensor(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One OIP v2 tensor with JSON data: a sample input, or an expected output."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    datatype: str
+    shape: list[Annotated[int, msgspec.Meta(ge=0)]]
+    data: list[Any]
+
+
+class Health(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The health gate a new version passes before it replaces a serving one.
+
+    `inputs` also feed the warm-up; `expected` outputs are compared with `rtol`/`atol`
+    (numpy.allclose; exact for integers, booleans and bytes); `max_latency_ms` bounds the
+    median time of one inference on those inputs (or on the synthetic warm-up inputs).
+    """
+
+    inputs: list[HealthTensor] = msgspec.field(default_factory=list)
+    expected: list[HealthTensor] = msgspec.field(default_factory=list)
+    rtol: Annotated[float, msgspec.Meta(ge=0)] = 1e-3
+    atol: Annotated[float, msgspec.Meta(ge=0)] = 1e-5
+    max_latency_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: Name
     version: Name
@@ -36,6 +69,7 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     runtime: RuntimePolicy = RuntimePolicy()
     batching: Batching = Batching()
     instances: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    health: Health | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -57,22 +91,95 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class ManifestError(ValueError):
-    """A manifest that must be refused; the message says why."""
+    """A manifest that must be refused; the message says why, `reason` says it in one word.
+
+    Reasons: `invalid` (not a manifest this agent can read), and those of agent.trust:
+    `unsigned`, `unsupported_algorithm`, `unknown_key`, `bad_signature`, `rollback`,
+    `expired`.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Published:
+    """A decoded manifest and the bytes its signature covers."""
+
+    manifest: Manifest
+    signed_bytes: bytes
 
 
 _URI_RE = re.compile(r"^(file|https?)://", re.IGNORECASE)
+_RFC3339_RE = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
+)
 
-_decoder = msgspec.json.Decoder(Manifest)
 
-
-def decode_manifest(payload: bytes) -> Manifest:
-    """Parse and check a manifest; raises ManifestError with a reason a person can act on."""
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 timestamp with its offset, e.g. 2026-11-23T10:00:00Z; ValueError otherwise."""
+    m = _RFC3339_RE.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp (e.g. 2026-11-23T10:00:00Z)")
+    date, clock, fraction, offset = m.groups()
+    micros = (fraction or "").ljust(6, "0")[:6]
+    zone = "+00:00" if offset in ("Z", "z") else offset
     try:
-        manifest = _decoder.decode(payload)
-    except msgspec.ValidationError as exc:
-        raise ManifestError(f"invalid manifest: {exc}") from None
+        parsed = datetime.fromisoformat(f"{date}T{clock}.{micros}{zone}")
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid timestamp: {exc}") from None
+    return parsed.astimezone(timezone.utc)
+
+
+def _flat_count(data: Any) -> int:
+    if isinstance(data, list):
+        return sum(_flat_count(item) for item in data)
+    return 1
+
+
+def _check_tensors(label: str, what: str, tensors: list[HealthTensor]) -> None:
+    names: set[str] = set()
+    for t in tensors:
+        where = f"model {label}: health.{what} {t.name!r}"
+        if t.name in names:
+            raise ManifestError(f"{where} is given twice")
+        names.add(t.name)
+        if t.datatype not in OIP_DATATYPES:
+            raise ManifestError(
+                f"{where}: unknown datatype {t.datatype!r} (known: {', '.join(sorted(OIP_DATATYPES))})"
+            )
+        want = math.prod(t.shape)
+        have = _flat_count(t.data)
+        if have != want:
+            raise ManifestError(f"{where}: shape {t.shape} needs {want} values, data has {have}")
+
+
+def _check_health(m: ModelSpec) -> None:
+    if m.health is None:
+        return
+    label = f"{m.name}:{m.version}"
+    if m.health.expected and not m.health.inputs:
+        raise ManifestError(f"model {label}: health.expected needs health.inputs to compare on")
+    _check_tensors(label, "inputs", m.health.inputs)
+    _check_tensors(label, "expected", m.health.expected)
+
+
+_decoder = msgspec.json.Decoder()
+
+
+def decode_published(payload: bytes) -> Published:
+    """Parse and check a manifest as published; raises ManifestError (reason `invalid`)."""
+    try:
+        raw = _decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest must be a JSON object, not {type(raw).__name__}")
+    try:
+        manifest = msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as exc:
+        raise ManifestError(f"invalid manifest: {exc}") from None
     seen: set[tuple[str, str]] = set()
     for m in manifest.models:
         if m.key in seen:
@@ -85,14 +192,37 @@ def decode_manifest(payload: bytes) -> Manifest:
             )
         if m.format != "onnx":
             raise ManifestError(f"model {m.name}:{m.version}: unsupported format {m.format!r}")
-    return manifest
+        _check_health(m)
+    if manifest.expires_at is not None:
+        try:
+            parse_rfc3339(manifest.expires_at)
+        except ValueError as exc:
+            raise ManifestError(f"invalid manifest: expires_at: {exc}") from None
+    unsigned = {k: v for k, v in raw.items() if k != "signature"}
+    return Published(manifest, canonical_json(unsigned))
+
+
+def decode_manifest(payload: bytes) -> Manifest:
+    """Parse and check a manifest; raises ManifestError with a reason a person can act on."""
+    return decode_published(payload).manifest
 
 
 def canonical_json(obj: object) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the bytes a signature covers."""
-    raw = msgspec.json.encode(obj)
-    return msgspec.json.encode(msgspec.json.decode(raw), order="sorted")
+    """Sorted keys, no whitespace, UTF-8: the bytes a signature covers.
+
+    `obj` is a decoded JSON value (dicts, lists, strings, numbers, booleans, None), e.g.
+    the manifest object as published, without `signature`. Numbers are written as msgspec
+    writes them: integers as integers, floats in their shortest round-trip form.
+    """
+    return msgspec.json.encode(obj, order="sorted")
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
     return msgspec.json.encode(manifest)
+
+
+def expires_in(manifest: Manifest, now: datetime) -> timedelta | None:
+    """Time left before `expires_at` (negative once past), or None without one."""
+    if manifest.expires_at is None:
+        return None
+    return parse_rfc3339(manifest.expires_at) - now

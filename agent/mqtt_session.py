@@ -25,8 +25,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.brokerurl import parse_broker_url
 from agent.config import BrokerConfig
+from agent.tls import describe_connect_error, security_from_config
 
 log = logging.getLogger(__name__)
+
+MQTT_MAX_PACKET = 268_435_455  # the protocol's own limit when the broker names none
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Inbound:
     user_properties: tuple[tuple[str, str], ...]
     expiry_s: int | None
     received: float  # time.monotonic()
+    received_wall: float = 0.0  # time.time(), for deadlines that outlive the process
+    mid: int = 0  # for the manual PUBACK once the job is journaled
 
     def user_property(self, name: str) -> str | None:
         for key, value in self.user_properties:
@@ -93,27 +98,45 @@ class MqttSession:
         routes: Sequence[Route],
         will: Retained,
         on_connected: Callable[[], None],
+        on_published: Callable[[int, bool], None] | None = None,
     ) -> None:
         self._cfg = cfg
+        self._on_published_cb = on_published
+        # The broker's CONNACK may lower this (MQTT v5 Maximum Packet Size).
+        self.max_packet_size = MQTT_MAX_PACKET
         self._addr = parse_broker_url(cfg.url)
         self._routes = tuple(routes)
         self._on_connected_cb = on_connected
         self._stop = threading.Event()
         self.connected = threading.Event()
+        # Set on SUBACK: the session is up and hears its topics (READY=1 waits for this).
+        self.subscribed = threading.Event()
+        # When the network thread last went round its loop: the watchdog's liveness probe.
+        self.loop_beat = time.monotonic()
         self.connect_count = 0
         self._thread: threading.Thread | None = None
 
+        # manual_ack: a QoS 1 job is acknowledged only once it is in the journal, so a
+        # crash before that makes the broker deliver it again.
         client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+            manual_ack=True,
         )
         client.will_set(will.topic, will.payload, qos=1, retain=True)
+        client.connect_timeout = cfg.connect_timeout_s
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(0)
-        if self._addr.tls:
-            client.tls_set()
+        # TLS, client certificate, username and password (agent/tls.py); never logged.
+        security = security_from_config(cfg)
+        security.apply(client, self._addr)
+        log.info("broker %s: %s", self._addr, security.describe(self._addr))
+        for warning in security.warnings(self._addr):
+            log.warning("broker %s: %s", self._addr, warning)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
         # A registered write callback makes publish() from worker threads only queue
         # the packet and wake our loop, instead of writing the socket concurrently.
@@ -123,6 +146,7 @@ class MqttSession:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.loop_beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
         self._thread.start()
 
@@ -155,17 +179,23 @@ class MqttSession:
                     self._client.reconnect()
             except (OSError, mqtt.WebsocketConnectionError) as exc:
                 delay = backoff_delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
-                log.warning("broker %s unreachable (%s); retrying in %.1fs", self._addr, exc, delay)
+                log.warning("broker %s unreachable (%s); retrying in %.1fs", self._addr,
+                            describe_connect_error(exc), delay)
                 attempt += 1
-                self._stop.wait(delay)
+                self._pause(delay)
                 continue
+            connects_before = self.connect_count
             while not self._stop.is_set():
                 rc = self._client.loop(timeout=0.5)
+                self.loop_beat = time.monotonic()
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
-            if self.connected.is_set():
+            # A link the broker accepted starts the backoff over. (`connected` cannot tell:
+            # on_disconnect has already cleared it when the loop gives up.)
+            if self.connect_count != connects_before:
                 attempt = 0
             self.connected.clear()
+            self.subscribed.clear()
             if self._stop.is_set():
                 # Let the DISCONNECT packet go out.
                 for _ in range(4):
@@ -175,7 +205,23 @@ class MqttSession:
             delay = backoff_delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
             attempt += 1
             log.warning("connection to %s lost; reconnecting in %.1fs", self._addr, delay)
-            self._stop.wait(delay)
+            self._pause(delay)
+
+    def _pause(self, delay: float) -> None:
+        """Wait out a reconnect delay in short steps, so the loop beat stays fresh."""
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set():
+            self.loop_beat = time.monotonic()
+            left = deadline - self.loop_beat
+            if left <= 0:
+                return
+            self._stop.wait(min(left, 1.0))
+
+    def loop_age(self) -> float:
+        """Seconds since the network thread last went round its loop; inf once it has died."""
+        if self._thread is None or not self._thread.is_alive():
+            return float("inf")
+        return time.monotonic() - self.loop_beat
 
     # --- paho callbacks (network thread: never block, never raise) -------------------------
 
@@ -202,9 +248,12 @@ class MqttSession:
             return
         try:
             self.connect_count += 1
+            advertised = getattr(properties, "MaximumPacketSize", None) if properties else None
+            self.max_packet_size = int(advertised) if advertised else MQTT_MAX_PACKET
             subs = [(r.subscription, SubscribeOptions(qos=r.qos)) for r in self._routes]
             # Always re-subscribe: the broker may have lost our session.
-            client.subscribe(subs)
+            if subs:
+                client.subscribe(subs)
             self.connected.set()
             log.info(
                 "connected to %s (session present: %s)", self._addr, flags.session_present
@@ -212,6 +261,23 @@ class MqttSession:
             self._on_connected_cb()
         except Exception:
             log.exception("on_connect handler failed")
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        try:
+            for route, code in zip(self._routes, reason_codes, strict=False):
+                if code.is_failure:
+                    log.error("broker %s refused the subscription %s: %s", self._addr,
+                              route.subscription, code)
+            self.subscribed.set()
+        except Exception:
+            log.exception("on_subscribe handler failed")
 
     def _on_disconnect(
         self,
@@ -222,8 +288,29 @@ class MqttSession:
         properties: Properties | None,
     ) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if not self._stop.is_set():
             log.warning("disconnected from %s: %s", self._addr, reason_code)
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._on_published_cb is None:
+            return
+        try:
+            self._on_published_cb(mid, bool(reason_code.is_failure))
+        except Exception:
+            log.exception("on_publish handler failed")
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a received message (any thread)."""
+        if qos > 0:
+            self._client.ack(mid, qos)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -233,8 +320,10 @@ class MqttSession:
                     route.handler(inbound)
                     return
             log.warning("message on unhandled topic %s dropped", inbound.topic)
+            self.ack(msg.mid, msg.qos)
         except Exception:
             log.exception("handler for %s failed", msg.topic)
+            self.ack(msg.mid, msg.qos)
 
     # --- publishing (any thread) -----------------------------------------------------------
 
@@ -273,4 +362,6 @@ def _to_inbound(msg: mqtt.MQTTMessage) -> Inbound:
         user_properties=tuple((str(k), str(v)) for k, v in (user or ())),
         expiry_s=int(expiry) if expiry is not None else None,
         received=time.monotonic(),
+        received_wall=time.time(),
+        mid=msg.mid,
     )

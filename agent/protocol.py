@@ -77,6 +77,16 @@ class RawRequest:
             raise JobError(Code.INVALID_ARGUMENT, "parameters.timeout_ms must be a positive number")
         return float(value)
 
+    @property
+    def sent_at_ms(self) -> float | None:
+        """When the client sent the job (its wall clock, ms since the epoch), if it says."""
+        value = self.parameters.get("sent_at_ms")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise JobError(Code.INVALID_ARGUMENT, "parameters.sent_at_ms must be a positive number")
+        return float(value)
+
     def wants_binary(self, output_name: str) -> bool:
         for out in self.outputs or ():
             if out.name == output_name and out.parameters and "binary_data" in out.parameters:
@@ -88,7 +98,7 @@ def peek_id(payload: bytes) -> str | None:
     """The job id, if one can be read cheaply: for answering a job we will not run."""
     try:
         value = _id_decoder.decode(payload).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return value if isinstance(value, str) and NAME_RE.match(value) else None
 
@@ -121,6 +131,8 @@ def decode_request(
         raise JobError(Code.INVALID_ARGUMENT, f"malformed inference request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise JobError(Code.INVALID_ARGUMENT, f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise JobError(Code.INVALID_ARGUMENT, "request is nested too deeply") from None
 
     if req.id is not None and not NAME_RE.match(req.id):
         raise JobError(Code.INVALID_ARGUMENT, "id must match [A-Za-z0-9._-]{1,64}")

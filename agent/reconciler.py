@@ -1,28 +1,39 @@
 """Desired state in, serving models out.
 
 The reconciler runs on its own thread. It takes the newest desired manifest
-(older ones not yet started are superseded), fetches, verifies, loads and warms
-each new model version, and swaps the set in only then. A version that fails
-never replaces a serving one. What is serving is written to `applied.json` so a
-restarted agent serves it again from its store before the broker answers.
+(older ones not yet started are superseded), checks it is one this agent may accept
+(agent.verifier: signature, rollback, expiry), fetches, verifies, loads and warms
+each new model version, puts it through the health gate (agent.health), and swaps
+the set in only then. A version that fails never replaces a serving one. What is
+serving is written to `applied.json` so a restarted agent serves it again from its
+store before the broker answers.
+
+Crash safety: the artifact store only ever holds complete, verified files; the
+swap in memory is followed by one atomic rename of `applied.json`, so a process
+killed at any moment restarts serving the old set or the new one, and `restore`
+removes what a killed write left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from agent import faults, health
 from agent.config import AgentConfig
-from agent.manifest import Manifest, ManifestError, ModelSpec, decode_manifest
+from agent.manifest import Manifest, ManifestError, ModelSpec, decode_published
 from agent.registry import ModelRegistry, ServingModel
-from agent.store import ArtifactError, ModelStore, atomic_write
-from runtimes.base import LoadOptions
+from agent.store import ArtifactError, ModelStore, atomic_write, remove_stale_temps
+from agent.trust import load_trusted_keys
+from agent.verifier import ManifestVerifier
+from runtimes.base import LoadOptions, Session
 from runtimes.hardware import HardwareInfo
 from runtimes.selection import Attempt, NoRuntimeError, load_first_workable
 
@@ -30,6 +41,10 @@ log = logging.getLogger(__name__)
 
 EmitEvent = Callable[..., None]
 APPLIED_FILE = "applied.json"
+
+
+class _RevisionOnly(msgspec.Struct):
+    revision: int | None = None
 
 
 class Applied(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,6 +110,9 @@ class Reconciler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.reconcile_count = 0
+        self.verifier = ManifestVerifier(load_trusted_keys(cfg.trust))
+        # Test hook only (agent/faults.py): read once, here.
+        self._crash = faults.CrashPoint(faults.crash_stage_from_env())
 
     # --- status, read by the service for `reported` --------------------------------------
 
@@ -149,25 +167,43 @@ class Reconciler:
             log.info("desired state is empty (retained message cleared); nothing to do")
             return
         try:
-            manifest = decode_manifest(payload)
+            published = decode_published(payload)
+            self.verifier.check(published, self.applied_revision)
         except ManifestError as exc:
-            self.last_error = f"manifest refused: {exc}"
-            log.warning("%s", self.last_error)
-            self._emit("manifest_rejected", message=str(exc))
-            self._on_change()
+            self._reject(exc, payload)
             return
-        self.apply(manifest)
+        self.apply(published.manifest)
+
+    def _reject(self, exc: ManifestError, payload: bytes) -> None:
+        """A refused manifest changes nothing: what serves keeps serving."""
+        revision = None
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+            revision = msgspec.json.decode(payload, type=_RevisionOnly).revision
+        # `edge-fleet deploy --wait` looks for "manifest revision N refused" here.
+        which = "manifest" if revision is None else f"manifest revision {revision}"
+        self.last_error = f"{which} refused ({exc.reason}): {exc}"
+        log.warning("%s", self.last_error)
+        self._emit("manifest_rejected", reason=exc.reason, message=str(exc), revision=revision)
+        self._on_change()
 
     def apply(self, manifest: Manifest) -> None:
         if manifest == self._last_manifest:
             log.debug("manifest revision %s unchanged; nothing to do", manifest.revision)
             return
+        self._crash.live = True
+        try:
+            self._apply(manifest)
+        finally:
+            self._crash.live = False
+
+    def _apply(self, manifest: Manifest) -> None:
         self.reconcile_count += 1
         started = time.monotonic()
         self._emit("deploy_started", revision=manifest.revision)
         chosen: list[ServingModel] = []
         failures: list[str] = []
         loaded_names: set[str] = set()
+        before = {id(m) for m in self._registry.snapshot()}
         for spec in manifest.models:
             model, error = self._bring_up(spec)
             if model is not None:
@@ -186,6 +222,8 @@ class Reconciler:
                     version=old.spec.version,
                     message=f"{old.label} keeps serving: no new version of it could be loaded",
                 )
+        changed = any(id(m) not in before for m in chosen)
+        # Jobs in flight on a dropped model finish on it (ServingModel.retire).
         dropped = self._registry.replace(chosen)
         serving_keys = {m.spec.key for m in chosen}
         for m in dropped:
@@ -195,7 +233,13 @@ class Reconciler:
             self._statuses = {
                 k: s for k, s in self._statuses.items() if k in wanted_keys or k in serving_keys
             }
-        self._persist(chosen, manifest.revision if not failures else self.applied_revision)
+        self._persist(
+            chosen,
+            manifest.revision if not failures else self.applied_revision,
+            before_replace=(lambda: self._crash.reached("swap")) if changed else None,
+        )
+        if changed:
+            self._crash.reached("cleanup")
         self._store.remove_unreferenced({m.spec.sha256 for m in chosen})
         if failures:
             self.last_error = "; ".join(failures)
@@ -211,7 +255,9 @@ class Reconciler:
         )
         self._on_change()
 
-    def _bring_up(self, spec: ModelSpec) -> tuple[ServingModel | None, str | None]:
+    def _bring_up(
+        self, spec: ModelSpec, *, check_latency: bool = True
+    ) -> tuple[ServingModel | None, str | None]:
         """Return (model, None) when it serves, (None, reason) when it failed."""
         current = self._registry.find(spec.name, spec.version)
         if current is not None and current.spec.sha256 == spec.sha256:
@@ -224,29 +270,53 @@ class Reconciler:
         label = f"{spec.name}:{spec.version}"
         try:
             path = self._store.fetch(
-                spec, self._cfg.deploy.download_timeout_s, self._cfg.deploy.max_artifact_bytes
+                spec, self._cfg.deploy.download_timeout_s, self._cfg.deploy.max_artifact_bytes,
+                checkpoint=self._crash.reached,
             )
-            self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
+        except ArtifactError as exc:
+            return self._failed_to(spec, "artifact", f"{label}: {exc}")
+        self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
+        try:
+            warmup_inputs = health.sample_inputs(spec.health)
+        except health.HealthError as exc:
+            return self._failed_to(spec, "health", f"{label} failed its health check: {exc}")
+        # The health gate judges each candidate's warm-up: one that fails it on a runtime
+        # falls back to the next, like a failed load (an FP16 device's overflow, say).
+        refusals: list[str] = []
+        reports: list[health.HealthReport] = []
+
+        def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+            self._crash.reached("warm-up")
+            try:
+                reports.append(health.judge(session, feed, outputs, spec.health,
+                                            check_latency=check_latency))
+            except health.HealthError as exc:
+                refusals.append(f"{session.runtime}/{session.device}: {exc}")
+                raise
+
+        self._crash.reached("load")
+        try:
             loaded = load_first_workable(
                 path,
                 spec.runtime.prefer or self._cfg.runtime.prefer,
                 self._hw,
                 LoadOptions(threads=self._cfg.runtime.threads),
                 warmup=True,
+                sample_inputs=warmup_inputs,
+                check=gate,
             )
-        except (ArtifactError, NoRuntimeError) as exc:
-            attempts = exc.attempts if isinstance(exc, NoRuntimeError) else []
-            reason = f"{label}: {exc}"
-            self._failed[spec.key] = spec.sha256
-            self._set_status(
-                ModelStatus(spec.name, spec.version, spec.sha256, "failed", error=reason,
-                            attempts=attempts)
-            )
-            self._emit("model_failed", model=spec.name, version=spec.version, message=reason)
-            log.error("%s", reason)
-            return None, reason
-        self._failed.pop(spec.key, None)
+        except NoRuntimeError as exc:
+            if refusals:
+                return self._failed_to(
+                    spec, "health", f"{label} failed its health check: {'; '.join(refusals)}",
+                    exc.attempts,
+                )
+            return self._failed_to(spec, "load", f"{label}: {exc}", exc.attempts)
+        except ValueError as exc:  # an unknown runtime in the preference list
+            return self._failed_to(spec, "load", f"{label}: {exc}")
         session = loaded.session
+        report = reports[-1]
+        self._failed.pop(spec.key, None)
         fallbacks = [a for a in loaded.attempts if not a.ok]
         self._set_status(
             ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
@@ -259,18 +329,42 @@ class Reconciler:
             runtime=session.runtime,
             device=session.device,
             fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in fallbacks],
+            latency_ms=None if report.latency_ms is None else round(report.latency_ms, 3),
         )
         log.info("%s serving on %s/%s", label, session.runtime, session.device)
         return ServingModel(spec, session, loaded.attempts), None
 
+    def _failed_to(
+        self, spec: ModelSpec, stage: str, reason: str, attempts: list[Attempt] | None = None
+    ) -> tuple[None, str]:
+        self._failed[spec.key] = spec.sha256
+        self._set_status(
+            ModelStatus(spec.name, spec.version, spec.sha256, "failed", error=reason,
+                        attempts=attempts or [])
+        )
+        self._emit("model_failed", model=spec.name, version=spec.version, stage=stage,
+                   message=reason)
+        log.error("%s", reason)
+        return None, reason
+
     # --- disk ----------------------------------------------------------------------------
 
-    def _persist(self, serving: list[ServingModel], revision: int | None) -> None:
+    def _persist(
+        self, serving: list[ServingModel], revision: int | None,
+        before_replace: Callable[[], None] | None = None,
+    ) -> None:
         applied = Applied(revision=revision, models=[m.spec for m in serving])
-        atomic_write(self._applied_path, msgspec.json.encode(applied))
+        atomic_write(self._applied_path, msgspec.json.encode(applied), before_replace)
 
     def restore(self) -> int:
-        """Serve what was applied before the restart, from the store. Returns models loaded."""
+        """Serve what was applied before the restart, from the store. Returns models loaded.
+
+        A version restored here passed its health gate when it was deployed; its latency
+        budget is not measured again while the gateway is busy starting up.
+        """
+        stale = remove_stale_temps(self._applied_path)
+        if stale:
+            log.info("removed %d unfinished write(s) of %s", stale, self._applied_path.name)
         try:
             raw = self._applied_path.read_bytes()
         except FileNotFoundError:
@@ -286,7 +380,7 @@ class Reconciler:
             if not self._store.has(spec):
                 log.warning("%s:%s missing from the store", spec.name, spec.version)
                 continue
-            model, _ = self._bring_up(spec)
+            model, _ = self._bring_up(spec, check_latency=False)
             if model is not None:
                 chosen.append(model)
         self._registry.replace(chosen)

@@ -13,8 +13,10 @@ import msgspec
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.journal import Journal, OutMessage
 from agent.metrics import Metrics
 from agent.mqtt_session import Inbound, MqttSession, Retained, Route
+from agent.outbox import OutboxPublisher
 from agent.reconciler import Reconciler
 from agent.registry import ModelRegistry
 from agent.scheduler import Scheduler
@@ -43,25 +45,15 @@ class Agent:
         self.store = ModelStore(cfg.state_path)
         self.registry = ModelRegistry()
         self.metrics = Metrics()
-        self.scheduler = Scheduler(
-            registry=self.registry,
-            metrics=self.metrics,
-            publish=self._publish_result,
-            results_topic=self.topics.results,
-            reply_prefixes=cfg.reply_prefixes_resolved(),
-            workers=cfg.jobs.workers,
-            queue_size=cfg.jobs.queue_size,
-            max_payload_bytes=cfg.jobs.max_payload_bytes,
-            max_tensor_elements=cfg.jobs.max_tensor_elements,
-        )
+        self.journal = Journal(cfg.state_path / "journal.sqlite3", cfg.journal.synchronous)
+        self.events_dropped = 0
         self.reconciler = Reconciler(
             cfg, self.store, self.registry, self.hardware, self.emit_event, self.publish_reported
         )
         routes = [
             Route(self.topics.desired, 1, self._on_desired),
-            Route(self.topics.jobs, 1, self.scheduler.submit),
-            *(Route(self.topics.pool_subscription(p), 1, self.scheduler.submit)
-              for p in cfg.jobs.pools),
+            Route(self.topics.jobs, 1, self._on_job),
+            *(Route(self.topics.pool_subscription(p), 1, self._on_job) for p in cfg.jobs.pools),
         ]
         self.mqtt = MqttSession(
             client_id=cfg.device_id,
@@ -69,6 +61,27 @@ class Agent:
             routes=routes,
             will=Retained(self.topics.state, self._state_payload("offline")),
             on_connected=self._on_connected,
+            on_published=self._on_published,
+        )
+        self.outbox = OutboxPublisher(
+            self.journal,
+            self._publish_out,
+            self.mqtt.connected,
+            lambda: self.mqtt.max_packet_size,
+            window=cfg.outbox.window,
+            max_messages=cfg.outbox.max_messages,
+            max_bytes=cfg.outbox.max_bytes,
+        )
+        self.scheduler = Scheduler(
+            registry=self.registry,
+            metrics=self.metrics,
+            journal=self.journal,
+            outbox=self.outbox,
+            ack=self.mqtt.ack,
+            send_now=self._send_now,
+            results_topic=self.topics.results,
+            reply_prefixes=cfg.reply_prefixes_resolved(),
+            cfg=cfg.jobs,
         )
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,
@@ -76,6 +89,7 @@ class Agent:
             self.metrics,
             self.scheduler.depth,
             lambda doc: self._publish(self.topics.telemetry, _json.encode(doc), qos=0),
+            self.durability,
         )
         self._stop_prometheus: Any = None
         self._stopped = threading.Event()
@@ -91,15 +105,23 @@ class Agent:
         # Serve what we had before the broker answers: a gateway must work offline.
         restored = self.reconciler.restore()
         log.info("restored %d model(s) in %.2fs", restored, time.monotonic() - t0)
+        self.scheduler.recover()
         self.scheduler.start()
+        self.outbox.start()
         self.reconciler.start()
         self.mqtt.start()
         self.telemetry.start()
         if self.cfg.telemetry.prometheus_port:
-            self._stop_prometheus = start_prometheus(
-                self.cfg.telemetry.prometheus_port, self.metrics, self.scheduler.depth,
-                self.cfg.state_path,
-            )
+            port = self.cfg.telemetry.prometheus_port
+            try:
+                self._stop_prometheus = start_prometheus(
+                    port, self.metrics, self.scheduler.depth, self.cfg.state_path
+                )
+            except OSError as exc:
+                # An optional scrape endpoint must not take inference down with it (nor
+                # crash-loop the service): say why, keep serving, telemetry still goes out.
+                log.error("Prometheus endpoint on 127.0.0.1:%d not started (%s); set "
+                          "telemetry.prometheus_port to a free port or 0", port, exc.strerror)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -109,25 +131,42 @@ class Agent:
         self.reconciler.stop()
         self.scheduler.stop()
         if self.mqtt.connected.is_set():
+            # Answers still waiting for a PUBACK would be sent again after a restart anyway;
+            # waiting a moment here spares the clients the duplicates.
+            self.outbox.drain(2.0)
             # A clean stop says offline itself: the broker sends the will only on a lost link.
             info = self._publish(self.topics.state, self._state_payload("offline"), retain=True)
             info.wait_for_publish(2.0)
+        self.outbox.stop()
         self.mqtt.stop()
         if self._stop_prometheus is not None:
             self._stop_prometheus()
         self.registry.close_all()
+        self.journal.close()
 
     # --- MQTT glue -----------------------------------------------------------------------
 
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         return self.mqtt.publish(topic, payload, qos=qos, retain=retain)
 
-    def _publish_result(
-        self, topic: str, payload: bytes, correlation: bytes | None, user: Any
-    ) -> None:
-        self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation, user_properties=user)
+    def _send_now(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation)
+
+    def _publish_out(self, msg: OutMessage) -> Any:
+        return self.mqtt.publish(
+            msg.topic, msg.payload, qos=msg.qos, correlation_data=msg.correlation,
+            user_properties=msg.user_props,
+        )
+
+    def _on_published(self, mid: int, refused: bool) -> None:
+        self.outbox.on_published(mid, refused)
+
+    def _on_job(self, inbound: Inbound) -> None:
+        self.scheduler.submit(inbound)
 
     def _on_desired(self, inbound: Inbound) -> None:
+        # Retained: the broker hands it over again on every reconnect, so ack at once.
+        self.mqtt.ack(inbound.mid, inbound.qos)
         self.reconciler.offer(inbound.payload)
 
     def _on_connected(self) -> None:
@@ -144,6 +183,23 @@ class Agent:
                 "started_at": self.started_at,
             }
         )
+
+    def durability(self) -> dict[str, Any]:
+        """Journal and outbox fill and what their bounds turned away, for telemetry."""
+        return {
+            "journal_queued": self.scheduler.depth(),
+            "journal_limit": self.cfg.jobs.queue_size,
+            "jobs_rejected_full": self.scheduler.rejected,
+            "duplicates_answered": self.scheduler.duplicates,
+            "executions": self.scheduler.executed,
+            "outbox_messages": self.outbox.messages,
+            "outbox_bytes": self.outbox.bytes,
+            "outbox_limit_messages": self.cfg.outbox.max_messages,
+            "outbox_limit_bytes": self.cfg.outbox.max_bytes,
+            "outbox_refused_by_broker": self.outbox.refused,
+            "outbox_oversize_replaced": self.outbox.oversize,
+            "events_dropped": self.events_dropped,
+        }
 
     def reported(self) -> dict[str, Any]:
         return {
@@ -169,4 +225,9 @@ class Agent:
         event = {"ts": _now_iso(), "type": kind, "device_id": self.cfg.device_id}
         event.update({k: v for k, v in fields.items() if v is not None})
         log.info("event %s %s", kind, fields)
-        self._publish(self.topics.events, _json.encode(event))
+        if not self.outbox.has_room():
+            self.events_dropped += 1  # answers have the outbox's room; events give way
+            return
+        payload = _json.encode(event)
+        self.journal.enqueue(self.topics.events, payload)
+        self.outbox.added(len(payload))

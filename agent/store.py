@@ -3,18 +3,24 @@
 An artifact is downloaded into `tmp/`, hashed and counted while it streams,
 fsynced, and renamed to `models/sha256/<hex>` only when its size and sha256
 match the manifest. A file at its final path is therefore always complete.
+A download has one deadline for the whole of it (`deploy.download_timeout_s`),
+not only a timeout per read: a server that trickles bytes is cut off too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import logging
 import os
+import socket
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -24,6 +30,13 @@ from agent.manifest import ModelSpec
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+
+# Called with a stage name ("download", "verify", "install") as a fetch reaches it.
+Checkpoint = Callable[[str], None]
+
+
+def _no_checkpoint(_stage: str) -> None:
+    pass
 
 
 class ArtifactError(Exception):
@@ -38,8 +51,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename, fsynced: a reader sees the old bytes or the new, never a mix."""
+def atomic_write(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
+    """Write-then-rename, fsynced: a reader sees the old bytes or the new, never a mix.
+
+    The temporary file is `.<name>.<random>.tmp` beside `path` (see `remove_stale_temps`);
+    `before_replace` runs when it is complete, just before the rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -47,12 +64,24 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove what an `atomic_write(path, ...)` killed half-way left beside `path`."""
+    count = 0
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            count += 1
+    return count
 
 
 class ModelStore:
@@ -90,8 +119,15 @@ class ModelStore:
                     removed.append(entry.name)
         return removed
 
-    def fetch(self, spec: ModelSpec, timeout_s: float, max_bytes: int) -> Path:
-        """Make the artifact of `spec` present and verified in the store; return its path."""
+    def fetch(
+        self, spec: ModelSpec, timeout_s: float, max_bytes: int,
+        checkpoint: Checkpoint = _no_checkpoint,
+    ) -> Path:
+        """Make the artifact of `spec` present and verified in the store; return its path.
+
+        `timeout_s` bounds the whole download. `checkpoint` is told the stages
+        "download", "verify" and "install" as they are reached (agent.faults).
+        """
         final = self.path_for(spec.sha256)
         if self.has(spec):
             return final
@@ -104,9 +140,10 @@ class ModelStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                digest, size = _copy_verified(spec, out, timeout_s)
+                digest, size = _copy_verified(spec, out, timeout_s, checkpoint)
                 out.flush()
                 os.fsync(out.fileno())
+            checkpoint("verify")
             if size != spec.size:
                 raise ArtifactError(
                     f"artifact of {spec.name}:{spec.version} has {size} bytes, "
@@ -119,19 +156,32 @@ class ModelStore:
                 )
             os.replace(tmp, final)
             fsync_dir(self.root)
+            checkpoint("install")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         return final
 
 
-def _copy_verified(spec: ModelSpec, out: BinaryIO, timeout_s: float) -> tuple[str, int]:
+def _copy_verified(
+    spec: ModelSpec, out: BinaryIO, timeout_s: float, checkpoint: Checkpoint
+) -> tuple[str, int]:
     hasher = hashlib.sha256()
     size = 0
-    with _open_source(spec.uri, timeout_s) as src:
-        while True:
-            chunk = src.read(CHUNK)
+    deadline = time.monotonic() + timeout_s
+    finished = False
+    with _open_source(spec.uri, timeout_s) as src, _Watchdog(src, deadline) as dog:
+        while time.monotonic() <= deadline:
+            try:
+                chunk = src.read(CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                if dog.fired:
+                    break  # the watchdog cut the connection: reported below
+                raise ArtifactError(f"download of {spec.uri} failed: {exc}") from None
+            if dog.fired:
+                break  # what the read returned may be cut short
             if not chunk:
+                finished = True
                 break
             size += len(chunk)
             if size > spec.size:
@@ -142,7 +192,58 @@ def _copy_verified(spec: ModelSpec, out: BinaryIO, timeout_s: float) -> tuple[st
                 )
             hasher.update(chunk)
             out.write(chunk)
+            if size == len(chunk):
+                checkpoint("download")
+    if not finished:
+        raise ArtifactError(
+            f"download of {spec.name}:{spec.version} from {spec.uri} did not finish within "
+            f"deploy.download_timeout_s={timeout_s:g}s ({size} of {spec.size} bytes arrived)"
+        )
     return hasher.hexdigest(), size
+
+
+class _Watchdog:
+    """Cuts a network source off at the deadline, even while a read blocks in the kernel.
+
+    A socket timeout bounds each read, not the download: a server that sends a byte
+    every few seconds would hold a download for ever. At the deadline this shuts the
+    connection down (through a duplicate of its descriptor, the public way to reach the
+    socket under urllib's response), which ends a blocked read at once.
+    """
+
+    def __init__(self, src: BinaryIO, deadline: float) -> None:
+        self._src = src
+        self._lock = threading.Lock()
+        self._active = True
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._active = False
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:  # the source stays open while we hold it: the descriptor is its own
+            if not self._active:
+                return
+            self.fired = True
+            try:
+                fd = os.dup(self._src.fileno())
+            except (OSError, ValueError, AttributeError):
+                return  # no descriptor: the check between reads ends it
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)  # not a socket (a file://): the check between reads ends it
+                return
+            with sock, contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 @contextlib.contextmanager

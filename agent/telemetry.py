@@ -62,7 +62,9 @@ class TelemetryLoop:
         metrics: Metrics,
         queue_depth: Callable[[], int],
         publish: Callable[[dict[str, Any]], None],
+        durability: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        self._durability = durability
         self._interval = interval_s
         self._state_dir = state_dir
         self._metrics = metrics
@@ -77,6 +79,7 @@ class TelemetryLoop:
             "health": host_health(self._state_dir),
             "queue_depth": self._queue_depth(),
             "inference": self._metrics.snapshot(),
+            "durability": self._durability() if self._durability is not None else {},
         }
 
     def start(self) -> None:
@@ -88,6 +91,10 @@ class TelemetryLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+    def set_interval(self, interval_s: float) -> None:
+        """Takes effect from the next document (a config reload)."""
+        self._interval = interval_s
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -166,3 +166,153 @@ def silero_vad_path() -> Path:
         if spec is None
         else f"silero-vad is installed at {locations} but ships no data/silero_vad.onnx"
     )
+
+
+def build_heavy(out_dir: Path, name: str = "heavy.onnx", width: int = 1024, layers: int = 8) -> Path:
+    """A model whose cost grows with the batch: x FP32 [N, 64] -> y FP32 [N, 10].
+
+    Each row goes through `layers` dense layers of `width` (tanh keeps values finite), so a
+    warm-up at batch 1 is quick while a job of a few thousand rows keeps a core busy for
+    seconds: for tests of slow jobs, stalls and backpressure.
+    """
+    rng = np.random.default_rng(_SEED)
+    inits = [numpy_helper.from_array(_weights(rng, 64, width), "w_in"),
+             numpy_helper.from_array(_weights(rng, width, width), "w"),
+             numpy_helper.from_array(_weights(rng, width, 10), "w_out")]
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "w_out"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return _save(model, out_dir / name)
+
+
+def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_layers: int = 0,
+                 busy_rows: int = 64) -> Path:
+    """x FP32 [N, 64] -> y FP32 [N, 64] = factor * x, exactly: model versions that a result
+    tells apart (v1 doubles nothing, v2 doubles, ...).
+
+    `busy_layers` adds, per input row, a chain of 512-wide MatMul+Tanh over `busy_rows`
+    copies of it whose result is multiplied by 0 and added: a knob for how long one
+    inference takes that leaves y exact (the deploy tests' slow version: a latency budget).
+    """
+    rng = np.random.default_rng(_SEED + 2)
+    width = 512
+    inits = [numpy_helper.from_array(np.array(factor, np.float32), "factor")]
+    nodes = [helper.make_node("Mul", ["x", "factor"], ["scaled"])]
+    if busy_layers:
+        inits += [
+            numpy_helper.from_array(np.array([busy_rows, width // 64], np.int64), "repeats"),
+            numpy_helper.from_array(np.array([busy_rows, -1, width], np.int64), "stacked"),
+            numpy_helper.from_array(_weights(rng, width, width), "w"),
+            numpy_helper.from_array(_weights(rng, width, 64), "w_out"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ]
+        nodes.append(helper.make_node("Tile", ["x", "repeats"], ["h0"]))  # [rows*N, 512]
+        for i in range(busy_layers):
+            nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+            nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+        nodes += [
+            helper.make_node("Reshape", [f"h{busy_layers}", "stacked"], ["r"]),  # [rows, N, 512]
+            helper.make_node("ReduceMean", ["r"], ["mean"], axes=[0], keepdims=0),  # [N, 512]
+            helper.make_node("MatMul", ["mean", "w_out"], ["busy"]),  # [N, 64]
+            helper.make_node("Mul", ["busy", "zero"], ["nothing"]),
+            helper.make_node("Add", ["scaled", "nothing"], ["y"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["scaled"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return _save(model, out_dir / (name or f"scaled-{factor:g}.onnx"))
+
+
+def build_nan(out_dir: Path, name: str = "nan.onnx") -> Path:
+    """x FP32 [N, 64] -> y FP32 [N, 64] = (x - x) / (x - x): NaN for every input, a model
+    that loads and runs but must never serve (the deploy health gate's test)."""
+    nodes = [
+        helper.make_node("Sub", ["x", "x"], ["zero"]),
+        helper.make_node("Div", ["zero", "zero"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return _save(model, out_dir / name)
+
+
+def build_mobilenet_like(out_dir: Path, name: str = "mobilenet_like.onnx", classes: int = 1000) -> Path:
+    """A MobileNet-v1-like classifier: image FP32 [N, 3, 224, 224] -> logits FP32 [N, classes].
+
+    A 3x3 stride-2 stem, then depthwise-separable blocks (3x3 depthwise Conv + Relu, 1x1
+    pointwise Conv + Relu; batch norm folded into the conv bias, as an exported inference
+    graph has it), global average pooling and a dense layer: ~3.5 M parameters and ~0.5
+    GFLOP per image, the cost profile of the small vision models gateways run. Weights are
+    random (seeded): for timing, not for accuracy.
+    """
+    rng = np.random.default_rng(_SEED + 3)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def conv(x: str, out: str, c_in: int, c_out: int, k: int, stride: int, group: int) -> str:
+        w = _weights(rng, c_out, c_in // group, k, k)
+        inits.append(numpy_helper.from_array(w, f"{out}_w"))
+        inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), f"{out}_b"))
+        pad = k // 2
+        nodes.append(helper.make_node(
+            "Conv", [x, f"{out}_w", f"{out}_b"], [f"{out}_c"], kernel_shape=[k, k],
+            strides=[stride, stride], pads=[pad] * 4, group=group,
+        ))
+        nodes.append(helper.make_node("Relu", [f"{out}_c"], [out]))
+        return out
+
+    x = conv("image", "stem", 3, 32, 3, 2, 1)
+    # (output channels, stride) of each depthwise-separable block: MobileNet v1 with three
+    # of its five 512-channel blocks left out (3.4 M parameters instead of 4.2 M).
+    blocks = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+              (512, 1), (512, 1), (1024, 2), (1024, 1)]
+    c = 32
+    for i, (c_out, stride) in enumerate(blocks):
+        x = conv(x, f"b{i}_dw", c, c, 3, stride, c)
+        x = conv(x, f"b{i}_pw", c, c_out, 1, 1, 1)
+        c = c_out
+    inits.append(numpy_helper.from_array(_weights(rng, classes, c), "fc_w"))  # Gemm transB=1
+    inits.append(numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mobilenet_like",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return _save(model, out_dir / name)

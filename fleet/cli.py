@@ -38,6 +38,8 @@ from fleet.devices import format_table, read_devices
 from fleet.errors import InferenceError
 from fleet.mqtt import BrokerError, connect
 from fleet.oip import InferResult, datatype_of
+from fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
+from fleet.transport import add_security_args, security_from_args
 
 BROKER_ENV = "EDGE_FLEET_BROKER"
 PROG = "edge-fleet"
@@ -60,6 +62,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--prefix", default=DEFAULT_PREFIX,
                         help=f"topic prefix (default: {DEFAULT_PREFIX})")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    add_security_args(common)
     return common
 
 
@@ -98,7 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an `edge-fleet serve`) instead of a file:// path")
     p.add_argument("--wait", type=float, metavar="SECONDS",
                    help="wait until the device serves the model (or fails)")
+    p.add_argument("--health", type=Path, metavar="FILE",
+                   help="JSON file with the model's health gate: {\"inputs\": [...], "
+                        "\"expected\": [...], \"rtol\", \"atol\", \"max_latency_ms\"}")
+    p.add_argument("--sign-key", type=Path, metavar="FILE",
+                   default=Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV)
+                   else None,
+                   help=f"sign the manifest with this ed25519 private key (default: "
+                        f"${SIGNING_KEY_ENV}); agents with trusted keys need it")
+    p.add_argument("--key-id", metavar="ID",
+                   help="the key id the signature names (default: the key file's name "
+                        "without .key)")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "keys", help="manifest signing keys",
+        description="Make the ed25519 key pairs that sign manifests.",
+    )
+    keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    k = keys_sub.add_parser(
+        "generate", parents=[common], help="make a key pair",
+        description="Write ID.key (the private key, mode 0600, never overwritten) and ID.pub "
+                    "(base64 of the raw public key) into DIR and print the public key. An "
+                    "agent trusts it with `trust: {keys: {ID: <public key>}}`.",
+    )
+    k.add_argument("--key-id", required=True, metavar="ID", help="the key's id, e.g. fleet-1")
+    k.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write")
+    k.set_defaults(func=cmd_keys_generate)
 
     p = sub.add_parser(
         "devices", parents=[common], help="list devices and what they serve",
@@ -167,8 +196,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         given = [f for f in ("model", "version", "file") if getattr(args, f)]
         if given:
             raise UsageError(f"--remove cannot be combined with --{', --'.join(given)}")
-        with connect(args.broker) as conn:
-            outcome = deploy(conn, topics, remove=args.remove, wait_s=args.wait)
+        signer = _signer(args)
+        with connect(args.broker, security=security_from_args(args)) as conn:
+            outcome = deploy(conn, topics, remove=args.remove, wait_s=args.wait, signer=signer)
         print(f"published revision {outcome.manifest.revision} to {outcome.topic}: "
               f"removed {args.remove}")
     else:
@@ -185,11 +215,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 name=args.model, version=args.version, artifact=artifact,
                 uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
                 max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                health=_health(args.health),
             )
         except (ValueError, OSError) as exc:
             raise UsageError(str(exc)) from None
-        with connect(args.broker) as conn:
-            outcome = deploy(conn, topics, upsert=spec, wait_s=args.wait)
+        signer = _signer(args)
+        with connect(args.broker, security=security_from_args(args)) as conn:
+            outcome = deploy(conn, topics, upsert=spec, wait_s=args.wait, signer=signer)
         print(f"published revision {outcome.manifest.revision} to {outcome.topic}: "
               f"{spec.name}:{spec.version} sha256 {spec.sha256[:12]} ({spec.size} bytes) "
               f"from {spec.uri}")
@@ -199,12 +231,52 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0 if outcome.wait.ok else 1
 
 
+def _signer(args: argparse.Namespace) -> Signer | None:
+    if args.sign_key is None:
+        if args.key_id:
+            raise UsageError(f"--key-id needs --sign-key (or ${SIGNING_KEY_ENV})")
+        return None
+    try:
+        return load_signer(args.sign_key, args.key_id)
+    except SigningError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _health(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read --health {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(f"--health {path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"--health {path} must hold a JSON object")
+    return doc
+
+
+# -- keys -----------------------------------------------------------------------------
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    try:
+        files = generate_key(args.key_id, args.out)
+    except SigningError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"private key: {files.private} (mode 600; keep it off the devices)")
+    print(f"public key:  {files.public}")
+    print(f"agent config: trust: {{keys: {{{files.key_id}: {files.public_b64}}}}}")
+    print(files.public_b64)
+    return 0
+
+
 # -- devices --------------------------------------------------------------------------
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
     prefix = _prefix(args)
-    with connect(args.broker) as conn:
+    with connect(args.broker, security=security_from_args(args)) as conn:
         rows = read_devices(conn, prefix)
     if args.json:
         print(json.dumps([r.as_json() for r in rows], indent=2))
@@ -280,7 +352,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.device:
         _device(args.device)
     inputs = load_inputs(args.input, args.input_name)
-    with InferenceClient(args.broker, prefix=prefix) as client:
+    with InferenceClient(args.broker, prefix=prefix, security=security_from_args(args)) as client:
         started = time.perf_counter()
         try:
             result = client.infer(

@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 
 from agent.brokerurl import DEFAULT_BROKER_URL
 from agent.errors import Code
+from agent.tls import TransportSecurity
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
 from fleet.errors import (
     DeadlineExceeded,
@@ -103,6 +104,7 @@ class InferenceClient:
         client_id: str | None = None,
         *,
         connect_timeout: float = 5.0,
+        security: TransportSecurity | None = None,
     ) -> None:
         client_id = client_id or new_client_id("client")
         # The client id is a topic level of the reply topic: no '/', '+' or '#'.
@@ -117,7 +119,8 @@ class InferenceClient:
         self._seq = itertools.count()
         self._inbox: queue.Queue[object] = queue.Queue(_QUEUE_MAX)
         self._closed = False
-        self._conn: Connection = connect(broker_url, client_id=client_id, timeout_s=connect_timeout)
+        self._conn: Connection = connect(broker_url, client_id=client_id, timeout_s=connect_timeout,
+                                         security=security)
         self._worker = threading.Thread(target=self._run, name="inference-client", daemon=True)
         self._worker.start()
         try:
@@ -158,6 +161,10 @@ class InferenceClient:
         params = dict(parameters or {})
         if priority is not None:
             params["priority"] = priority
+        if "timeout_ms" in params:
+            # The agent counts timeout_ms from here, so time spent waiting in the broker
+            # for an absent agent counts too.
+            params.setdefault("sent_at_ms", int(time.time() * 1000))
         body, header_length = encode_request(
             job_id, model, inputs, version=version, outputs=outputs, parameters=params,
             binary=binary,

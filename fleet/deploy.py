@@ -30,6 +30,7 @@ from fleet.reports import (
     find_model,
     parse_json_object,
 )
+from fleet.signing import Signer
 
 
 class DeployError(Exception):
@@ -79,8 +80,12 @@ def model_spec(
     prefer: Sequence[str] | None = None,
     max_batch: int | None = None,
     max_delay_ms: float | None = None,
+    health: dict[str, Any] | None = None,
 ) -> ModelSpec:
-    """A validated manifest entry; raises ValueError naming the bad field."""
+    """A validated manifest entry; raises ValueError naming the bad field.
+
+    `health` is the entry's health gate as JSON (agent.manifest.Health).
+    """
     check_name("model name", name)
     check_name("version", version)
     check_name("task", task)
@@ -97,6 +102,8 @@ def model_spec(
         batching["max_delay_ms"] = max_delay_ms
     if batching:
         entry["batching"] = batching
+    if health is not None:
+        entry["health"] = health
     try:
         # convert() checks the constraints that plain construction would skip.
         return msgspec.convert(entry, ModelSpec)
@@ -153,9 +160,10 @@ def read_current(conn: Connection, topics: Topics) -> tuple[Manifest | None, int
 
 
 def publish_desired(conn: Connection, topics: Topics, manifest: Manifest,
-                    timeout_s: float = 5.0) -> None:
-    """Publish retained at QoS 1 and wait for the broker's PUBACK."""
-    fut = conn.publish(topics.desired, encode_manifest(manifest), qos=1, retain=True)
+                    timeout_s: float = 5.0, signer: Signer | None = None) -> None:
+    """Publish retained at QoS 1 (signed by `signer`, if given); wait for the PUBACK."""
+    payload = signer.sign(manifest) if signer is not None else encode_manifest(manifest)
+    fut = conn.publish(topics.desired, payload, qos=1, retain=True)
     try:
         fut.result(timeout_s)
     except TimeoutError:
@@ -217,6 +225,8 @@ class ReportWatcher:
         deadline = time.monotonic() + timeout_s
         while (got := self._next_report(deadline)) is not None:
             doc, retained = got
+            if (refused := _refusal(doc, revision)) is not None:
+                return refused
             entry = find_model(doc, name, version)
             if entry is None or entry.get("sha256") not in (None, sha256):
                 continue
@@ -238,6 +248,8 @@ class ReportWatcher:
         deadline = time.monotonic() + timeout_s
         while (got := self._next_report(deadline)) is not None:
             doc, retained = got
+            if (refused := _refusal(doc, revision)) is not None:
+                return refused
             fresh = not retained or _revision(doc) >= revision
             if fresh and find_model(doc, name) is None:
                 return WaitResult(True, f"{name} is no longer served on {self.topics.device_id}")
@@ -249,6 +261,15 @@ class ReportWatcher:
             f"timed out after {timeout_s:g}s waiting for {self.topics.device_id} to {goal} "
             f"(last reported: {seen}; device state: {self.device_state or 'unknown'})"
         ), self.last_entry)
+
+
+def _refusal(reported: dict[str, Any], revision: int) -> WaitResult | None:
+    """The agent refused our manifest (bad signature, rollback, expired, ...)."""
+    error = reported.get("last_error")
+    if isinstance(error, str) and error.startswith(f"manifest revision {revision} refused"):
+        device = reported.get("device_id", "the device")
+        return WaitResult(False, f"{device} refused the manifest: {error}")
+    return None
 
 
 def _revision(reported: dict[str, Any]) -> int:
@@ -273,10 +294,12 @@ def deploy(
     upsert: ModelSpec | None = None,
     remove: str | None = None,
     wait_s: float | None = None,
+    signer: Signer | None = None,
 ) -> DeployOutcome:
     """Publish the next desired revision with one model added/replaced or removed.
 
     With `wait_s`, follow `reported` until the agent serves (or has dropped) the model.
+    With `signer`, the manifest is signed (agents with trusted keys refuse it otherwise).
     """
     if (upsert is None) == (remove is None):
         raise ValueError("deploy one model or remove one, not both or neither")
@@ -285,7 +308,7 @@ def deploy(
     # Subscribe before publishing so no report about this revision can slip by.
     watcher = ReportWatcher(conn, topics) if wait_s is not None else None
     try:
-        publish_desired(conn, topics, manifest)
+        publish_desired(conn, topics, manifest, signer=signer)
         if watcher is None or wait_s is None:
             return DeployOutcome(topics.desired, manifest)
         if upsert is not None:

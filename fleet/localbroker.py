@@ -6,6 +6,7 @@ The demo starts one when no broker is configured, and the tests start one each.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -47,6 +48,9 @@ class Broker:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
+            # Started as root, mosquitto would drop to the `mosquitto` user and could then
+            # not write its persistence file into our work folder: keep the current user.
+            f"user {getpass.getuser()}",
             "set_tcp_nodelay true",
             "max_queued_messages 100000",
             "max_inflight_messages 64",

@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.brokerurl import parse_broker_url
+from agent.tls import TransportError, TransportSecurity, describe_connect_error
 from agent.topics import has_wildcard
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,14 @@ class Connection:
     automatic reconnect that did not keep the session.
     """
 
-    def __init__(self, url: str, client_id: str | None = None, keepalive: int = 30) -> None:
+    def __init__(
+        self,
+        url: str,
+        client_id: str | None = None,
+        keepalive: int = 30,
+        *,
+        security: TransportSecurity | None = None,
+    ) -> None:
         self.address = parse_broker_url(url)
         self.url = str(self.address)
         self.client_id = client_id or new_client_id()
@@ -113,8 +121,8 @@ class Connection:
             client_id=self.client_id,
             protocol=paho.MQTTv5,
         )
-        if self.address.tls:
-            self.client.tls_set()
+        # mqtts:// verifies the broker (system CA store unless a CA file is given).
+        (security or TransportSecurity()).apply(self.client, self.address)
         self.client.on_socket_open = _set_nodelay
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -137,7 +145,7 @@ class Connection:
         try:
             self.client.connect(self.address.host, self.address.port, self.keepalive)
         except (OSError, ValueError) as exc:
-            raise BrokerError(f"{where}: {exc}") from None
+            raise BrokerError(f"{where}: {describe_connect_error(exc)}") from None
         self.client.loop_start()
         try:
             self._connack.result(max(deadline - time.monotonic(), 0.1))
@@ -317,6 +325,14 @@ class Connection:
         reason_code: ReasonCode,
         _properties: Properties | None,
     ) -> None:
+        if not self._connack.done():
+            # E.g. a TLS 1.3 broker rejecting our client certificate after the handshake.
+            hint = ("; the broker may have rejected the client certificate (missing, revoked "
+                    "or from another CA)" if self.address.tls else "")
+            self._connack.set_exception(
+                BrokerError(f"connection closed before CONNACK ({reason_code}){hint}")
+            )
+            return
         if not self._closed:
             log.warning("lost connection to %s: %s", self.url, reason_code)
 
@@ -375,11 +391,17 @@ def _log_failure(topic_filter: str) -> Callable[[Future[Any]], None]:
     return done
 
 
-def connect(url: str, *, client_id: str | None = None, timeout_s: float = 5.0) -> Connection:
+def connect(
+    url: str,
+    *,
+    client_id: str | None = None,
+    timeout_s: float = 5.0,
+    security: TransportSecurity | None = None,
+) -> Connection:
     """A connected session; raises BrokerError("cannot reach broker mqtt://...: <reason>")."""
     try:
-        conn = Connection(url, client_id)
-    except ValueError as exc:  # a malformed URL: say so in the same words
+        conn = Connection(url, client_id, security=security)
+    except (ValueError, TransportError) as exc:  # a malformed URL, unusable TLS files
         raise BrokerError(str(exc)) from None
     conn.open(timeout_s)
     return conn
@@ -390,7 +412,9 @@ def read_retained(
     topics: str | Iterable[str],
     quiet_s: float = 0.3,
     timeout_s: float = 3.0,
+    *,
+    security: TransportSecurity | None = None,
 ) -> dict[str, bytes]:
     """Topic -> payload of the retained messages matching `topics` (filters allowed)."""
-    with connect(url, timeout_s=timeout_s) as conn:
+    with connect(url, timeout_s=timeout_s, security=security) as conn:
         return conn.read_retained(topics, quiet_s=quiet_s, timeout_s=timeout_s)

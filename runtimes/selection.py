@@ -9,7 +9,7 @@ Every skip and failure is kept as an `Attempt` with a reason a person can act on
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,10 @@ from runtimes.registry import KNOWN_RUNTIMES, get_backend
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFERENCE: tuple[str, ...] = ("cuda", "openvino", "onnxruntime")
+
+# Judges a warmed-up session by (session, warm-up inputs, warm-up outputs); raises to refuse
+# it on this candidate, which then counts as a failed warm-up (the next candidate is tried).
+WarmupCheck = Callable[[Session, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
 
 _DEFAULT_OPTIONS = LoadOptions()
 
@@ -129,7 +133,9 @@ def plan(prefer: Sequence[str] | None, hw: HardwareInfo) -> tuple[list[Candidate
     return candidates, skipped
 
 
-def _warm_up(session: Session, sample_inputs: Mapping[str, np.ndarray] | None) -> None:
+def _warm_up(
+    session: Session, sample_inputs: Mapping[str, np.ndarray] | None, check: WarmupCheck | None
+) -> None:
     feed = make_sample_inputs(session.inputs)
     if sample_inputs:
         feed.update(sample_inputs)
@@ -137,6 +143,8 @@ def _warm_up(session: Session, sample_inputs: Mapping[str, np.ndarray] | None) -
     missing = [s.name for s in session.outputs if s.name not in result]
     if missing:
         raise RuntimeLoadError(f"warm-up returned no {', '.join(missing)}")
+    if check is not None:
+        check(session, feed, result)
 
 
 def _try(
@@ -145,6 +153,7 @@ def _try(
     options: LoadOptions,
     warmup: bool,
     sample_inputs: Mapping[str, np.ndarray] | None,
+    check: WarmupCheck | None,
 ) -> Session | str:
     """The warmed-up session, or the reason it could not be had."""
     backend = get_backend(candidate.runtime)
@@ -156,7 +165,7 @@ def _try(
         return f"{type(exc).__name__}: {one_line(exc)}"
     if warmup:
         try:
-            _warm_up(session, sample_inputs)
+            _warm_up(session, sample_inputs, check)
         except Exception as exc:
             session.close()
             return f"warm-up failed: {one_line(exc)}"
@@ -171,20 +180,23 @@ def load_first_workable(
     warmup: bool = True,
     *,
     sample_inputs: Mapping[str, np.ndarray] | None = None,
+    check: WarmupCheck | None = None,
 ) -> Loaded:
     """Load the model on the first candidate that loads and warms up.
 
     The warm-up runs `make_sample_inputs(session.inputs)`, with any `sample_inputs` laid
     over it: models whose inputs must hold meaningful values or sizes (an audio window of
-    512 samples, a sample rate) need them. Raises NoRuntimeError when nothing works,
-    ValueError for an unknown runtime in `prefer`.
+    512 samples, a sample rate) need them. `check`, when given, judges the warm-up's
+    outputs (agent.health: finite, as expected, fast enough); a candidate it refuses is a
+    failed warm-up. Raises NoRuntimeError when nothing works, ValueError for an unknown
+    runtime in `prefer`.
     """
     attempts: list[Attempt] = []
     for _entry, step in _steps(prefer, hw):
         if isinstance(step, Attempt):
             attempts.append(step)
             continue
-        outcome = _try(path, step, options, warmup, sample_inputs)
+        outcome = _try(path, step, options, warmup, sample_inputs, check)
         if isinstance(outcome, str):
             log.info("%s: %s on %s failed: %s", path.name, step.runtime, step.device, outcome)
             attempts.append(Attempt(step.runtime, step.device, ok=False, reason=outcome))

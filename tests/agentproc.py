@@ -38,10 +38,13 @@ class AgentProcess:
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, env_extra: dict[str, str] | None = None) -> None:
         logf = self.log.open("ab")
         env = dict(os.environ)
         env.pop("EDGE_AGENT_CONFIG", None)
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(name, None)  # only a test that says so runs the agent "under systemd"
+        env.update(env_extra or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
             stdout=logf, stderr=subprocess.STDOUT, env=env,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from agent.manifest import ModelSpec
-from agent.store import ArtifactError, ModelStore
+from agent.store import ArtifactError, ModelStore, atomic_write, remove_stale_temps
+from tests.slowhttp import SlowServer
 
 
 def spec_for(uri: str, data: bytes, **over: object) -> ModelSpec:
@@ -103,3 +105,54 @@ def test_clear_tmp_removes_leftovers(tmp_path: Path) -> None:
     (store.tmp / "half-download").write_bytes(b"...")
     assert store.clear_tmp() == 1
     assert list(store.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("stall_after", "why"),
+    [(None, "a trickle: every read gets a byte well within any socket timeout"),
+     (2_000, "some bytes, then silence")],
+)
+def test_download_has_one_deadline_for_the_whole(tmp_path: Path, stall_after: int | None,
+                                                 why: str) -> None:
+    body = b"slow-model" * 2_000  # 20 kB at 1 kB every 0.1 s: 2 s
+    store = ModelStore(tmp_path / "state")
+    with SlowServer(body, chunk=1_000, interval=0.1, stall_after=stall_after) as server:
+        spec = spec_for(server.url, body)
+        started = time.monotonic()
+        with pytest.raises(ArtifactError, match=r"did not finish within deploy.download_timeout_s=0.5s"):
+            store.fetch(spec, 0.5, 10**9)
+        took = time.monotonic() - started
+    assert 0.45 < took < 1.5, why
+    assert list(store.tmp.iterdir()) == []
+    assert not store.has(spec)
+
+
+def test_download_within_its_deadline_and_checkpoints(tmp_path: Path) -> None:
+    body = b"quick" * 2_000
+    store = ModelStore(tmp_path / "state")
+    reached: list[str] = []
+    with SlowServer(body, chunk=5_000, interval=0.05) as server:
+        path = store.fetch(spec_for(server.url, body), 5, 10**9, checkpoint=reached.append)
+    assert path.read_bytes() == body
+    assert reached == ["download", "verify", "install"]
+
+
+def test_atomic_write_leftovers_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "applied.json"
+    atomic_write(target, b"old")
+
+    class Killed(BaseException):
+        pass
+
+    def die() -> None:
+        raise Killed
+
+    # An exception cleans up after itself; a SIGKILL does not, hence remove_stale_temps.
+    with pytest.raises(Killed):
+        atomic_write(target, b"new", before_replace=die)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["applied.json"]
+    (tmp_path / ".applied.json.x1y2.tmp").write_bytes(b"half")
+    (tmp_path / ".other.json.x1y2.tmp").write_bytes(b"not ours")
+    assert remove_stale_temps(target) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.x1y2.tmp", "applied.json"]

@@ -1,0 +1,169 @@
+"""Sends the journal's outbox to the broker in order, and forgets a message only on PUBACK.
+
+Up to `window` messages are handed to paho at once; paho resends them itself after a
+reconnect, and the rest wait on disk. After a restart everything still in the outbox is
+sent again. A message the broker could never take (larger than its maximum packet size)
+is replaced by a small error answer instead of being resent forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from agent.errors import Code
+from agent.journal import Journal, OutMessage
+from agent.protocol import encode_error, peek_id
+
+log = logging.getLogger(__name__)
+
+# Bytes of a PUBLISH packet beside topic and payload: fixed header, lengths, properties.
+PACKET_OVERHEAD = 512
+
+PublishFn = Callable[[OutMessage], Any]  # returns paho's MQTTMessageInfo
+
+
+class OutboxPublisher:
+    def __init__(
+        self,
+        journal: Journal,
+        publish: PublishFn,
+        connected: threading.Event,
+        max_packet_size: Callable[[], int],
+        window: int = 256,
+        max_messages: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self._journal = journal
+        self._publish = publish
+        self._connected = connected
+        self._max_packet = max_packet_size
+        self._window = window
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._cond = threading.Condition()
+        # paho mid -> outbox seq. Only this thread reads or writes it: a PUBACK is recorded
+        # by the network thread in `_acked` and settled here after the mid was noted. paho
+        # hands out mids in sequence, so a mid comes back only 65,535 publishes later, far
+        # beyond the window.
+        self._inflight: dict[int, int] = {}
+        self._acked: list[tuple[int, bool]] = []  # (mid, refused) from the network thread
+        self._last_sent = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        count, size = journal.outbox_stats()
+        self.messages = count
+        self.bytes = size
+        self.refused = 0
+        self.oversize = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def added(self, size: int) -> None:
+        """A row was written to the outbox (any thread)."""
+        with self._cond:
+            self.messages += 1
+            self.bytes += size
+            self._cond.notify()
+
+    def has_room(self) -> bool:
+        return self.messages < self._max_messages and self.bytes < self._max_bytes
+
+    def wait_room(self, timeout: float) -> bool:
+        """Backpressure for workers: wait until the outbox is below its bounds."""
+        with self._cond:
+            return self._cond.wait_for(self.has_room, timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def on_published(self, mid: int, refused: bool) -> None:
+        """paho's on_publish (network thread): record and return at once."""
+        with self._cond:
+            self._acked.append((mid, refused))
+            self._cond.notify()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (for a clean stop); True when it is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.messages <= 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._stop or bool(self._acked) or self._can_send(), timeout=0.5
+                )
+                if self._stop:
+                    return
+                acked, self._acked = self._acked, []
+            try:
+                self._settle(acked)
+                if self._connected.is_set():
+                    self._send_more()
+            except Exception:
+                log.exception("outbox failed; retrying")
+                with self._cond:
+                    self._cond.wait(1.0)
+
+    def _can_send(self) -> bool:
+        return (
+            self._connected.is_set()
+            and len(self._inflight) < self._window
+            and self.messages > len(self._inflight)
+        )
+
+    def _settle(self, acked: list[tuple[int, bool]]) -> None:
+        done: list[tuple[int, bool]] = []
+        for mid, refused in acked:
+            seq = self._inflight.pop(mid, None)
+            if seq is not None:
+                done.append((seq, refused))
+        if not done:
+            return
+        for seq, refused in done:
+            if refused:
+                self.refused += 1
+                log.error("broker refused outbox message %d; dropped", seq)
+        sizes = self._journal.acked([seq for seq, _ in done])
+        with self._cond:
+            self.messages -= len(done)
+            self.bytes -= sizes
+            self._cond.notify_all()
+
+    def _send_more(self) -> None:
+        room = self._window - len(self._inflight)
+        if room <= 0:
+            return
+        for msg in self._journal.outbox_after(self._last_sent, room):
+            # Never under self._cond: paho's publish takes paho's message lock, which the
+            # network thread holds while it calls on_published (which takes self._cond).
+            info = self._publish(self._fit(msg))
+            self._inflight[int(info.mid)] = msg.seq
+            self._last_sent = msg.seq
+
+    def _fit(self, msg: OutMessage) -> OutMessage:
+        limit = self._max_packet()
+        if len(msg.payload) + len(msg.topic.encode()) + PACKET_OVERHEAD <= limit:
+            return msg
+        self.oversize += 1
+        job_id = peek_id(msg.payload[: 64 * 1024]) if msg.payload[:1] == b"{" else None
+        text = (
+            f"the answer is {len(msg.payload)} bytes, over the broker's maximum packet size of "
+            f"{limit} bytes; ask for fewer outputs or smaller inputs"
+        )
+        log.warning("outbox message %d: %s", msg.seq, text)
+        return OutMessage(msg.seq, msg.topic, encode_error(job_id, Code.RESOURCE_EXHAUSTED, text),
+                          msg.qos, msg.correlation, ())
