@@ -78,6 +78,12 @@ class JobsConfig(_Section):
     # Journaled jobs waiting to run are bounded by count (queue_size) and by bytes; past
     # either bound a new job is answered RESOURCE_EXHAUSTED at once and not kept.
     max_queued_bytes: PositiveInt = 256 * 1024 * 1024
+    # parameters.priority: lower runs first (1 is the most urgent, as in Triton); jobs
+    # that give none run at this level. Within a level, the earliest deadline goes first.
+    default_priority: Annotated[int, msgspec.Meta(ge=1)] = 10
+    # A job whose run was cut short this many times (the agent died or was restarted by
+    # the watchdog while running it) is answered INTERNAL instead of being run again.
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     # A job id seen again within this window is answered from its stored answer.
     dedup_window_s: PositiveFloat = 600.0
 

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     result_props TEXT,
     executions INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,  -- runs started: a job that kills the agent shows here
     done_wall REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, done_wall);
@@ -59,6 +60,7 @@ class StoredJob:
     user_props: tuple[tuple[str, str], ...]
     expiry_s: int | None
     received_wall: float
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,13 +185,18 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT key, topic, payload, response_topic, correlation, user_props, expiry_s,"
-                " received_wall FROM jobs WHERE state = 'queued' ORDER BY rowid"
+                " received_wall, attempts FROM jobs WHERE state = 'queued' ORDER BY rowid"
             ).fetchall()
         return [
             StoredJob(r[0], r[1], bytes(r[2]), r[3], None if r[4] is None else bytes(r[4]),
-                      _props(r[5]), r[6], r[7])
+                      _props(r[5]), r[6], r[7], r[8])
             for r in rows
         ]
+
+    def started(self, key: str) -> None:
+        """Count a run about to start (before the runtime sees the job)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE key = ?", (key,))
 
     def prune(self, older_than_wall: float) -> int:
         """Forget answers older than the dedup window."""

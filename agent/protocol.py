@@ -51,8 +51,14 @@ class _IdOnly(msgspec.Struct):
     id: Any = None
 
 
+class _Meta(msgspec.Struct):
+    id: Any = None
+    parameters: Any = None
+
+
 _request_decoder = msgspec.json.Decoder(_Request)
 _id_decoder = msgspec.json.Decoder(_IdOnly)
+_meta_decoder = msgspec.json.Decoder(_Meta)
 _encoder = msgspec.json.Encoder()
 
 
@@ -101,6 +107,44 @@ def peek_id(payload: bytes) -> str | None:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return value if isinstance(value, str) and NAME_RE.match(value) else None
+
+
+@dataclass(frozen=True)
+class JobMeta:
+    """What the intake reads of a job before it is journaled: identity and urgency."""
+
+    id: str | None
+    priority: int | None
+    timeout_ms: float | None
+    sent_at_ms: float | None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return float(value)
+
+
+def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> JobMeta:
+    """Id, priority and timeout of a job, read without decoding its tensors.
+
+    Anything unreadable reads as absent: the full decode later names the problem.
+    """
+    header = payload
+    length = dict(user_properties).get(HEADER_LENGTH_PROPERTY)
+    if length is not None and length.isdigit() and 0 < int(length) <= len(payload):
+        header = payload[: int(length)]
+    try:
+        meta = _meta_decoder.decode(header)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return JobMeta(None, None, None, None)
+    job_id = meta.id if isinstance(meta.id, str) and NAME_RE.match(meta.id) else None
+    params = meta.parameters if isinstance(meta.parameters, dict) else {}
+    priority = params.get("priority")
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority <= 0:
+        priority = None
+    return JobMeta(job_id, priority, _number(params.get("timeout_ms")),
+                   _number(params.get("sent_at_ms")))
 
 
 def decode_request(

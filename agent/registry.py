@@ -41,7 +41,8 @@ class ServingModel:
             self._inflight += 1
             return True
 
-    def _exit(self) -> None:
+    def release(self) -> None:
+        """The job that acquired this model is done with it."""
         with self._lock:
             self._inflight -= 1
             close = self._retired and self._inflight == 0
@@ -112,19 +113,22 @@ class ModelRegistry:
             Code.NOT_FOUND, f"model {name!r} has no version {version!r} here (versions: {have})"
         )
 
-    @contextmanager
-    def use(self, name: str, version: str | None) -> Iterator[ServingModel]:
-        """Hold a model for one job; raises JobError(NOT_FOUND)."""
+    def acquire(self, name: str, version: str | None) -> ServingModel:
+        """Hold a model for one job until `release()`; raises JobError(NOT_FOUND)."""
         while True:
             with self._lock:
                 model = self._lookup(name, version)
             if model._enter():
-                break
+                return model
             # Retired between lookup and enter: the registry already holds its successor.
+
+    @contextmanager
+    def use(self, name: str, version: str | None) -> Iterator[ServingModel]:
+        model = self.acquire(name, version)
         try:
             yield model
         finally:
-            model._exit()
+            model.release()
 
     def close_all(self) -> None:
         for m in self.replace(()):

@@ -11,14 +11,20 @@ when it named no usable Response Topic).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from agent.batching import Batcher, Prepared, batchable, split_outputs
 from agent.config import JobsConfig
 from agent.errors import Code, JobError
 from agent.journal import Journal, StoredJob
@@ -26,14 +32,16 @@ from agent.metrics import Metrics
 from agent.mqtt_session import Inbound
 from agent.outbox import OutboxPublisher
 from agent.protocol import (
+    JobMeta,
     check_inputs,
     check_outputs,
     decode_request,
     encode_error,
     encode_response,
     peek_id,
+    peek_meta,
 )
-from agent.registry import ModelRegistry
+from agent.registry import ModelRegistry, ServingModel
 from agent.topics import has_wildcard
 
 log = logging.getLogger(__name__)
@@ -75,14 +83,13 @@ def route_reply(inbound: Inbound, results_topic: str, allowed: Sequence[str]) ->
     return Reply(requested, inbound.correlation_data, None)
 
 
-def job_key(inbound: Inbound, results_topic: str) -> str:
+def job_key(inbound: Inbound, results_topic: str, job_id: str | None) -> str:
     """Identity for de-duplication: the job id within its reply topic.
 
     Two clients may both call a job "j-1"; their reply topics tell them apart. A job
     without an id is known by its correlation data, or not de-duplicated at all.
     """
     where = inbound.response_topic or results_topic
-    job_id = peek_id(inbound.payload[: 64 * 1024]) if inbound.payload[:1] == b"{" else None
     if job_id is not None:
         return f"id:{where}|{job_id}"
     if inbound.correlation_data:
@@ -144,7 +151,7 @@ class Scheduler:
         self._reply_prefixes = tuple(reply_prefixes)
         self._cfg = cfg
         self._intake: queue.Queue[Inbound | None] = queue.Queue(maxsize=max(cfg.queue_size, 1024))
-        self._work_q: queue.Queue[tuple[str, Inbound] | None] = queue.Queue()
+        self._work_q = WorkQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._queued = 0  # journaled, not yet answered
@@ -159,6 +166,10 @@ class Scheduler:
         self._draining = threading.Event()
         self._admitting = threading.Lock()
         self._busy_since: dict[str, float] = {}  # worker -> when its running job started
+        # A retired model's batcher goes with it.
+        self._batchers: weakref.WeakKeyDictionary[ServingModel, Batcher] = (
+            weakref.WeakKeyDictionary()
+        )
         self.executed = 0  # inference runs in this process
         self.duplicates = 0  # jobs answered from a stored answer
         self.rejected = 0  # jobs refused with RESOURCE_EXHAUSTED
@@ -201,13 +212,29 @@ class Scheduler:
         """Queue what the journal holds unanswered from before a restart."""
         pending = self._journal.pending()
         for job in pending:
-            self._work_q.put((job.key, revived(job)))
-        with self._lock:
-            self._queued += len(pending)
-            self._queued_bytes += sum(len(j.payload) for j in pending)
+            if job.attempts >= self._cfg.max_attempts:
+                self._give_up(job)
+                continue
+            inbound = revived(job)
+            self._enqueue(job.key, inbound, peek_meta(inbound.payload, inbound.user_properties))
+            with self._lock:
+                self._queued += 1
+                self._queued_bytes += len(job.payload)
         if pending:
             log.info("recovered %d unanswered job(s) from the journal", len(pending))
         return len(pending)
+
+    def _give_up(self, job: StoredJob) -> None:
+        """A job whose runs keep dying with the agent is answered, not run again."""
+        inbound = revived(job)
+        reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
+        text = (f"the job was started {job.attempts} times and the agent stopped each time "
+                "before it finished (a crash or a watchdog restart); it is not run again")
+        log.error("job %s: %s", job.key, text)
+        payload = encode_error(peek_meta(job.payload, job.user_props).id, Code.INTERNAL, text)
+        self._metrics.record_error(None, Code.INTERNAL.value)
+        self._journal.complete(job.key, False, reply.topic, payload, reply.correlation_data, ())
+        self._outbox.added(len(payload))
 
     def start(self) -> None:
         intake = threading.Thread(target=self._intake_loop, name="job-intake", daemon=True)
@@ -222,7 +249,7 @@ class Scheduler:
         self._stopping.set()
         self._intake.put(None)
         for _ in range(self._cfg.workers):
-            self._work_q.put(None)
+            self._work_q.put_stop()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -238,7 +265,7 @@ class Scheduler:
 
     def _refuse_now(self, inbound: Inbound, why: str) -> None:
         reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
-        job_id = peek_id(inbound.payload[: 64 * 1024])
+        job_id = peek_meta(inbound.payload, inbound.user_properties).id
         self.rejected += 1
         self._metrics.record_error(None, Code.RESOURCE_EXHAUSTED.value)
         self._send_now(
@@ -283,22 +310,23 @@ class Scheduler:
         with self._lock:
             room = self._cfg.queue_size - self._queued
             room_bytes = self._cfg.max_queued_bytes - self._queued_bytes
-        accepted: list[tuple[str, Inbound]] = []
+        accepted: list[tuple[str, Inbound, JobMeta]] = []
         for inbound in batch:
             if len(accepted) >= room or len(inbound.payload) > room_bytes:
                 self._refuse_journaled(inbound)
                 continue
             room_bytes -= len(inbound.payload)
-            accepted.append((job_key(inbound, self._results_topic), inbound))
-        decisions = self._journal.admit([stored(i, k) for k, i in accepted])
+            meta = peek_meta(inbound.payload, inbound.user_properties)
+            accepted.append((job_key(inbound, self._results_topic, meta.id), inbound, meta))
+        decisions = self._journal.admit([stored(i, k) for k, i, _ in accepted])
         new = new_bytes = 0
-        for (key, inbound), decision in zip(accepted, decisions, strict=True):
+        for (key, inbound, meta), decision in zip(accepted, decisions, strict=True):
             if decision.kind == "new":
                 new += 1
                 new_bytes += len(inbound.payload)
                 with self._lock:
                     self._first_correlation[key] = inbound.correlation_data
-                self._work_q.put((key, inbound))
+                self._enqueue(key, inbound, meta)
             elif decision.kind == "duplicate_done":
                 self.duplicates += 1
                 if self._journal.resend_stored(key, inbound.correlation_data) is not None:
@@ -313,15 +341,20 @@ class Scheduler:
         with self._lock:
             self._queued += new
             self._queued_bytes += new_bytes
-        for _, inbound in accepted:
+        for _, inbound, _ in accepted:
             self._ack(inbound.mid, inbound.qos)
         self._outbox.wake()
+
+    def _enqueue(self, key: str, inbound: Inbound, meta: JobMeta) -> None:
+        priority = meta.priority if meta.priority is not None else self._cfg.default_priority
+        deadline = _deadline(inbound, meta.timeout_ms, meta.sent_at_ms)
+        self._work_q.put(key, inbound, priority, deadline)
 
     def _refuse_journaled(self, inbound: Inbound) -> None:
         """Queue full: the refusal goes through the outbox, and the job is not kept."""
         reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
         payload = encode_error(
-            peek_id(inbound.payload[: 64 * 1024]),
+            peek_meta(inbound.payload, inbound.user_properties).id,
             Code.RESOURCE_EXHAUSTED,
             f"job queue is full ({self._cfg.queue_size} jobs or "
             f"{self._cfg.max_queued_bytes} bytes waiting); retry later",
@@ -344,43 +377,47 @@ class Scheduler:
             while not self._outbox.wait_room(0.5):
                 if self._stopping.is_set():
                     break
+            name = threading.current_thread().name
+            with self._lock:
+                self._busy_since[name] = time.monotonic()
             try:
-                answer = self._answer_timed(inbound)
-                self._journal.complete(
-                    key, answer.executed, answer.reply.topic, answer.payload,
-                    answer.reply.correlation_data, answer.user_properties,
-                )
-                self._outbox.added(len(answer.payload))
-                with self._lock:
-                    self._first_correlation.pop(key, None)
-                    repeats = self._repeats.pop(key, [])
-                for correlation in repeats:
-                    if self._journal.resend_stored(key, correlation) is not None:
-                        self._outbox.added(len(answer.payload))
-            except Exception:
-                # The job stays in the journal unanswered and runs again after a restart.
-                log.exception("job %s: could not record its answer", key)
+                self._process(key, inbound)
             finally:
                 with self._lock:
-                    self._queued -= 1
-                    self._queued_bytes -= len(inbound.payload)
+                    self._busy_since.pop(name, None)
 
-    def _answer_timed(self, inbound: Inbound) -> Answer:
-        """`_answer`, with the start time on record for the watchdog's stall check."""
-        name = threading.current_thread().name
-        with self._lock:
-            self._busy_since[name] = time.monotonic()
+    def _process(self, key: str, inbound: Inbound) -> None:
+        """Answer one job: at once, or by handing it to its model's batcher."""
         try:
-            return self._answer(inbound)
-        finally:
-            with self._lock:
-                self._busy_since.pop(name, None)
+            prepared = self._prepare(key, inbound)
+        except _Answered as done:
+            self._finish(key, inbound, done.answer)
+            return
+        batcher = self._batcher_for(prepared)
+        if batcher is None:
+            self._run_batch([prepared])
+        else:
+            batcher.offer(prepared)
 
-    def _answer(self, inbound: Inbound) -> Answer:
+    def _batcher_for(self, job: Prepared) -> Batcher | None:
+        model = job.model
+        policy = model.spec.batching
+        if policy.max_batch <= 1:
+            return None
+        with self._lock:
+            batcher = self._batchers.get(model)
+            if batcher is None:
+                if not batchable(model.session.inputs, model.session.outputs):
+                    return None
+                batcher = Batcher(policy.max_batch, policy.max_delay_ms, self._run_batch)
+                self._batchers[model] = batcher
+        return batcher
+
+    def _prepare(self, key: str, inbound: Inbound) -> Prepared:
+        """Decode and check a job against its model; raises _Answered when it will not run."""
         reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
         job_id: str | None = None
-        model_label: str | None = None
-        executed = False
+        model: ServingModel | None = None
         try:
             if reply.refusal is not None:
                 raise JobError(Code.INVALID_ARGUMENT, reply.refusal)
@@ -394,54 +431,148 @@ class Scheduler:
             job_id = req.id
             deadline = _deadline(inbound, req.timeout_ms, req.sent_at_ms)
             _check_deadline(deadline)
-            with self._registry.use(req.model_name, req.model_version) as model:
-                model_label = model.label
-                session = model.session
-                arrays = check_inputs(req, session.inputs, model_label,
-                                      self._cfg.max_tensor_elements)
-                wanted = check_outputs(req, session.outputs, model_label)
-                _check_deadline(deadline)
-                started = time.monotonic()
-                executed = True
-                with self._lock:
-                    self.executed += 1
-                try:
-                    outputs = session.infer(arrays, wanted)
-                except Exception as exc:
-                    raise JobError(
-                        Code.INTERNAL, f"{session.runtime} failed on {model_label}: {exc}"
-                    ) from exc
-                done = time.monotonic()
-                queue_ms = (started - inbound.received) * 1000.0
-                infer_ms = (done - started) * 1000.0
-                encoded = encode_response(
-                    req,
-                    model.spec.name,
-                    model.spec.version,
-                    outputs,
-                    {
-                        "runtime": session.runtime,
-                        "device": session.device,
-                        "queue_ms": round(queue_ms, 3),
-                        "infer_ms": round(infer_ms, 3),
-                    },
-                )
-            self._metrics.record_ok(
-                model_label, queue_ms, infer_ms, (time.monotonic() - inbound.received) * 1000.0
-            )
-            return Answer(reply, encoded.payload, encoded.user_properties, executed)
+            model = self._registry.acquire(req.model_name, req.model_version)
+            session = model.session
+            arrays = check_inputs(req, session.inputs, model.label, self._cfg.max_tensor_elements)
+            wanted = check_outputs(req, session.outputs, model.label)
+            return Prepared(key, inbound, reply, req, model, arrays, wanted, deadline)
         except Exception as exc:
-            if isinstance(exc, JobError):
-                err = exc
-            else:
-                # A bug of ours must still give the job its one answer.
-                log.exception("job failed unexpectedly")
-                err = JobError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            if model is not None:
+                model.release()
             if job_id is None and len(inbound.payload) <= self._cfg.max_payload_bytes:
                 job_id = peek_id(inbound.payload)  # the request failed before its id was read
-            self._metrics.record_error(model_label, err.code.value)
-            log.debug("job %s: %s %s", job_id, err.code.value, err.message)
-            return Answer(reply, encode_error(job_id, err.code, err.message), (), executed)
+            label = model.label if model is not None else None
+            raise _Answered(self._error_answer(reply, job_id, label, exc, False)) from None
+
+    def _run_batch(self, jobs: list[Prepared]) -> None:
+        """Run jobs of one model (one, or a batch) and answer each. Never raises."""
+        try:
+            live: list[Prepared] = []
+            for job in jobs:
+                try:
+                    _check_deadline(job.deadline)
+                    live.append(job)
+                except JobError as err:
+                    self._finish_prepared(job, self._error_answer(
+                        job.reply, job.request.id, job.model.label, err, False))
+            if not live:
+                return
+            model = live[0].model
+            session = model.session
+            for job in live:
+                self._journal.started(job.key)
+            with self._lock:
+                self.executed += len(live)
+            started = time.monotonic()
+            try:
+                if len(live) == 1:
+                    results = [session.infer(live[0].arrays, live[0].wanted)]
+                else:
+                    merged = {
+                        name: np.concatenate([j.arrays[name] for j in live], axis=0)
+                        for name in live[0].arrays
+                    }
+                    results = split_outputs(session.infer(merged, live[0].wanted),
+                                            [j.rows for j in live])
+            except Exception as exc:
+                failure = JobError(Code.INTERNAL,
+                                   f"{session.runtime} failed on {model.label}: {exc}")
+                for job in live:
+                    self._finish_prepared(job, self._error_answer(
+                        job.reply, job.request.id, model.label, failure, True))
+                return
+            infer_ms = (time.monotonic() - started) * 1000.0
+            for job, outputs in zip(live, results, strict=True):
+                queue_ms = (started - job.inbound.received) * 1000.0
+                params: dict[str, object] = {
+                    "runtime": session.runtime,
+                    "device": session.device,
+                    "queue_ms": round(queue_ms, 3),
+                    "infer_ms": round(infer_ms, 3),
+                }
+                if len(live) > 1:
+                    params["batch_size"] = sum(j.rows for j in live)
+                try:
+                    encoded = encode_response(job.request, model.spec.name, model.spec.version,
+                                              outputs, params)
+                    answer = Answer(job.reply, encoded.payload, encoded.user_properties, True)
+                    self._metrics.record_ok(model.label, queue_ms, infer_ms,
+                                            (time.monotonic() - job.inbound.received) * 1000.0)
+                except Exception as exc:
+                    answer = self._error_answer(job.reply, job.request.id, model.label, exc, True)
+                self._finish_prepared(job, answer)
+        except Exception:
+            # Jobs not answered stay in the journal and run again after a restart.
+            log.exception("batch of %d job(s) failed", len(jobs))
+
+    def _error_answer(self, reply: Reply, job_id: str | None, model_label: str | None,
+                      exc: Exception, executed: bool) -> Answer:
+        if isinstance(exc, JobError):
+            err = exc
+        else:
+            # A bug of ours must still give the job its one answer.
+            log.error("job failed unexpectedly", exc_info=exc)
+            err = JobError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        self._metrics.record_error(model_label, err.code.value)
+        log.debug("job %s: %s %s", job_id, err.code.value, err.message)
+        return Answer(reply, encode_error(job_id, err.code, err.message), (), executed)
+
+    def _finish_prepared(self, job: Prepared, answer: Answer) -> None:
+        job.model.release()
+        self._finish(job.key, job.inbound, answer)
+
+    def _finish(self, key: str, inbound: Inbound, answer: Answer) -> None:
+        """Record the answer (journal and outbox together); answer waiting repeats."""
+        try:
+            self._journal.complete(
+                key, answer.executed, answer.reply.topic, answer.payload,
+                answer.reply.correlation_data, answer.user_properties,
+            )
+            self._outbox.added(len(answer.payload))
+            with self._lock:
+                self._first_correlation.pop(key, None)
+                repeats = self._repeats.pop(key, [])
+            for correlation in repeats:
+                if self._journal.resend_stored(key, correlation) is not None:
+                    self._outbox.added(len(answer.payload))
+        except Exception:
+            # The job stays in the journal unanswered and runs again after a restart.
+            log.exception("job %s: could not record its answer", key)
+        finally:
+            with self._lock:
+                self._queued -= 1
+                self._queued_bytes -= len(inbound.payload)
+
+
+class WorkQueue:
+    """Jobs by priority (lower number first), then earliest deadline, then arrival."""
+
+    _STOP = 2**62  # after every job: a stop lets the queued jobs run first
+
+    def __init__(self) -> None:
+        self._q: queue.PriorityQueue[tuple[int, float, int, str, Inbound | None]] = (
+            queue.PriorityQueue()
+        )
+        self._seq = itertools.count()
+
+    def put(self, key: str, inbound: Inbound, priority: int, deadline: float | None) -> None:
+        self._q.put((priority, math.inf if deadline is None else deadline, next(self._seq),
+                     key, inbound))
+
+    def put_stop(self) -> None:
+        self._q.put((self._STOP, math.inf, next(self._seq), "", None))
+
+    def get(self) -> tuple[str, Inbound] | None:
+        _, _, _, key, inbound = self._q.get()
+        return None if inbound is None else (key, inbound)
+
+
+class _Answered(Exception):
+    """A job answered before it could run (an error); carries the answer."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__("answered")
+        self.answer = answer
 
 
 def _deadline(inbound: Inbound, timeout_ms: float | None, sent_at_ms: float | None) -> float | None:

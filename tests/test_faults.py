@@ -22,7 +22,7 @@ import pytest
 
 from bench.models import DigitsModel, build_digits, build_heavy
 from fleet.client import InferenceClient
-from fleet.errors import DeadlineExceeded
+from fleet.errors import DeadlineExceeded, Internal
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import deploy, persistent_broker, wait_state
@@ -295,3 +295,41 @@ def test_repeated_job_id_is_answered_from_the_journal_not_run_again(
     finally:
         db.close()
     assert executions == 1
+
+
+def test_job_that_keeps_dying_with_the_agent_is_answered_not_rerun(tmp_path: Path) -> None:
+    broker = persistent_broker(tmp_path / "broker")
+    broker.start()
+    agent = AgentProcess(tmp_path / "agent", broker.url, DEVICE, jobs={"workers": 1},
+                         log={"level": "INFO"})
+    agent.start()
+    heavy = build_heavy(tmp_path / "m", width=2048, layers=32)
+    journal = agent.state_dir / "journal.sqlite3"
+
+    def attempts() -> int:
+        db = sqlite3.connect(journal)
+        try:
+            row = db.execute("SELECT attempts FROM jobs WHERE state = 'queued'").fetchone()
+        finally:
+            db.close()
+        return int(row[0]) if row else -1
+
+    try:
+        wait_state(broker.url, "online", DEVICE)
+        assert deploy(broker.url, tmp_path, "--model", "heavy", "--version", "1",
+                      "--file", str(heavy), "--wait", "60", device=DEVICE) == 0
+        x = np.random.default_rng(0).random((4096, 64), dtype=np.float32)  # seconds of work
+        with InferenceClient(broker.url) as client:
+            future = client.submit("heavy", {"x": x}, device=DEVICE, binary=True, timeout=120)
+            for k in range(1, 4):
+                deadline = time.monotonic() + 30
+                while attempts() < k and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert attempts() == k
+                agent.kill()  # as if the job had crashed the runtime
+                agent.start()
+            with pytest.raises(Internal, match="started 3 times"):
+                future.result(60)
+    finally:
+        agent.stop()
+        broker.stop()
