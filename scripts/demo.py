@@ -97,7 +97,12 @@ def main() -> int:
             [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        state = wait_online(url)
+        try:
+            state = wait_online(url)
+        except SystemExit:
+            log.flush()
+            print((work / "agent.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
         say(f"edge-agent {state['agent_version']} online as {DEVICE} after "
             f"{time.monotonic() - t0:.1f}s (log: {work / 'agent.log'})")
 
