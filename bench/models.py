@@ -316,3 +316,106 @@ def build_mobilenet_like(out_dir: Path, name: str = "mobilenet_like.onnx", class
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
     return _save(model, out_dir / name)
+
+
+def build_digits_float(out_dir: Path, name: str = "digits_float.onnx") -> DigitsModel:
+    """The same scikit-learn MLP as `build_digits` (same split, seed and training), exported
+    by hand from its `coefs_` and `intercepts_` as plain MatMul+Add+Relu+MatMul+Add+Softmax:
+    x FP32 [N, 64] (pixels 0..16) -> probabilities FP32 [N, 10]. Every runtime, OpenVINO
+    included, runs it. Cached per out_dir like build_digits.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    sidecar = path.with_suffix(".npz")
+    if path.exists() and sidecar.exists():
+        with np.load(sidecar) as data:
+            return DigitsModel(path, data["x_test"], data["y_test"], data["sklearn_pred"])
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=_SEED
+    )
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=_SEED)
+    clf.fit(x_train, y_train)
+    (w1, w2), (b1, b2) = clf.coefs_, clf.intercepts_
+    inits = [
+        numpy_helper.from_array(np.asarray(w, np.float32), n)
+        for w, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["z0"]),
+        helper.make_node("Add", ["z0", "b2"], ["z1"]),
+        helper.make_node("Softmax", ["z1"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_float",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    sklearn_pred = clf.predict(x_test).astype(np.int64)
+    np.savez(sidecar, x_test=x_test, y_test=y_test, sklearn_pred=sklearn_pred)
+    _save(model, path)
+    return DigitsModel(path, x_test, y_test, sklearn_pred)
+
+
+@dataclass(frozen=True)
+class EncoderModel:
+    path: Path
+    embeddings: np.ndarray  # FP32 [vocab, dim]: the token embedding table
+    weight: np.ndarray  # FP32 [dim, dim]
+    mask_bias: np.ndarray  # FP32 [dim]; zeros when the model has no mask input
+
+
+def build_encoder(out_dir: Path, name: str = "encoder.onnx", vocab: int = 100, dim: int = 16,
+                  with_mask: bool = True) -> EncoderModel:
+    """A tiny text encoder for the embedding pipeline:
+    input_ids INT64 [N, T] (and attention_mask INT64 [N, T]) -> last_hidden_state FP32 [N, T, dim]
+    = tanh(E[input_ids] @ W + mask[..., None] * b); without a mask input, tanh(E[ids] @ W).
+    """
+    rng = np.random.default_rng(_SEED + 4)
+    emb = rng.standard_normal((vocab, dim)).astype(np.float32)
+    weight = _weights(rng, dim, dim)
+    bias = (rng.standard_normal(dim) * 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array(emb, "E"), numpy_helper.from_array(weight, "W")]
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["tok"], axis=0),
+        helper.make_node("MatMul", ["tok", "W"], ["proj"]),
+    ]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"])]
+    if with_mask:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"]))
+        inits += [numpy_helper.from_array(bias, "b"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "last")]
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+            helper.make_node("Mul", ["mask3", "b"], ["shift"]),
+            helper.make_node("Add", ["proj", "shift"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["last_hidden_state"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Tanh", ["proj"], ["last_hidden_state"]))
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        inputs,
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "T", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    path = _save(model, out_dir / name)
+    return EncoderModel(path, emb, weight, bias if with_mask else np.zeros(dim, np.float32))

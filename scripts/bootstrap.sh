@@ -5,17 +5,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    echo "bootstrap: installing mosquitto from the system's packages" >&2
+# System packages: mosquitto (the broker the demo and the tests start), mosquitto_passwd
+# (password-file tests), espeak-ng (speech for the voice-activity tests).
+missing=""
+{ command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing="$missing mosquitto"
+command -v mosquitto_passwd >/dev/null 2>&1 || missing="$missing mosquitto-clients"
+command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+if [ -n "$missing" ]; then
+    echo "bootstrap: installing from the system's packages:$missing" >&2
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     if command -v apt-get >/dev/null 2>&1; then
         $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
     elif command -v dnf >/dev/null 2>&1; then
-        $SUDO dnf install -y mosquitto
+        # shellcheck disable=SC2086
+        $SUDO dnf install -y $missing
     else
-        echo "bootstrap: install mosquitto with your package manager, then run this again" >&2
+        echo "bootstrap: install$missing with your package manager, then run this again" >&2
         exit 1
     fi
 fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from bench.models import build_mlp
 from fleet.client import InferenceClient
+from fleet.oip import InferResult
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import deploy, wait_state
@@ -94,6 +96,11 @@ def test_higher_priority_jobs_run_first(tmp_path: Path) -> None:
         x = np.random.default_rng(0).random((512, 64), dtype=np.float32)
         done: list[str] = []
         lock = threading.Lock()
+
+        def record(fut: Future[InferResult]) -> None:
+            with lock:
+                done.append(str(fut.result().id))
+
         with InferenceClient(broker.url) as client:
             blocker = client.submit("heavy", {"x": x}, device="gw-prio", binary=True,
                                     timeout=60)
@@ -102,8 +109,7 @@ def test_higher_priority_jobs_run_first(tmp_path: Path) -> None:
                 prio = 1 if i % 2 else 9
                 f = client.submit("heavy", {"x": x}, device="gw-prio", binary=True,
                                   priority=prio, timeout=60, job_id=f"p{prio}-{i}")
-                f.add_done_callback(lambda fut: (lock.acquire(), done.append(fut.result().id),
-                                                 lock.release()))
+                f.add_done_callback(record)
                 futures.append(f)
             blocker.result(60)
             for f in futures:

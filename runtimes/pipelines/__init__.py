@@ -1,0 +1,74 @@
+"""Task pipelines: pre- and post-processing around a model, chosen by the manifest's `task`.
+
+- tensor: the model's own tensors in and out (no processing).
+- image-classification: an encoded image in (JPEG, PNG, WebP; needs pillow), top-k labels
+  and scores out.
+- voice-activity-detection: an audio file in (WAV, FLAC, OGG; needs soundfile), speech
+  segments in seconds out, with Silero VAD.
+- embedding: token ids in, one mean-pooled, L2-normalised vector per sequence out.
+
+Each task lives in its own module, imported on first use, so that a missing optional
+library (pillow, soundfile) costs only the tasks that need it; `pipeline_requirements`
+says which. The settings keys of every task are documented in docs/pipelines.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runtimes.base import Session, one_line
+from runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline
+
+__all__ = ["KNOWN_TASKS", "Pipeline", "build_pipeline", "pipeline_requirements"]
+
+# task -> (module exposing `build(settings, model_dir, session)`, optional library it
+# needs as (import name, distribution name), or None).
+_TASKS: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "tensor": ("runtimes.pipelines.tensor", None),
+    "image-classification": ("runtimes.pipelines.image", ("PIL", "pillow")),
+    "voice-activity-detection": ("runtimes.pipelines.audio", ("soundfile", "soundfile")),
+    "embedding": ("runtimes.pipelines.embedding", None),
+}
+
+KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
+
+
+def _missing(requirement: tuple[str, str] | None) -> str | None:
+    if requirement is None:
+        return None
+    module, dist = requirement
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or OSError from a missing shared library (libsndfile)
+        return f"{dist} unavailable: {type(exc).__name__}: {one_line(exc)} ({MEDIA_EXTRA_HINT})"
+    return None
+
+
+def pipeline_requirements() -> dict[str, str | None]:
+    """Per task: why it cannot run here (a missing optional library), or None when it can.
+
+    For `edge-agent doctor`: imports pillow and soundfile, nothing else.
+    """
+    return {task: _missing(req) for task, (_, req) in _TASKS.items()}
+
+
+def build_pipeline(
+    task: str, settings: Mapping[str, Any], model_dir: Path | None, session: Session
+) -> Pipeline:
+    """The pipeline of `task` for a loaded session.
+
+    Raises ValueError for an unknown task (naming the known ones), a task whose library is
+    missing, settings that do not fit the task, or a model that does not fit the task.
+    """
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}")
+    module_name, requirement = _TASKS[task]
+    missing = _missing(requirement)
+    if missing is not None:
+        raise ValueError(f"task {task} cannot run here: {missing}")
+    module = importlib.import_module(module_name)
+    pipeline: Pipeline = module.build(settings, model_dir, session)
+    return pipeline

@@ -1,0 +1,96 @@
+"""What every task pipeline offers, and the helpers the task modules share.
+
+A pipeline sits between a job's tensors and a model's session: it decodes and
+pre-processes what a job sends (an encoded image, an audio file, token ids), runs the
+session, and post-processes what the model gives back (top-k labels, speech segments,
+pooled embeddings). It holds no per-job state, so one pipeline serves every thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import numpy as np
+
+from runtimes.base import Session, TensorSpec
+
+# The extra that installs the optional decoders (pillow, soundfile).
+MEDIA_EXTRA_HINT = "pip install 'edgeinfer[media]'"
+
+
+class Pipeline(Protocol):
+    """One task on one model: what a job sends, what the answer holds, and how to get there."""
+
+    task: str
+
+    def inputs(self) -> list[TensorSpec]:
+        """The tensors a job must send (their datatypes and shapes, -1 = any)."""
+        ...
+
+    def outputs(self) -> list[TensorSpec]:
+        """The tensors the answer holds."""
+        ...
+
+    def run(self, session: Session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Pre-process, infer, post-process. Bad media raise ValueError saying what is wrong."""
+        ...
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def parse_settings(cls: type[S], settings: Mapping[str, Any], task: str) -> S:
+    """Settings as a typed struct; unknown keys and wrong types are a ValueError naming the key.
+
+    Pure: nothing is read or downloaded while settings are checked.
+    """
+    try:
+        return msgspec.convert(dict(settings), cls)
+    except msgspec.ValidationError as exc:
+        known = ", ".join(cls.__struct_fields__)
+        raise ValueError(f"{task} settings: {exc} (known keys: {known})") from None
+
+
+def pick_input(session: Session, wanted: str | None, task: str) -> TensorSpec:
+    """The model input a pipeline feeds: the one named in settings, or the model's only one."""
+    names = [s.name for s in session.inputs]
+    if wanted is not None:
+        for spec in session.inputs:
+            if spec.name == wanted:
+                return spec
+        raise ValueError(f"{task}: the model has no input {wanted!r}; it has {', '.join(names)}")
+    if len(session.inputs) != 1:
+        raise ValueError(
+            f"{task}: the model has {len(names)} inputs ({', '.join(names)}); "
+            "say which one takes the data with the setting 'input'"
+        )
+    return session.inputs[0]
+
+
+def media_items(array: np.ndarray, name: str) -> list[bytes]:
+    """The encoded files of a BYTES input, in row-major order; an empty one is refused."""
+    items: list[bytes] = []
+    for i, value in enumerate(np.asarray(array, dtype=object).reshape(-1)):
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+        elif isinstance(value, np.bytes_):
+            data = value.tobytes()
+        else:
+            raise ValueError(
+                f"input {name}[{i}] must hold the bytes of an encoded file, got {type(value).__name__}"
+            )
+        if not data:
+            raise ValueError(f"input {name}[{i}] is empty: it must hold the bytes of an encoded file")
+        items.append(data)
+    if not items:
+        raise ValueError(f"input {name} holds no files")
+    return items
+
+
+def require(inputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    try:
+        return inputs[name]
+    except KeyError:
+        raise ValueError(f"missing input {name!r}") from None
