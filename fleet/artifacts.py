@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 # The only paths served; anything else (including `..` tricks) is a 404.
 _URL_PATH_RE = re.compile(r"^/artifacts/sha256/([0-9a-f]{64})$")
 _CHUNK = 1 << 20
+_RANGE_RE = re.compile(r"^(\d*)-(\d*)$")
 
 
 def default_artifact_dir() -> Path:
@@ -104,6 +104,55 @@ class ArtifactStore:
         return Artifact(sha, size, final)
 
 
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """A `Range` header against a file of `size` bytes.
+
+    Returns (start, length) for one satisfiable byte range, "unsatisfiable" (answer 416)
+    for a malformed or out-of-file byte range, None to ignore the header and send the
+    whole file (another unit, or several ranges, which this server does not combine).
+    """
+    unit, sep, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or not sep:
+        return None
+    if "," in spec:
+        return None
+    m = _RANGE_RE.match(spec.strip())
+    if m is None:
+        return "unsatisfiable"
+    first, last = m.group(1), m.group(2)
+    if not first and not last:
+        return "unsatisfiable"
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        n = min(n, size)
+        return size - n, n
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        return "unsatisfiable"
+    end = min(end, size - 1)
+    return start, end - start + 1
+
+
+def _etag_matches(header: str | None, etag: str, *, absent: bool = False) -> bool:
+    """Whether an If-None-Match / If-Range value names `etag` (`*` names any)."""
+    if header is None:
+        return absent
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in tags or f"W/{etag}" in tags
+
+
+def _copy(src: Any, dst: Any, length: int) -> None:
+    while length > 0:
+        chunk = src.read(min(_CHUNK, length))
+        if not chunk:
+            return
+        dst.write(chunk)
+        length -= len(chunk)
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes the rename itself durable; some filesystems refuse to open a directory.
     with contextlib.suppress(OSError):
@@ -114,7 +163,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class ArtifactHandler(BaseHTTPRequestHandler):
     server: ArtifactServer
     server_version = "edgeinfer-artifacts"
 
@@ -131,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.NOT_FOUND, "no such artifact")
             return
         etag = f'"{artifact.sha256}"'
-        if etag in self.headers.get("If-None-Match", ""):
+        if _etag_matches(self.headers.get("If-None-Match"), etag):
             self.send_response(HTTPStatus.NOT_MODIFIED)
             self.send_header("ETag", etag)
             self.end_headers()
@@ -143,15 +192,34 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with f:
             size = os.fstat(f.fileno()).st_size
-            self.send_response(HTTPStatus.OK)
+            wanted = self.headers.get("Range")
+            if wanted is not None and not _etag_matches(self.headers.get("If-Range"), etag,
+                                                        absent=True):
+                wanted = None  # If-Range names other content: send it all (RFC 9110 13.1.5)
+            span = parse_range(wanted, size) if wanted is not None else None
+            if span == "unsatisfiable":
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.send_header("ETag", etag)
+                self.end_headers()
+                return
+            start, length = (span if isinstance(span, tuple) else (0, size))
+            if isinstance(span, tuple):
+                self.send_response(HTTPStatus.PARTIAL_CONTENT)
+                self.send_header("Content-Range", f"bytes {start}-{start + length - 1}/{size}")
+            else:
+                self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", etag)
             # Content-addressed: the bytes behind this URL never change.
             self.send_header("Cache-Control", "public, max-age=31536000, immutable")
             self.end_headers()
             if send_body:
-                shutil.copyfileobj(f, self.wfile, _CHUNK)
+                f.seek(start)
+                _copy(f, self.wfile, length)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
@@ -161,10 +229,11 @@ class ArtifactServer(ThreadingHTTPServer):
     """Serves GET/HEAD /artifacts/sha256/<hex> from an ArtifactStore."""
 
     daemon_threads = True  # a stalled download must not keep the process alive
+    handler_class: type[BaseHTTPRequestHandler] = ArtifactHandler  # the controller's adds /api/
 
     def __init__(self, store: ArtifactStore, host: str, port: int) -> None:
         self.store = store
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), self.handler_class)
         self._thread: threading.Thread | None = None
 
     @property

@@ -1,4 +1,4 @@
-"""`edge-fleet`: deploy models, list devices, run a job, serve artifacts.
+"""`edge-fleet`: deploy models, list and label devices, push models, run a job, run the controller.
 
 Exit codes: 0 done; 1 the fleet said no (deploy failed, job error, timeout);
 2 the command cannot run (bad arguments, missing file, unreachable broker);
@@ -24,7 +24,7 @@ import numpy as np
 
 from agent.brokerurl import DEFAULT_BROKER_URL
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, has_wildcard
-from fleet.artifacts import ArtifactStore, default_artifact_dir, serve_artifacts
+from fleet.artifacts import ArtifactStore, default_artifact_dir
 from fleet.client import InferenceClient
 from fleet.deploy import (
     DeployError,
@@ -36,8 +36,11 @@ from fleet.deploy import (
 )
 from fleet.devices import format_table, read_devices
 from fleet.errors import InferenceError
+from fleet.fleetconfig import CONFIG_ENV, ConfigError, FleetConfig, load_fleet_config
+from fleet.models import format_models_table, push_model
 from fleet.mqtt import BrokerError, connect
 from fleet.oip import InferResult, datatype_of
+from fleet.registry import ModelConflict, RegistryError, SqlRegistry, open_registry
 from fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
 from fleet.transport import add_security_args, security_from_args
 
@@ -70,6 +73,15 @@ def _artifact_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-dir", type=Path, default=None, metavar="DIR",
                    help="content-addressed artifact store (default: $EDGE_FLEET_ARTIFACT_DIR, "
                         "else ~/.local/share/edgeinfer/artifacts)")
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   default=Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None,
+                   help=f"fleet config (YAML; default: ${CONFIG_ENV})")
+    p.add_argument("--db", metavar="URL",
+                   help="registry: a SQLite file or postgresql://... (default: the config's "
+                        "database, else <state_dir>/registry.sqlite3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +148,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_devices)
+    devices_sub = p.add_subparsers(dest="devices_command", metavar="ACTION")
+    d = devices_sub.add_parser(
+        "label", parents=[common], help="set or remove a device's labels (groups are label selectors)",
+        description="Set KEY=VALUE labels on a device, or remove them with KEY-, in the "
+                    "registry; with no labels, print the device's labels. Rollouts pick "
+                    "devices by selectors over these labels, e.g. site=berlin,tier!=canary.",
+    )
+    d.add_argument("device", help="device id (it need not have connected yet)")
+    d.add_argument("labels", nargs="*", metavar="KEY=VALUE|KEY-")
+    _registry_args(d)
+    d.set_defaults(func=cmd_devices_label)
+
+    p = sub.add_parser(
+        "models", help="model versions in the registry",
+        description="Push model files into the artifact store and the registry, and list "
+                    "them. Talks to the registry directly (--db, or the config's database).",
+    )
+    models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    m = models_sub.add_parser(
+        "push", parents=[common], help="store a model version",
+        description="Store FILE content-addressed (sha256) and record NAME:VERSION. The same "
+                    "bytes again change nothing; other bytes under an existing NAME:VERSION "
+                    "are refused (exit 1): a version names one set of bytes forever.",
+    )
+    m.add_argument("file", type=Path, metavar="FILE", help="the model (ONNX)")
+    m.add_argument("--name", required=True, metavar="NAME")
+    m.add_argument("--version", required=True, metavar="V")
+    m.add_argument("--task", default="tensor", help="task pipeline (default: tensor)")
+    m.add_argument("--labels", type=Path, metavar="FILE",
+                   help="class labels file, stored next to the model")
+    _registry_args(m)
+    _artifact_dir_arg(m)
+    m.set_defaults(func=cmd_models_push)
+    m = models_sub.add_parser("list", parents=[common], help="print the model versions",
+                              description="A table (or JSON) of every stored model version.")
+    m.add_argument("--name", metavar="NAME", help="only this model's versions")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _registry_args(m)
+    m.set_defaults(func=cmd_models_list)
 
     p = sub.add_parser(
         "infer", parents=[common], help="send one inference job and print the result",
@@ -157,13 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser(
-        "serve", parents=[common], help="serve artifacts over HTTP",
-        description="Serve GET/HEAD /artifacts/sha256/<hex> from the artifact store "
-                    "until SIGINT or SIGTERM.",
+        "serve", parents=[common], help="run the controller: registry, artifacts, JSON API",
+        description="Run the fleet controller until SIGINT or SIGTERM: keep every device's "
+                    "state, reported, telemetry and events in the registry, and serve "
+                    "GET/HEAD /artifacts/sha256/<hex> (ETag, Range) and /api/devices, "
+                    "/api/models, /api/events over HTTP.",
     )
     _artifact_dir_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8780, help="port (default: 8780)")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default: the config's http.host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (default: the config's http.port, else 8780)")
+    _registry_args(p)
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -378,16 +434,128 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- registry: config, devices label, models -----------------------------------------
+
+
+def _fleet_config(args: argparse.Namespace) -> FleetConfig:
+    try:
+        return load_fleet_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _open_registry(args: argparse.Namespace, cfg: FleetConfig) -> SqlRegistry:
+    try:
+        return open_registry(args.db or cfg.database_target(), max_events=cfg.events.keep)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_devices_label(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for item in args.labels:
+        if "=" in item:
+            key, value = item.split("=", 1)
+            set_[key] = value
+        elif item.endswith("-"):
+            remove.append(item[:-1])
+        else:
+            raise UsageError(f"{item!r}: say KEY=VALUE to set a label or KEY- to remove one")
+    registry = _open_registry(args, _fleet_config(args))
+    try:
+        if set_ or remove:
+            labels = registry.set_labels(device, set_, remove)
+        else:
+            found = registry.device(device)
+            labels = found.labels if found else {}
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        registry.close()
+    shown = " ".join(f"{k}={v}" for k, v in labels.items()) or "(no labels)"
+    print(f"{device}: {shown}")
+    return 0
+
+
+def cmd_models_push(args: argparse.Namespace) -> int:
+    cfg = _fleet_config(args)
+    store = ArtifactStore(args.artifact_dir or cfg.artifact_path())
+    registry = _open_registry(args, cfg)
+    try:
+        outcome = push_model(registry, store, args.file, name=args.name, version=args.version,
+                             task=args.task, labels=args.labels)
+    except ModelConflict as exc:
+        print(f"{PROG} models push: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot store {args.file}: {exc}") from None
+    finally:
+        registry.close()
+    m = outcome.model
+    if outcome.created:
+        print(f"stored {m.name}:{m.version} sha256 {m.sha256} ({m.size} bytes, task {m.task}) "
+              f"in {store.root}")
+    else:
+        print(f"{m.name}:{m.version} is already stored with these bytes (sha256 {m.sha256}): "
+              "nothing to do")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    registry = _open_registry(args, _fleet_config(args))
+    try:
+        found = registry.models(args.name)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps([m.as_json() for m in found], indent=2))
+    elif not found:
+        print(f"no models in {registry.url}")
+    else:
+        print(format_models_table(found))
+    return 0
+
+
 # -- serve ----------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    store = _artifact_store(args)
+    from agent.tls import TransportError
+    from fleet.controller import Controller
+    from fleet.http_api import Api, ControllerServer
+
+    cfg = _fleet_config(args)
+    # Flags (and $EDGE_FLEET_BROKER) win over the config file, which wins over defaults.
+    broker = args.broker
+    if broker == DEFAULT_BROKER_URL and not os.environ.get(BROKER_ENV):
+        broker = cfg.broker.url
+    prefix = _prefix(args) if args.prefix != DEFAULT_PREFIX else cfg.prefix.strip("/")
+    host = args.host or cfg.http.host
+    port = cfg.http.port if args.port is None else args.port
+    store = ArtifactStore(args.artifact_dir or cfg.artifact_path())
+    registry = _open_registry(args, cfg)
+    try:
+        controller = Controller(
+            registry, broker, prefix=prefix, client_id=cfg.broker.client_id,
+            security=security_from_args(args), session_expiry_s=cfg.broker.session_expiry_s,
+            keepalive_s=cfg.broker.keepalive_s,
+        )
+    except (ValueError, TransportError) as exc:
+        registry.close()
+        raise UsageError(str(exc)) from None
     try:
         store.dir.mkdir(parents=True, exist_ok=True)
-        server = serve_artifacts(store.root, args.host, args.port)
+        server = ControllerServer(store, Api(registry, controller.status), host, port).start()
     except OSError as exc:
-        raise UsageError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+        registry.close()
+        raise UsageError(f"cannot serve on {host}:{port}: {exc}") from None
+    controller.start()
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -397,11 +565,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         print(f"serving {store.root} at {server.url}/artifacts/sha256/<hex> "
               "(Ctrl-C to stop)", flush=True)
+        print(f"controller: devices under {prefix}/dev/ on {controller.url}, registry "
+              f"{registry.url}, API at {server.url}/api/", flush=True)
         stop.wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
         server.shutdown()
+        controller.stop()
+        registry.close()
     return 0
 
 

@@ -212,7 +212,8 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
     blob.write_bytes(b"weights")
     port = free_port()
     art = tmp_path / "art"
-    env = {**os.environ, "EDGE_FLEET_ARTIFACT_DIR": str(art)}
+    env = {**os.environ, "EDGE_FLEET_ARTIFACT_DIR": str(art),
+           "EDGE_FLEET_STATE_DIR": str(tmp_path / "fleet-state")}  # the controller's registry
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleet.cli", "serve", "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -1,0 +1,46 @@
+"""The registry's PostgreSQL backend under test: a throwaway schema on the local server.
+
+Tests that take `registry_target` run once per backend; the PostgreSQL run skips (with
+the reason) when no server answers on 127.0.0.1:5432 (trust auth, database `test`), or
+`$EDGE_TEST_POSTGRES_URL` names another.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+PG_URL = os.environ.get("EDGE_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+
+
+def _unreachable() -> str | None:
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'edgeinfer[postgres]')"
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=2):
+            return None
+    except psycopg.Error as exc:
+        return f"no PostgreSQL at {PG_URL}: {str(exc).strip().splitlines()[0]}"
+
+
+@contextmanager
+def pg_schema_url() -> Iterator[str]:
+    """`postgresql://...?schema=<unique>`; the schema is dropped afterwards."""
+    reason = _unreachable()
+    if reason is not None:
+        pytest.skip(reason)
+    import psycopg
+
+    schema = f"edgeinfer_test_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}schema={schema}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as db:
+            db.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
