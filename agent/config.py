@@ -16,7 +16,7 @@ import msgspec
 import yaml
 
 from agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
-from agent.faults import CRASH_ENV
+from agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE
 from agent.trust import TrustConfig, load_trusted_keys
 
@@ -107,8 +107,14 @@ class OutboxConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    prefer: list[str] = msgspec.field(default_factory=lambda: ["cuda", "openvino", "onnxruntime"])
+    # ["auto"]: tune at deploy (runtimes/autotune.py); a list of runtimes pins an order.
+    prefer: list[str] = msgspec.field(default_factory=lambda: ["auto"])
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Upper bound on one model's auto-tuning (loads, checks and timed runs of every candidate).
+    autotune_budget_s: PositiveFloat = 10.0
+    # Consecutive failed runs (an exception, or NaN/Inf from finite inputs) before a serving
+    # runtime is demoted to the next candidate (agent/failover.py).
+    failover_after: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
 class DeployConfig(_Section):
@@ -170,8 +176,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """EDGE_AGENT_BROKER__URL=... -> {"broker": {"url": "..."}}; values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        # EDGE_AGENT_CONFIG names the file; EDGE_AGENT_TEST_CRASH_AT is a test hook (faults).
-        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", CRASH_ENV):
+        # EDGE_AGENT_CONFIG names the file; EDGE_AGENT_TEST_* are test hooks (faults).
+        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", CRASH_ENV,
+                                                       FAIL_RUNTIME_ENV):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         node = tree
@@ -275,13 +282,12 @@ def _check(cfg: AgentConfig, source: str) -> None:
         )
     # Here, not at the top: runtimes.selection imports numpy, which `edge-agent version`
     # (it imports this module) has no use for.
-    from runtimes.selection import parse_preference  # noqa: PLC0415
+    from runtimes.selection import check_preference  # noqa: PLC0415
 
-    for entry in cfg.runtime.prefer:
-        try:
-            parse_preference(entry)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: key 'runtime.prefer': {exc}") from None
+    try:
+        check_preference(cfg.runtime.prefer)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: key 'runtime.prefer': {exc}") from None
     for pool in cfg.jobs.pools:
         if not POOL_RE.match(pool):
             raise ConfigError(f"{source}: key 'jobs.pools': {pool!r} must match [A-Za-z0-9_-]{{1,64}}")

@@ -56,3 +56,27 @@ class CrashPoint:
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- a second TEST HOOK: a runtime that starts failing ------------------------------------
+
+FAIL_RUNTIME_ENV = "EDGE_AGENT_TEST_FAIL_RUNTIME"
+
+
+def failing_runtime_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """`EDGE_AGENT_TEST_FAIL_RUNTIME=<runtime>@<N>`: from the Nth job inference on a serving
+    session of <runtime> (counted across this process, warm-up and tuning runs excluded) on,
+    every inference of that runtime raises (agent/failover.py `RuntimeFault`), so that
+    tests can prove a live failover to the next candidate. Read once at start; never set
+    it on a gateway.
+    Returns (runtime, N) or None; ValueError for a malformed value.
+    """
+    value = (os.environ if environ is None else environ).get(FAIL_RUNTIME_ENV, "").strip()
+    if not value:
+        return None
+    runtime, sep, count = value.partition("@")
+    if not sep or not runtime or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{FAIL_RUNTIME_ENV}={value!r} must look like <runtime>@<N>, N >= 1")
+    log.warning("TEST HOOK %s=%s: runtime %s will fail from its inference #%s on",
+                FAIL_RUNTIME_ENV, value, runtime, count)
+    return runtime, int(count)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import msgspec
@@ -70,6 +70,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     batching: Batching = Batching()
     instances: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     health: Health | None = None
+    # The task pipeline's settings (docs/pipelines.md); ignored by `tensor`.
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -220,9 +222,3 @@ def canonical_json(obj: object) -> bytes:
 def encode_manifest(manifest: Manifest) -> bytes:
     return msgspec.json.encode(manifest)
 
-
-def expires_in(manifest: Manifest, now: datetime) -> timedelta | None:
-    """Time left before `expires_at` (negative once past), or None without one."""
-    if manifest.expires_at is None:
-        return None
-    return parse_rfc3339(manifest.expires_at) - now

@@ -326,7 +326,8 @@ def _from_binary(
             f"input {tensor.name!r}: binary_data_size {size} runs past the payload's end",
         )
     if tensor.datatype == "BYTES":
-        raise JobError(Code.INVALID_ARGUMENT, "binary BYTES inputs are not supported")
+        return _bytes_from_binary(tensor.name, shape, count,
+                                  binary[offset : offset + size]), offset + size
     dtype = to_numpy_dtype(tensor.datatype)
     if size != count * dtype.itemsize:
         raise JobError(
@@ -337,6 +338,41 @@ def _from_binary(
     # No copy: the array views the payload (read-only), which lives as long as the job.
     array = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset)
     return array.reshape(shape), offset + size
+
+
+def _bytes_from_binary(name: str, shape: tuple[int, ...], count: int,
+                       section: memoryview) -> np.ndarray:
+    """Triton's binary BYTES: each element a 4-byte little-endian length, then its bytes."""
+    items: list[bytes] = []
+    pos = 0
+    while pos < len(section):
+        if pos + 4 > len(section):
+            raise JobError(Code.INVALID_ARGUMENT,
+                           f"input {name!r}: BYTES element length cut short at byte {pos}")
+        length = int.from_bytes(section[pos : pos + 4], "little")
+        pos += 4
+        if pos + length > len(section):
+            raise JobError(Code.INVALID_ARGUMENT,
+                           f"input {name!r}: BYTES element of {length} bytes runs past its data")
+        items.append(bytes(section[pos : pos + length]))
+        pos += length
+        if len(items) > count:
+            break
+    if len(items) != count:
+        raise JobError(Code.INVALID_ARGUMENT,
+                       f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, "
+                       f"the binary data holds {len(items)}")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def _bytes_to_binary(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(len(raw).to_bytes(4, "little") + raw)
+    return b"".join(parts)
 
 
 def check_outputs(req: RawRequest, specs: Sequence[TensorSpec], model_label: str) -> list[str] | None:
@@ -374,8 +410,11 @@ def encode_response(
         arr = np.asarray(array)
         datatype = from_numpy_dtype(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if req.wants_binary(name) and datatype != "BYTES":
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        if req.wants_binary(name):
+            if datatype == "BYTES":
+                raw = _bytes_to_binary(arr)
+            else:
+                raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         elif datatype == "BYTES":

@@ -30,12 +30,14 @@ from agent import faults, health
 from agent.config import AgentConfig
 from agent.manifest import Manifest, ManifestError, ModelSpec, decode_published
 from agent.registry import ModelRegistry, ServingModel
+from agent.runtime_choice import ModelLoader, failover_record
 from agent.store import ArtifactError, ModelStore, atomic_write, remove_stale_temps
 from agent.trust import load_trusted_keys
 from agent.verifier import ManifestVerifier
-from runtimes.base import LoadOptions, Session
+from runtimes.autotune import Choice
+from runtimes.base import Session
 from runtimes.hardware import HardwareInfo
-from runtimes.selection import Attempt, NoRuntimeError, load_first_workable
+from runtimes.selection import Attempt, NoRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,12 @@ class ModelStatus:
     device: str | None = None
     error: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    # precision, candidates, autotune, failovers (agent/runtime_choice.py) when serving
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "name": self.name,
             "version": self.version,
             "sha256": self.sha256,
@@ -113,6 +118,10 @@ class Reconciler:
         self.verifier = ManifestVerifier(load_trusted_keys(cfg.trust))
         # Test hook only (agent/faults.py): read once, here.
         self._crash = faults.CrashPoint(faults.crash_stage_from_env())
+        # Held while a manifest is applied, and by a failover's swap (agent/failover.py).
+        self.swap_lock = threading.RLock()
+        self.loader = ModelLoader(cfg, hardware, store, registry, emit_event, self._failed_over,
+                                  self.swap_lock)
 
     # --- status, read by the service for `reported` --------------------------------------
 
@@ -129,6 +138,7 @@ class Reconciler:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
+        self.loader.failover.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -136,6 +146,7 @@ class Reconciler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.loader.failover.stop(timeout)
 
     def offer(self, payload: bytes) -> None:
         """Hand over a desired-state payload (network thread: never blocks)."""
@@ -192,7 +203,8 @@ class Reconciler:
             return
         self._crash.live = True
         try:
-            self._apply(manifest)
+            with self.swap_lock:
+                self._apply(manifest)
         finally:
             self._crash.live = False
 
@@ -283,28 +295,21 @@ class Reconciler:
         # The health gate judges each candidate's warm-up: one that fails it on a runtime
         # falls back to the next, like a failed load (an FP16 device's overflow, say).
         refusals: list[str] = []
-        reports: list[health.HealthReport] = []
+        reports: dict[int, health.HealthReport] = {}  # by id(session): auto judges several
 
         def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
             self._crash.reached("warm-up")
             try:
-                reports.append(health.judge(session, feed, outputs, spec.health,
-                                            check_latency=check_latency))
+                reports[id(session)] = health.judge(session, feed, outputs, spec.health,
+                                                    check_latency=check_latency)
             except health.HealthError as exc:
                 refusals.append(f"{session.runtime}/{session.device}: {exc}")
                 raise
 
         self._crash.reached("load")
         try:
-            loaded = load_first_workable(
-                path,
-                spec.runtime.prefer or self._cfg.runtime.prefer,
-                self._hw,
-                LoadOptions(threads=self._cfg.runtime.threads),
-                warmup=True,
-                sample_inputs=warmup_inputs,
-                check=gate,
-            )
+            # ["auto"] (the default) tunes over every runtime; a list pins an order.
+            loaded = self.loader.load(spec, path, warmup_inputs, gate)
         except NoRuntimeError as exc:
             if refusals:
                 return self._failed_to(
@@ -314,13 +319,15 @@ class Reconciler:
             return self._failed_to(spec, "load", f"{label}: {exc}", exc.attempts)
         except ValueError as exc:  # an unknown runtime in the preference list
             return self._failed_to(spec, "load", f"{label}: {exc}")
+        served = self.loader.serving(spec, loaded)
         session = loaded.session
-        report = reports[-1]
+        report = reports[id(session)]
         self._failed.pop(spec.key, None)
         fallbacks = [a for a in loaded.attempts if not a.ok]
         self._set_status(
             ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
-                        device=session.device, attempts=loaded.attempts)
+                        device=session.device, attempts=loaded.attempts,
+                        extra=served.status_fields())
         )
         self._emit(
             "model_serving",
@@ -330,9 +337,27 @@ class Reconciler:
             device=session.device,
             fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in fallbacks],
             latency_ms=None if report.latency_ms is None else round(report.latency_ms, 3),
+            precision=loaded.choice.precision,
+            autotune=loaded.summary(),
         )
         log.info("%s serving on %s/%s", label, session.runtime, session.device)
-        return ServingModel(spec, session, loaded.attempts), None
+        return served.model, None
+
+    def _failed_over(self, old: ServingModel, new: ServingModel, choice: Choice,
+                     reason: str) -> None:
+        """agent/failover.py swapped `new` in for `old`: report the runtime now serving."""
+        with self._lock:
+            status = self._statuses.get(old.spec.key)
+            if status is not None:
+                extra = dict(status.extra)
+                extra["precision"] = choice.precision
+                extra["failovers"] = [*extra.get("failovers", []),
+                                      failover_record(old, new, reason)]
+                self._statuses[old.spec.key] = ModelStatus(
+                    status.name, status.version, status.sha256, status.state,
+                    runtime=new.session.runtime, device=new.session.device,
+                    attempts=new.attempts, extra=extra)
+        self._on_change()
 
     def _failed_to(
         self, spec: ModelSpec, stage: str, reason: str, attempts: list[Attempt] | None = None

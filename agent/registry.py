@@ -11,11 +11,16 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from agent.errors import Code, JobError
 from agent.manifest import ModelSpec
 from runtimes.base import Session
+from runtimes.pipelines import Pipeline, build_pipeline
 from runtimes.selection import Attempt
+
+if TYPE_CHECKING:
+    from agent.failover import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +30,30 @@ class ServingModel:
         self.spec = spec
         self.session = session
         self.attempts = attempts
+        # Counts consecutive failed runs and triggers a failover (agent/failover.py).
+        self.watch: RunWatch | None = None
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False
         self._closed = False
+        self._pipeline: Pipeline | None = None
+        self._pipeline_error: str | None = None
+
+    def pipeline(self) -> Pipeline | None:
+        """The task pipeline (None for `tensor`), built on first use; raises JobError."""
+        if self.spec.task == "tensor":
+            return None
+        with self._lock:
+            if self._pipeline is None and self._pipeline_error is None:
+                try:
+                    self._pipeline = build_pipeline(
+                        self.spec.task, self.spec.settings, None, self.session
+                    )
+                except ValueError as exc:
+                    self._pipeline_error = f"model {self.label}: {exc}"
+            if self._pipeline_error is not None:
+                raise JobError(Code.UNAVAILABLE, self._pipeline_error)
+            return self._pipeline
 
     @property
     def label(self) -> str:

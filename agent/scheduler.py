@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent import failover
 from agent.batching import Batcher, Prepared, batchable, split_outputs
 from agent.config import JobsConfig
 from agent.errors import Code, JobError
@@ -402,7 +403,7 @@ class Scheduler:
     def _batcher_for(self, job: Prepared) -> Batcher | None:
         model = job.model
         policy = model.spec.batching
-        if policy.max_batch <= 1:
+        if policy.max_batch <= 1 or model.spec.task != "tensor":
             return None
         with self._lock:
             batcher = self._batchers.get(model)
@@ -433,8 +434,11 @@ class Scheduler:
             _check_deadline(deadline)
             model = self._registry.acquire(req.model_name, req.model_version)
             session = model.session
-            arrays = check_inputs(req, session.inputs, model.label, self._cfg.max_tensor_elements)
-            wanted = check_outputs(req, session.outputs, model.label)
+            pipeline = model.pipeline()
+            in_specs = pipeline.inputs() if pipeline is not None else session.inputs
+            out_specs = pipeline.outputs() if pipeline is not None else session.outputs
+            arrays = check_inputs(req, in_specs, model.label, self._cfg.max_tensor_elements)
+            wanted = check_outputs(req, out_specs, model.label)
             return Prepared(key, inbound, reply, req, model, arrays, wanted, deadline)
         except Exception as exc:
             if model is not None:
@@ -464,8 +468,14 @@ class Scheduler:
             with self._lock:
                 self.executed += len(live)
             started = time.monotonic()
+            pipeline = model.pipeline()
             try:
-                if len(live) == 1:
+                if pipeline is not None:
+                    (job,) = live  # pipelines are never batched
+                    produced = pipeline.run(session, job.arrays)
+                    results = [{k: v for k, v in produced.items()
+                                if job.wanted is None or k in job.wanted}]
+                elif len(live) == 1:
                     results = [session.infer(live[0].arrays, live[0].wanted)]
                 else:
                     merged = {
@@ -475,13 +485,19 @@ class Scheduler:
                     results = split_outputs(session.infer(merged, live[0].wanted),
                                             [j.rows for j in live])
             except Exception as exc:
-                failure = JobError(Code.INTERNAL,
-                                   f"{session.runtime} failed on {model.label}: {exc}")
+                if pipeline is not None and isinstance(exc, ValueError):
+                    # The pipeline's word on bad media (a truncated JPEG, not audio, ...).
+                    failure = JobError(Code.INVALID_ARGUMENT, f"{model.label}: {exc}")
+                else:
+                    failover.note_failure(model, exc)  # demoted after K in a row (failover.py)
+                    failure = JobError(Code.INTERNAL,
+                                       f"{session.runtime} failed on {model.label}: {exc}")
                 for job in live:
                     self._finish_prepared(job, self._error_answer(
                         job.reply, job.request.id, model.label, failure, True))
                 return
             infer_ms = (time.monotonic() - started) * 1000.0
+            failover.note_outputs(model, [j.arrays for j in live], results)
             for job, outputs in zip(live, results, strict=True):
                 queue_ms = (started - job.inbound.received) * 1000.0
                 params: dict[str, object] = {

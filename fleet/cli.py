@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an `edge-fleet serve`) instead of a file:// path")
     p.add_argument("--wait", type=float, metavar="SECONDS",
                    help="wait until the device serves the model (or fails)")
+    p.add_argument("--settings", type=Path, metavar="FILE",
+                   help="JSON file with the task pipeline's settings (docs/pipelines.md)")
     p.add_argument("--health", type=Path, metavar="FILE",
                    help="JSON file with the model's health gate: {\"inputs\": [...], "
                         "\"expected\": [...], \"rtol\", \"atol\", \"max_latency_ms\"}")
@@ -272,6 +274,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
                 max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                 health=_health(args.health),
+                settings=_json_object("--settings", args.settings),
             )
         except (ValueError, OSError) as exc:
             raise UsageError(str(exc)) from None
@@ -298,18 +301,22 @@ def _signer(args: argparse.Namespace) -> Signer | None:
         raise UsageError(str(exc)) from None
 
 
-def _health(path: Path | None) -> dict[str, Any] | None:
+def _json_object(flag: str, path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise UsageError(f"cannot read --health {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror}") from None
     except ValueError as exc:
-        raise UsageError(f"--health {path} is not JSON: {exc}") from None
+        raise UsageError(f"{flag} {path} is not JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise UsageError(f"--health {path} must hold a JSON object")
+        raise UsageError(f"{flag} {path} must hold a JSON object")
     return doc
+
+
+def _health(path: Path | None) -> dict[str, Any] | None:
+    return _json_object("--health", path)
 
 
 # -- keys -----------------------------------------------------------------------------

@@ -7,6 +7,10 @@ of jobs can be in flight at once.
     with InferenceClient("mqtt://gateway:1883") as client:
         result = client.infer("digits", {"x": batch}, device="gw-1")
         print(result.outputs["label"], result.parameters["runtime"])
+        for part in client.stream("llm", {"prompt": text}, device="gw-1"):
+            ...  # each response of a streamed job, the last one says sequence_end: true
+
+`AsyncInferenceClient` (fleet/aio.py, importable from here) is the asyncio flavour.
 
 Threads: paho's network thread only hands responses to a queue. A worker thread
 decodes them, resolves the futures and fails those past their timeout, so a slow
@@ -24,10 +28,10 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -55,8 +59,13 @@ from fleet.oip import (
     result_from_response,
     split_response,
 )
+from fleet.streams import ResponseStream, StreamBase, is_final
+
+if TYPE_CHECKING:
+    from fleet.aio import AsyncInferenceClient
 
 __all__ = [
+    "AsyncInferenceClient",
     "DeadlineExceeded",
     "InferResult",
     "InferenceClient",
@@ -65,6 +74,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
+    "ResponseStream",
     "Unavailable",
 ]
 
@@ -92,6 +102,9 @@ class _Pending:
     timeout: float
     future: Future[Any]
     raw: bool  # publish_raw: resolve with the response dict, never raise on error bodies
+    deadline: float = math.inf
+    # A streamed job: gets each response before the final one, which settles `future`.
+    on_part: Callable[[InferResult], None] | None = None
 
 
 class InferenceClient:
@@ -156,6 +169,67 @@ class InferenceClient:
         parameters (e.g. `timeout_ms`); `binary` sends tensors as raw bytes
         (Triton's binary-data extension) and asks for binary outputs.
         """
+        return self._submit(
+            model, inputs, device=device, pool=pool, version=version, outputs=outputs,
+            job_id=job_id, timeout=timeout, priority=priority, expiry_s=expiry_s,
+            parameters=parameters, binary=binary,
+        )
+
+    def stream(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        *,
+        device: str | None = None,
+        pool: str | None = None,
+        version: str | None = None,
+        outputs: Iterable[str] | None = None,
+        job_id: str | None = None,
+        timeout: float = 10.0,
+        priority: int | None = None,
+        expiry_s: float | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        binary: bool = False,
+    ) -> ResponseStream:
+        """Publish one job whose answer is streamed; iterate the result for its responses.
+
+        As `submit`, but every response (`sequence_end: false` until the last) is yielded
+        as an `InferResult`; `timeout` bounds the wait for each next response.
+        """
+        job_id = job_id or f"j-{uuid.uuid4().hex[:16]}"
+        s = ResponseStream(job_id, uuid.uuid4().bytes, timeout)
+        self._start_stream(
+            s, model, inputs, device=device, pool=pool, version=version, outputs=outputs,
+            timeout=timeout, priority=priority, expiry_s=expiry_s, parameters=parameters,
+            binary=binary,
+        )
+        return s
+
+    def _start_stream(self, s: StreamBase, model: str, inputs: Mapping[str, Any], **kw: Any) -> None:
+        """Send a streamed job for `s` (a fleet.streams stream): parts, then its end."""
+        s._bind(lambda: self._cancel(s.correlation))
+        fut = self._submit(model, inputs, job_id=s.job_id, correlation=s.correlation,
+                           on_part=s._part, **kw)
+        fut.add_done_callback(s._done)
+
+    def _submit(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        *,
+        device: str | None = None,
+        pool: str | None = None,
+        version: str | None = None,
+        outputs: Iterable[str] | None = None,
+        job_id: str | None = None,
+        timeout: float = 10.0,
+        priority: int | None = None,
+        expiry_s: float | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        binary: bool = False,
+        correlation: bytes | None = None,
+        on_part: Callable[[InferResult], None] | None = None,
+    ) -> Future[InferResult]:
         topic = self._jobs_topic(device, pool)
         job_id = job_id or f"j-{uuid.uuid4().hex[:16]}"
         params = dict(parameters or {})
@@ -174,7 +248,7 @@ class InferenceClient:
             user_props.append((HEADER_LENGTH_PROPERTY, str(header_length)))
         return self._send(
             topic, body, job_id=job_id, timeout=timeout, expiry_s=expiry_s,
-            user_properties=user_props, raw=False,
+            user_properties=user_props, raw=False, correlation=correlation, on_part=on_part,
         )
 
     def infer(
@@ -276,8 +350,10 @@ class InferenceClient:
         user_properties: list[tuple[str, str]],
         raw: bool,
         response_topic: str | None = None,
+        correlation: bytes | None = None,
+        on_part: Callable[[InferResult], None] | None = None,
     ) -> Future[Any]:
-        correlation = uuid.uuid4().bytes
+        correlation = correlation or uuid.uuid4().bytes
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = response_topic or self.reply_topic
         props.CorrelationData = correlation
@@ -292,7 +368,8 @@ class InferenceClient:
             if self._closed:
                 raise BrokerError("the client is closed")
             # Registered before publishing: the answer can beat publish()'s return.
-            self._pending[correlation] = _Pending(job_id, topic, timeout, fut, raw)
+            self._pending[correlation] = _Pending(job_id, topic, timeout, fut, raw, deadline,
+                                                  on_part)
             earliest = self._deadlines[0][0] if self._deadlines else math.inf
             heapq.heappush(self._deadlines, (deadline, next(self._seq), correlation))
         if deadline < earliest:
@@ -314,6 +391,11 @@ class InferenceClient:
                 self._inbox.put_nowait(_Refused(correlation, str(exc)))
             except queue.Full:
                 log.warning("response queue full: a refused job will time out instead")
+
+    def _cancel(self, correlation: bytes) -> None:
+        """Stop waiting for a job: its responses still to come are ignored."""
+        with self._lock:
+            self._pending.pop(correlation, None)
 
     def _wake(self) -> None:
         with contextlib.suppress(queue.Full):
@@ -350,8 +432,9 @@ class InferenceClient:
     def _deliver(self, msg: paho.MQTTMessage) -> None:
         props = msg.properties
         correlation = getattr(props, "CorrelationData", None)
+        key = bytes(correlation) if correlation else b""
         with self._lock:
-            p = self._pending.pop(bytes(correlation), None) if correlation else None
+            p = self._pending.pop(key, None) if key else None
         if p is None:
             # Late (after its timeout), or not ours: nothing waits for it.
             log.debug("ignored a response on %s with unknown correlation data", msg.topic)
@@ -375,7 +458,24 @@ class InferenceClient:
         except InferenceError as exc:
             _fail(p.future, exc)
             return
+        if p.on_part is not None and not is_final(doc):
+            self._renew(key, p)
+            p.on_part(result)
+            return
         p.future.set_result(result)
+
+    def _renew(self, correlation: bytes, p: _Pending) -> None:
+        # A streamed job answered in part: wait up to its timeout again for the next part.
+        p.deadline = time.monotonic() + p.timeout
+        with self._lock:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                self._pending[correlation] = p
+                heapq.heappush(self._deadlines, (p.deadline, next(self._seq), correlation))
+        if closed:
+            _fail(p.future, BrokerError(f"client closed before job {p.job_id} was answered"))
 
     def _refuse(self, refused: _Refused) -> None:
         with self._lock:
@@ -391,8 +491,10 @@ class InferenceClient:
         with self._lock:
             while self._deadlines and self._deadlines[0][0] <= now:
                 _, _, correlation = heapq.heappop(self._deadlines)
-                p = self._pending.pop(correlation, None)
-                if p is not None:
+                p = self._pending.get(correlation)
+                # A streamed job's deadline moves on with each part: older entries are stale.
+                if p is not None and p.deadline <= now:
+                    del self._pending[correlation]
                     expired.append(p)
         for p in expired:
             _fail(p.future, TimeoutError(
@@ -403,3 +505,12 @@ class InferenceClient:
 def _fail(fut: Future[Any], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+def __getattr__(name: str) -> Any:
+    # fleet.aio imports this module, so it is imported here only when asked for.
+    if name == "AsyncInferenceClient":
+        from fleet.aio import AsyncInferenceClient  # noqa: PLC0415
+
+        return AsyncInferenceClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,6 +81,7 @@ def model_spec(
     max_batch: int | None = None,
     max_delay_ms: float | None = None,
     health: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A validated manifest entry; raises ValueError naming the bad field.
 
@@ -104,6 +105,8 @@ def model_spec(
         entry["batching"] = batching
     if health is not None:
         entry["health"] = health
+    if settings:
+        entry["settings"] = settings
     try:
         # convert() checks the constraints that plain construction would skip.
         return msgspec.convert(entry, ModelSpec)

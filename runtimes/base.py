@@ -49,6 +49,9 @@ class Session(Protocol):
 @dataclass(frozen=True)
 class LoadOptions:
     threads: int = 0  # intra-op threads; 0 = runtime default
+    # Inference precision: "f32" everywhere; "bf16" only on OpenVINO's CPU (a CPU with
+    # AVX512-BF16 or AMX-BF16), which other backends refuse with a RuntimeLoadError.
+    precision: str = "f32"
 
 
 class RuntimeLoadError(Exception):

@@ -33,6 +33,10 @@ _DEVICE_ORDER = ("GPU", "NPU", "CPU")
 # picks a GPU for.
 _CPU_CONFIG: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
 
+# LoadOptions.precision values this backend takes; bf16 (CPU only) is asked for by the
+# auto-tuner (runtimes/autotune.py), which checks its outputs against an f32 reference.
+PRECISIONS = ("f32", "bf16")
+
 _MAX_IDLE_REQUESTS = 16  # bounds memory if a burst of threads once used many requests
 
 
@@ -206,7 +210,15 @@ class OpenVinoBackend:
             raise RuntimeLoadError(
                 f"OpenVINO cannot read the model: {condense_error(str(exc))}"
             ) from exc
+        if options.precision not in PRECISIONS:
+            raise RuntimeLoadError(
+                f"OpenVINO precision {options.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
+        if options.precision != "f32" and device != "CPU":
+            raise RuntimeLoadError(f"OpenVINO precision {options.precision} is offered on CPU only")
         config = dict(_CPU_CONFIG) if device == "CPU" else {}
+        if device == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = options.precision
         if device == "CPU" and options.threads > 0:
             config["INFERENCE_NUM_THREADS"] = options.threads
         try:

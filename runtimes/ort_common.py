@@ -71,6 +71,8 @@ def open_session(
     providers: Sequence[str | tuple[str, dict[str, Any]]],
     options: LoadOptions,
 ) -> ort.InferenceSession:
+    if options.precision != "f32":
+        raise RuntimeLoadError(f"onnxruntime runs f32 here; precision {options.precision} is not offered")
     so = ort.SessionOptions()
     so.log_severity_level = _LOG_SEVERITY_ERROR
     if options.threads > 0:

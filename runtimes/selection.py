@@ -23,6 +23,31 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFERENCE: tuple[str, ...] = ("cuda", "openvino", "onnxruntime")
 
+# The preference entry that asks for auto-tuning (runtimes/autotune.py): every workable
+# candidate of DEFAULT_PREFERENCE is loaded, checked and timed, and the fastest that agrees
+# serves. It stands alone; here (plan, explain) it reads as DEFAULT_PREFERENCE.
+AUTO = "auto"
+
+
+def is_auto(prefer: Sequence[str] | None) -> bool:
+    """True for ["auto"]; ValueError when "auto" is mixed with other entries."""
+    entries = [e.strip().lower() for e in prefer or ()]
+    if AUTO not in entries:
+        return False
+    if len(entries) != 1:
+        raise ValueError(
+            f"preference {', '.join(prefer or ())!r}: {AUTO!r} stands alone (it tries every "
+            "runtime); list runtimes instead to pin an order"
+        )
+    return True
+
+
+def check_preference(prefer: Sequence[str]) -> None:
+    """Raise ValueError for an entry no runtime answers to, or "auto" mixed with others."""
+    if not is_auto(prefer):
+        for entry in prefer:
+            parse_preference(entry)
+
 # Judges a warmed-up session by (session, warm-up inputs, warm-up outputs); raises to refuse
 # it on this candidate, which then counts as a failed warm-up (the next candidate is tried).
 WarmupCheck = Callable[[Session, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
@@ -95,7 +120,10 @@ def _steps(
     A generator, so that load_first_workable stops looking at the first winner.
     """
     entries = list(prefer) if prefer else list(DEFAULT_PREFERENCE)
-    parsed = [(entry, *parse_preference(entry)) for entry in entries]  # all errors up front
+    expanded = [(entry, e) for entry in entries
+                for e in (DEFAULT_PREFERENCE if is_auto([entry]) else (entry,))]
+    # all errors up front
+    parsed = [(entry, *parse_preference(e)) for entry, e in expanded]
     seen: set[Candidate | Attempt] = set()
     for entry, runtime, wanted in parsed:
         backend = get_backend(runtime)
@@ -232,7 +260,12 @@ def explain(prefer: Sequence[str] | None, hw: HardwareInfo) -> list[str]:
         skips = [s for s in steps if isinstance(s, Attempt)]
         for skip in skips:
             lines.append(f"  {entry}: skipped: {skip.reason}")
-        if tries:
+        if tries and is_auto([entry]):
+            where = ", ".join(f"{c.runtime} on {_label(c.runtime, c.device, hw)}" for c in tries)
+            lines.append(f"  {entry}: loads, checks against ONNX Runtime CPU and times {where} "
+                         "(and OpenVINO CPU bf16 where the CPU has it); the fastest that agrees serves")
+            first = False
+        elif tries:
             where = ", then ".join(_label(c.runtime, c.device, hw) for c in tries)
             verb = "tries first" if first else "falls back to"
             lines.append(f"  {entry}: {verb} {tries[0].runtime} on {where}")

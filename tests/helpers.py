@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +184,20 @@ class Replies:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@contextmanager
+def running_agent(root: Path, device: str, **overrides: Any) -> Iterator[tuple[Broker, Any]]:
+    """A fresh broker and a real agent on it, online; both stopped on the way out."""
+    from tests.agentproc import AgentProcess
+
+    broker = Broker(root / "broker")
+    broker.start()
+    agent = AgentProcess(root / "agent", broker.url, device, **overrides)
+    agent.start()
+    try:
+        wait_state(broker.url, "online", device)
+        yield broker, agent
+    finally:
+        agent.stop()
+        broker.stop()

@@ -16,7 +16,7 @@ from fleet.client import InferenceClient
 from fleet.oip import InferResult
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
-from tests.helpers import deploy, wait_state
+from tests.helpers import deploy, running_agent, wait_state
 
 DEVICE = "gw-batch"
 
@@ -24,12 +24,7 @@ DEVICE = "gw-batch"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Path]]:
     root = tmp_path_factory.mktemp("batch")
-    broker = Broker(root / "broker")
-    broker.start()
-    agent = AgentProcess(root / "agent", broker.url, DEVICE, log={"level": "INFO"})
-    agent.start()
-    try:
-        wait_state(broker.url, "online", DEVICE)
+    with running_agent(root, DEVICE, log={"level": "INFO"}) as (broker, _):
         mlp = build_mlp(root / "models")
         assert deploy(broker.url, root, "--model", "mlp", "--version", "1", "--file", str(mlp),
                       "--prefer", "onnxruntime", "--max-batch", "16", "--max-delay-ms", "20",
@@ -37,9 +32,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Pa
         assert deploy(broker.url, root, "--model", "mlp1", "--version", "1", "--file", str(mlp),
                       "--prefer", "onnxruntime", "--wait", "60", device=DEVICE) == 0
         yield broker, mlp
-    finally:
-        agent.stop()
-        broker.stop()
 
 
 def test_batched_answers_equal_single_runs(stack: tuple[Broker, Path]) -> None:

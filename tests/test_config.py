@@ -20,7 +20,7 @@ def test_defaults_fit_a_gateway() -> None:
     assert cfg.broker.url == "mqtt://127.0.0.1:1883"
     assert cfg.state_dir == "/var/lib/edge-agent"
     assert cfg.telemetry.interval_s == 30
-    assert cfg.runtime.prefer == ["cuda", "openvino", "onnxruntime"]
+    assert cfg.runtime.prefer == ["auto"]  # tuned at deploy (runtimes/autotune.py)
     assert cfg.reply_prefixes_resolved() == ("edge/v1/reply/",)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import onnxruntime as ort
+import openvino as ov
 import pytest
 
 from agent.faults import CRASH_ENV, STAGES
@@ -106,6 +107,18 @@ class Device:
 
     def reported(self) -> dict[str, Any]:
         return reported(self.url, self.id)
+
+    def version_failed(self, version: str, needle: str, timeout: float = 20.0) -> dict[str, Any]:
+        """`reported` once it says `version` failed (with `needle` in its error)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rep = self.reported()
+            status = {m["version"]: m for m in rep["models"]}
+            if status.get(version, {}).get("state") == "failed":
+                assert needle in status[version]["error"], status[version]
+                return rep
+            assert time.monotonic() < deadline, rep
+            time.sleep(0.05)
 
     def mark(self) -> int:
         """Where the events seen so far end: `event(..., after=mark)` looks past them."""
@@ -276,10 +289,9 @@ def test_bad_artifacts_are_refused_and_the_old_version_serves(
                 assert failed["stage"] == "artifact" and needle in failed["message"]
                 assert time.monotonic() - started < 15
                 dev.event("kept_serving", after=mark, version="1")
-                status = {m["version"]: m for m in dev.reported()["models"]}
-                assert status[version]["state"] == "failed"
-                assert status["1"]["state"] == "serving"
-                assert needle in dev.reported()["last_error"]
+                rep = dev.version_failed(version, needle)
+                assert {m["version"]: m for m in rep["models"]}["1"]["state"] == "serving"
+                assert needle in rep["last_error"]
                 answers(client, dev.id, "1", 1.0)
         state = dev.agent.state_dir
         assert list((state / "tmp").iterdir()) == []
@@ -293,14 +305,26 @@ def test_bad_artifacts_are_refused_and_the_old_version_serves(
 
 
 def median_ms(path: Path) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    session.run(None, {"x": X})
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        session.run(None, {"x": X})
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    """The fastest of the agent's CPU runtimes on `path`: median of 5 runs after a warm-up."""
+    ort_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ov_model = ov.Core().compile_model(str(path), "CPU")
+
+    def on_ort() -> None:
+        ort_session.run(None, {"x": X})
+
+    def on_openvino() -> None:
+        ov_model({"x": X})
+
+    medians = []
+    for run in (on_ort, on_openvino):
+        run()
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - started) * 1000)
+        medians.append(statistics.median(times))
+    return min(medians)
 
 
 def tensor(name: str, arr: np.ndarray[Any, Any]) -> dict[str, Any]:
@@ -312,7 +336,7 @@ def test_health_gate_keeps_bad_versions_out(
     broker: Broker, client: InferenceClient, models: Models, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    budget = median_ms(models.slow) / 10
+    budget = median_ms(models.slow) / 10  # 10x slower than the budget on either runtime
     health_files = {}
     for name, doc in {
         "budget": {"max_latency_ms": budget},
@@ -342,10 +366,8 @@ def test_health_gate_keeps_bad_versions_out(
             failed = dev.event("model_failed", after=mark, version=version)
             assert failed["stage"] == stage and needle in failed["message"], failed
             dev.event("kept_serving", after=mark, version="1")
-            rep = dev.reported()
-            status = {m["version"]: m for m in rep["models"]}
-            assert status[version]["state"] == "failed" and needle in status[version]["error"]
-            assert status["1"]["state"] == "serving"
+            rep = dev.version_failed(version, needle)
+            assert {m["version"]: m for m in rep["models"]}["1"]["state"] == "serving"
             assert needle in rep["last_error"]
             answers(client, dev.id, "1", 1.0)
         # A version that passes its gate replaces the old one.

@@ -21,12 +21,12 @@ from paho.mqtt.properties import Properties
 
 from agent.topics import Topics
 from bench.models import DigitsModel, build_digits, build_mlp
-from fleet.cli import main as fleet
 from fleet.client import InferenceClient
 from fleet.errors import DeadlineExceeded, InvalidArgument, NotFound
-from fleet.mqtt import Connection, connect, read_retained
+from fleet.mqtt import connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
+from tests.helpers import Watch, deploy, reported, wait_state
 
 DEVICE = "gw-e2e"
 TOPICS = Topics("edge/v1", DEVICE)
@@ -46,7 +46,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Ag
     agent = AgentProcess(root / "agent", broker.url, DEVICE)
     agent.start()
     try:
-        wait_state(broker.url, "online")
+        wait_state(broker.url, "online", DEVICE)
         yield broker, agent
     finally:
         agent.stop()
@@ -59,64 +59,11 @@ def client(stack: tuple[Broker, AgentProcess]) -> Iterator[InferenceClient]:
         yield c
 
 
-def wait_state(url: str, want: str, device: str = DEVICE, timeout: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        got = read_retained(url, [Topics("edge/v1", device).state], quiet_s=0.1, timeout_s=1)
-        for payload in got.values():
-            last = json.loads(payload)
-            if last.get("state") == want:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"state never became {want!r}; last: {last}")
-
-
-def reported(url: str, device: str = DEVICE) -> dict[str, Any]:
-    got = read_retained(url, [Topics("edge/v1", device).reported], quiet_s=0.1, timeout_s=2)
-    assert got, "no retained reported state"
-    return dict(json.loads(next(iter(got.values()))))
-
-
 def model_status(rep: dict[str, Any], name: str, version: str) -> dict[str, Any]:
     for m in rep["models"]:
         if m["name"] == name and m["version"] == version:
             return dict(m)
     raise AssertionError(f"{name}:{version} not in reported {rep['models']}")
-
-
-def deploy(url: str, tmp: Path, *args: str, device: str = DEVICE) -> int:
-    return fleet(["deploy", "--broker", url, "--device", device,
-                  "--artifact-dir", str(tmp / "artifacts"), *args])
-
-
-class Watch:
-    """Every JSON message on one topic while the test watches."""
-
-    def __init__(self, url: str, topic: str) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self.arrived = threading.Event()
-        self.conn: Connection = connect(url)
-        self.conn.subscribe(topic, self._on)
-
-    def _on(self, msg: Any) -> None:
-        with self._lock:
-            self.messages.append(json.loads(msg.payload))
-        self.arrived.set()
-
-    def wait(self, timeout: float = 10.0) -> dict[str, Any]:
-        assert self.arrived.wait(timeout), "nothing arrived"
-        self.arrived.clear()
-        with self._lock:
-            return self.messages[-1]
-
-    def types(self) -> list[str]:
-        with self._lock:
-            return [e["type"] for e in self.messages]
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 # --- deploy and serve ---------------------------------------------------------------------
@@ -128,8 +75,8 @@ def test_deploy_digits_lands_on_onnxruntime_with_reason(
     broker, _ = stack
     digits, _ = models
     assert deploy(broker.url, tmp_path, "--model", "digits", "--version", "1",
-                  "--file", str(digits.path), "--wait", "60") == 0
-    rep = reported(broker.url)
+                  "--file", str(digits.path), "--wait", "60", device=DEVICE) == 0
+    rep = reported(broker.url, DEVICE)
     status = model_status(rep, "digits", "1")
     assert status["state"] == "serving"
     assert status["runtime"] == "onnxruntime"
@@ -169,9 +116,9 @@ def test_both_cpu_runtimes_serve_the_same_answers(
     broker, _ = stack
     _, mlp = models
     assert deploy(broker.url, tmp_path, "--model", "mlp-ov", "--version", "1", "--file", str(mlp),
-                  "--prefer", "openvino", "--wait", "60") == 0
+                  "--prefer", "openvino", "--wait", "60", device=DEVICE) == 0
     assert deploy(broker.url, tmp_path, "--model", "mlp-ort", "--version", "1", "--file", str(mlp),
-                  "--prefer", "onnxruntime", "--wait", "60") == 0
+                  "--prefer", "onnxruntime", "--wait", "60", device=DEVICE) == 0
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     ov = client.infer("mlp-ov", {"x": x}, device=DEVICE)
     ort = client.infer("mlp-ort", {"x": x}, device=DEVICE, binary=True)
@@ -179,7 +126,7 @@ def test_both_cpu_runtimes_serve_the_same_answers(
     assert ort.parameters["runtime"] == "onnxruntime"
     np.testing.assert_allclose(ov.outputs["y"], ort.outputs["y"], rtol=1e-4, atol=1e-5)
     # The first model is still there: deploys add models, they do not replace the set.
-    assert model_status(reported(broker.url), "digits", "1")["state"] == "serving"
+    assert model_status(reported(broker.url, DEVICE), "digits", "1")["state"] == "serving"
 
 
 def test_bad_jobs_get_codes_and_the_next_good_job_works(
@@ -259,7 +206,7 @@ def test_reconciling_twice_changes_nothing(
 ) -> None:
     broker, _ = stack
     desired = read_retained(broker.url, [TOPICS.desired])[TOPICS.desired]
-    before = reported(broker.url)
+    before = reported(broker.url, DEVICE)
     events = Watch(broker.url, TOPICS.events)
     try:
         conn = connect(broker.url)
@@ -270,7 +217,7 @@ def test_reconciling_twice_changes_nothing(
         assert "deploy_started" not in events.types()
     finally:
         events.close()
-    after = reported(broker.url)
+    after = reported(broker.url, DEVICE)
     assert [(m["name"], m["version"], m["state"]) for m in after["models"]] == [
         (m["name"], m["version"], m["state"]) for m in before["models"]
     ]
@@ -299,10 +246,10 @@ def test_removed_model_is_unloaded(
     stack: tuple[Broker, AgentProcess], client: InferenceClient, tmp_path: Path,
 ) -> None:
     broker, _ = stack
-    assert deploy(broker.url, tmp_path, "--remove", "mlp-ort") == 0
+    assert deploy(broker.url, tmp_path, "--remove", "mlp-ort", device=DEVICE) == 0
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        names = {m["name"] for m in reported(broker.url)["models"]}
+        names = {m["name"] for m in reported(broker.url, DEVICE)["models"]}
         if "mlp-ort" not in names:
             break
         time.sleep(0.2)

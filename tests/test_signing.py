@@ -83,7 +83,13 @@ def test_signature_covers_the_published_object_not_the_decoded_defaults(keys: di
 
 
 def test_our_signer_round_trips(keys: dict[str, Any]) -> None:
-    manifest = decode_manifest(json.dumps({"revision": 2, "models": [entry()]}).encode())
+    floats = [0.1, 1e-05, 2.0, 1 / 3, 123456.789e10]
+    health = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [5], "data": floats}],
+              "expected": [{"name": "y", "datatype": "FP32", "shape": [5], "data": floats}],
+              "max_latency_ms": 12.5}
+    manifest = decode_manifest(json.dumps(
+        {"revision": 2, "models": [entry(health=health)], "expires_at": "2027-01-01T00:00:00Z",
+         "issued_at": "2026-11-23T10:00:00Z"}).encode())
     payload = Signer("fleet-1", keys["fleet-1"]).sign(manifest)
     published = decode_published(payload)
     assert published.manifest.signature is not None

@@ -35,7 +35,7 @@ from fleet.client import InferenceClient, InferResult
 from fleet.errors import NotFound
 from tests.agentproc import AgentProcess
 from tests.broker import Broker, free_port
-from tests.test_e2e import deploy, wait_state
+from tests.helpers import deploy, wait_state
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "edge-agent.service"
 
