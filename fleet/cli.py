@@ -222,7 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None,
                    help="port (default: the config's http.port, else 8780)")
     _registry_args(p)
+    p.add_argument("--sign-key", type=Path, metavar="FILE",
+                   default=Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV)
+                   else None,
+                   help=f"sign the manifests rollouts publish (default: ${SIGNING_KEY_ENV})")
+    p.add_argument("--key-id", metavar="ID", help="the key id the signature names")
     p.set_defaults(func=cmd_serve)
+
+    from fleet.rollout_cli import add_rollout_parser  # it imports this module's helpers
+    add_rollout_parser(sub, common)
     return parser
 
 
@@ -533,11 +541,27 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Signals first: a stop that comes while the servers start up must stop them cleanly.
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(args, stop)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     from agent.tls import TransportError
     from fleet.controller import Controller
     from fleet.http_api import Api, ControllerServer
 
     cfg = _fleet_config(args)
+    rollout_signer = _signer(args)  # before anything starts: a bad key is a usage error
     # Flags (and $EDGE_FLEET_BROKER) win over the config file, which wins over defaults.
     broker = args.broker
     if broker == DEFAULT_BROKER_URL and not os.environ.get(BROKER_ENV):
@@ -563,12 +587,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry.close()
         raise UsageError(f"cannot serve on {host}:{port}: {exc}") from None
     controller.start()
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Rollouts (fleet/rollout.py) are driven here, from the registry: a restart resumes them.
+    from fleet.rollout import RolloutRunner
+    security = security_from_args(args)
+    rollouts = RolloutRunner(registry, lambda: connect(broker, security=security), prefix=prefix,
+                             driver=cfg.broker.client_id, signer=rollout_signer).start()
     try:
         print(f"serving {store.root} at {server.url}/artifacts/sha256/<hex> "
               "(Ctrl-C to stop)", flush=True)
@@ -576,9 +599,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{registry.url}, API at {server.url}/api/", flush=True)
         stop.wait()
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
         server.shutdown()
+        rollouts.stop()
         controller.stop()
         registry.close()
     return 0

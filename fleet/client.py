@@ -432,9 +432,9 @@ class InferenceClient:
     def _deliver(self, msg: paho.MQTTMessage) -> None:
         props = msg.properties
         correlation = getattr(props, "CorrelationData", None)
-        key = bytes(correlation) if correlation else b""
+        corr = bytes(correlation) if correlation else b""
         with self._lock:
-            p = self._pending.pop(key, None) if key else None
+            p = self._pending.pop(corr, None) if corr else None
         if p is None:
             # Late (after its timeout), or not ours: nothing waits for it.
             log.debug("ignored a response on %s with unknown correlation data", msg.topic)
@@ -459,7 +459,7 @@ class InferenceClient:
             _fail(p.future, exc)
             return
         if p.on_part is not None and not is_final(doc):
-            self._renew(key, p)
+            self._renew(corr, p)
             p.on_part(result)
             return
         p.future.set_result(result)

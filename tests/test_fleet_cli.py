@@ -213,7 +213,10 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
     port = free_port()
     art = tmp_path / "art"
     env = {**os.environ, "EDGE_FLEET_ARTIFACT_DIR": str(art),
-           "EDGE_FLEET_STATE_DIR": str(tmp_path / "fleet-state")}  # the controller's registry
+           "EDGE_FLEET_STATE_DIR": str(tmp_path / "fleet-state"),  # the controller's registry
+           # No broker answers there: artifacts are served all the same, and the test does not
+           # lean on a broker that happens to run on the default port.
+           "EDGE_FLEET_BROKER": f"mqtt://127.0.0.1:{free_port()}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleet.cli", "serve", "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -223,15 +223,22 @@ def test_doctor_tells_hardware_runtime_choices_and_that_the_broker_answers(
     assert "config: OK (device gw-doctor" in out
     assert f"'model': {hw.cpu_model!r}" in out
     assert f"'cores_logical': {hw.cores_logical}" in out
-    # Each entry of the default preference, with what it gets here and why.
-    assert "runtime preference cuda, openvino, onnxruntime:" in out
+    # The default is auto-tune: what it would load and compare here, and what it skips.
+    assert "runtime preference auto:" in out
     if not hw.nvidia_gpus:
-        assert "cuda: skipped: no NVIDIA GPU" in out
-    else:
-        assert "cuda: tries first cuda" in out or "cuda: skipped: " in out
-    assert ("openvino: tries first openvino on CPU" in out
-            or "openvino: falls back to openvino on CPU" in out)
-    assert "onnxruntime: falls back to onnxruntime on CPU" in out
+        assert "auto: skipped: no NVIDIA GPU detected" in out
+    assert "auto: loads, checks against ONNX Runtime CPU and times" in out
+    assert "openvino on CPU" in out and "onnxruntime on CPU" in out
+    # A pinned list says, entry by entry, what it gets and why.
+    pinned = _cli("doctor", "--config", str(_config(
+        tmp_path, broker={"url": broker.url},
+        runtime={"prefer": ["cuda", "openvino", "onnxruntime"]})))
+    assert "runtime preference cuda, openvino, onnxruntime:" in pinned.stdout
+    if not hw.nvidia_gpus:
+        assert "cuda: skipped: no NVIDIA GPU" in pinned.stdout
+    assert ("openvino: tries first openvino on CPU" in pinned.stdout
+            or "openvino: falls back to openvino on CPU" in pinned.stdout)
+    assert "onnxruntime: falls back to onnxruntime on CPU" in pinned.stdout
     assert f"broker {broker.url}: answers (Success)" in out
 
 
