@@ -77,6 +77,13 @@ class RawRequest:
     @property
     def timeout_ms(self) -> float | None:
         value = self.parameters.get("timeout_ms")
+        if value is None and "timeout" in self.parameters:
+            # Triton's own request parameter, in microseconds (tritonclient's `timeout=`).
+            micros = self.parameters["timeout"]
+            if isinstance(micros, bool) or not isinstance(micros, (int, float)) or micros <= 0:
+                raise JobError(Code.INVALID_ARGUMENT, "parameters.timeout must be a positive "
+                               "number of microseconds")
+            return float(micros) / 1000.0
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -143,8 +150,11 @@ def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Job
     priority = params.get("priority")
     if isinstance(priority, bool) or not isinstance(priority, int) or priority <= 0:
         priority = None
-    return JobMeta(job_id, priority, _number(params.get("timeout_ms")),
-                   _number(params.get("sent_at_ms")))
+    timeout_ms = _number(params.get("timeout_ms"))
+    micros = _number(params.get("timeout"))  # Triton's, in microseconds
+    if timeout_ms is None and micros is not None:
+        timeout_ms = micros / 1000.0
+    return JobMeta(job_id, priority, timeout_ms, _number(params.get("sent_at_ms")))
 
 
 def decode_request(

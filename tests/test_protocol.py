@@ -152,3 +152,12 @@ def test_error_encoding_and_peek() -> None:
     assert peek_id(b'{"id": "j-9", "inputs": 3}') == "j-9"
     assert peek_id(b"garbage") is None
     assert peek_id(b'{"id": "../../x"}') is None
+
+
+def test_tritons_timeout_in_microseconds_is_a_deadline() -> None:
+    req = decode_request(request(parameters={"timeout": 250_000}), ())
+    assert req.timeout_ms == 250.0
+    both = decode_request(request(parameters={"timeout": 250_000, "timeout_ms": 10}), ())
+    assert both.timeout_ms == 10.0  # ours wins where both are given
+    with pytest.raises(JobError, match="microseconds"):
+        _ = decode_request(request(parameters={"timeout": "soon"}), ()).timeout_ms
