@@ -303,3 +303,32 @@ def test_will_says_offline_and_restart_serves_from_store_before_broker(
     finally:
         agent.stop()
         broker.stop()
+
+
+def test_silero_vad_lands_on_onnxruntime_with_openvinos_reason(
+    stack: tuple[Broker, AgentProcess], client: InferenceClient, tmp_path: Path
+) -> None:
+    """The VAD model shipped in the silero-vad wheel: OpenVINO cannot convert its If node."""
+    from bench.models import silero_vad_path
+
+    broker, _ = stack
+    # Its warm-up needs a real window and rate; the manifest's health inputs give them.
+    health = tmp_path / "health.json"
+    health.write_text(json.dumps({"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 512], "data": [0.0] * 512},
+        {"name": "state", "datatype": "FP32", "shape": [2, 1, 128], "data": [0.0] * 256},
+        {"name": "sr", "datatype": "INT64", "shape": [], "data": [16000]},
+    ]}))
+    assert deploy(broker.url, tmp_path, "--model", "vad", "--version", "5", "--file",
+                  str(silero_vad_path()), "--health", str(health), "--wait", "120",
+                  device=DEVICE) == 0
+    status = model_status(reported(broker.url, DEVICE), "vad", "5")
+    assert status["state"] == "serving" and status["runtime"] == "onnxruntime"
+    tried = status["attempts"] + status.get("candidates", [])
+    refused = [a for a in tried if a["runtime"] == "openvino" and not a["ok"]]
+    assert refused, status
+    assert any("If" in a["reason"] or "onversion" in a["reason"] for a in refused), refused
+    window = np.zeros((1, 512), np.float32)
+    result = client.infer("vad", {"input": window, "state": np.zeros((2, 1, 128), np.float32),
+                                  "sr": np.array(16000, np.int64)}, device=DEVICE)
+    assert 0.0 <= float(result.outputs["output"].reshape(-1)[0]) < 0.5  # silence
