@@ -6,11 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: mosquitto (the broker the demo and the tests start), mosquitto_passwd
-# (password-file tests), espeak-ng (speech for the voice-activity tests).
+# (password-file tests), espeak-ng (speech for the voice-activity tests), chromium and
+# chromium-driver (the dashboard's browser tests; never a browser downloaded by a tool).
 missing=""
 { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing="$missing mosquitto"
 command -v mosquitto_passwd >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+{ command -v chromedriver || [ -x /usr/bin/chromedriver ]; } >/dev/null 2>&1 || missing="$missing chromium-driver"
 if [ -n "$missing" ]; then
     echo "bootstrap: installing from the system's packages:$missing" >&2
     SUDO=""
@@ -42,5 +45,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # silero-vad ships the VAD model inside its wheel; its dependencies (torch) are not needed
     # to read that file, so the wheel comes without them.
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'silero-vad>=5'
+    # rapidocr-onnxruntime ships PaddleOCR's det/rec/cls ONNX models (the ocr pipeline's and
+    # its tests' reference); what it imports is in the dev extra, less opencv-python (the
+    # headless build stands in for it), so it comes without its dependencies too.
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'rapidocr-onnxruntime>=1.4,<2'
     echo "$want" > "$stamp"
 fi

@@ -109,8 +109,8 @@ def digits_float(model_dir: Path) -> DigitsModel:
 
 def test_unknown_task_names_the_known_ones(model_dir: Path) -> None:
     session = ORT_CPU.load(build_mlp(model_dir), "CPU", OPTS)
-    with pytest.raises(ValueError, match="unknown task 'ocr'; known tasks: tensor, image-classification"):
-        build_pipeline("ocr", {}, None, session)
+    with pytest.raises(ValueError, match="unknown task 'chat'; known tasks: tensor, image-classification"):
+        build_pipeline("chat", {}, None, session)
 
 
 def test_requirements_report_missing_libraries(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,10 @@
 - voice-activity-detection: an audio file in (WAV, FLAC, OGG; needs soundfile), speech
   segments in seconds out, with Silero VAD.
 - embedding: token ids in, one mean-pooled, L2-normalised vector per sequence out.
+- text-generation: a prompt in, generated text out, whole (`run`) or as chunks
+  (`run_stream`), from a KV-cached decoder; needs tokenizers.
+- ocr: an encoded image in, text lines with their boxes and scores out (needs opencv); it
+  runs several models (det, rec, optional cls): `session` is then a mapping role -> Session.
 
 Each task lives in its own module, imported on first use, so that a missing optional
 library (pillow, soundfile) costs only the tasks that need it; `pipeline_requirements`
@@ -22,7 +26,9 @@ from typing import Any
 from runtimes.base import Session, one_line
 from runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline
 
-__all__ = ["KNOWN_TASKS", "Pipeline", "build_pipeline", "pipeline_requirements"]
+OCR_EXTRA_HINT = "pip install 'edgeinfer[ocr]'"
+
+__all__ = ["KNOWN_TASKS", "MULTI_MODEL_TASKS", "Pipeline", "build_pipeline", "pipeline_requirements"]
 
 # task -> (module exposing `build(settings, model_dir, session)`, optional library it
 # needs as (import name, distribution name), or None).
@@ -31,6 +37,13 @@ _TASKS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "image-classification": ("runtimes.pipelines.image", ("PIL", "pillow")),
     "voice-activity-detection": ("runtimes.pipelines.audio", ("soundfile", "soundfile")),
     "embedding": ("runtimes.pipelines.embedding", None),
+    "text-generation": ("runtimes.pipelines.textgen", ("tokenizers", "tokenizers")),
+    "ocr": ("runtimes.pipelines.ocr", ("cv2", "opencv")),  # and pillow: the ocr extra has both
+}
+# Tasks that run several models: task -> (required roles, optional roles). build_pipeline
+# takes a mapping role -> Session for them, and so does their pipeline's run.
+MULTI_MODEL_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ocr": (("det", "rec"), ("cls",)),
 }
 
 KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
@@ -39,26 +52,33 @@ KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
 def _missing(requirement: tuple[str, str] | None) -> str | None:
     if requirement is None:
         return None
-    module, dist = requirement
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # ImportError, or OSError from a missing shared library (libsndfile)
-        return f"{dist} unavailable: {type(exc).__name__}: {one_line(exc)} ({MEDIA_EXTRA_HINT})"
+    needs, hint = [requirement], MEDIA_EXTRA_HINT
+    if requirement[1] == "opencv":  # ocr: pillow decodes, opencv post-processes
+        needs, hint = [("PIL", "pillow"), requirement], OCR_EXTRA_HINT
+    for module, dist in needs:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or OSError from a missing shared library (libsndfile)
+            return f"{dist} unavailable: {type(exc).__name__}: {one_line(exc)} ({hint})"
     return None
 
 
 def pipeline_requirements() -> dict[str, str | None]:
     """Per task: why it cannot run here (a missing optional library), or None when it can.
 
-    For `edge-agent doctor`: imports pillow and soundfile, nothing else.
+    For `edge-agent doctor`: imports pillow, soundfile and opencv, nothing else.
     """
     return {task: _missing(req) for task, (_, req) in _TASKS.items()}
 
 
 def build_pipeline(
-    task: str, settings: Mapping[str, Any], model_dir: Path | None, session: Session
+    task: str,
+    settings: Mapping[str, Any],
+    model_dir: Path | None,
+    session: Session | Mapping[str, Session],
 ) -> Pipeline:
-    """The pipeline of `task` for a loaded session.
+    """The pipeline of `task` for a loaded session (a mapping role -> session for the tasks
+    of MULTI_MODEL_TASKS, whose models deploy, version and roll back together).
 
     Raises ValueError for an unknown task (naming the known ones), a task whose library is
     missing, settings that do not fit the task, or a model that does not fit the task.

@@ -34,12 +34,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtimes.base import Session, TensorSpec
+from runtimes.pipelines import MULTI_MODEL_TASKS
 from runtimes.pipelines.base import media_items, parse_settings, require
 
 TASK = "ocr"
 IMAGE_INPUT = "image"
 # Roles of the models one `ocr` version is made of: (required, optional).
-MODEL_ROLES: tuple[tuple[str, ...], tuple[str, ...]] = (("det", "rec"), ("cls",))
+MODEL_ROLES: tuple[tuple[str, ...], tuple[str, ...]] = MULTI_MODEL_TASKS[TASK]
 DEFAULT_CHARACTERS_FILE = "characters.txt"
 DEFAULT_REC_MODEL_FILE = "rec.onnx"
 CHARACTER_METADATA_KEY = "character"  # where PaddleOCR's exports keep the character list
@@ -138,7 +139,9 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 def _inside(model_dir: Path | None, name: str, key: str) -> Path:
     rel = Path(name)
     if model_dir is None or rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"{TASK} settings: {key} {name!r} must be a plain file name inside the model's folder")
+        raise ValueError(
+            f"{TASK} settings: {key} {name!r} must be a plain file name inside the model's folder"
+        )
     return model_dir / rel
 
 
@@ -207,14 +210,67 @@ def _box_score(pred: np.ndarray, box: np.ndarray) -> float:
     return float(cv2.mean(pred[ymin : ymax + 1, xmin : xmax + 1], mask)[0])
 
 
-def _unclip(box: np.ndarray, ratio: float) -> np.ndarray:
-    """The rectangle grown by area * ratio / perimeter on every side."""
-    area = 0.5 * abs(float(np.dot(box[:, 0], np.roll(box[:, 1], 1)) - np.dot(box[:, 1], np.roll(box[:, 0], 1))))
-    perimeter = float(np.linalg.norm(box - np.roll(box, 1, axis=0), axis=1).sum())
-    distance = area * ratio / perimeter if perimeter > 0 else 0.0
-    (cx, cy), (rw, rh), angle = cv2.minAreaRect(box.astype(np.float32))
-    grown = ((cx, cy), (rw + 2 * distance, rh + 2 * distance), angle)
-    return np.asarray(cv2.boxPoints(grown), dtype=np.float32)
+def _round(v: float) -> int:
+    """Half away from zero, as Clipper rounds."""
+    return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+
+
+def _unclip(box: np.ndarray, ratio: float, arc_tolerance: float = 0.25) -> np.ndarray:
+    """The polygon grown by area * ratio / perimeter, with rounded corners: the points
+    pyclipper's PyclipperOffset (JT_ROUND, closed polygon) gives, as PaddleOCR's DB
+    post-processing uses it (same integer corners, arc steps and rounding; the tests check
+    the convex hulls are equal), without pyclipper and shapely."""
+    x, y = box[:, 0].astype(np.float64), box[:, 1].astype(np.float64)
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    perimeter = float(np.hypot(np.roll(x, -1) - x, np.roll(y, -1) - y).sum())
+    delta = area * ratio / perimeter if perimeter > 0 else 0.0
+    pts: list[tuple[int, int]] = []
+    for px, py in box:  # Clipper takes integer points: the float corners are truncated
+        p = (int(px), int(py))
+        if not pts or pts[-1] != p:
+            pts.append(p)
+    while len(pts) > 1 and pts[-1] == pts[0]:
+        pts.pop()
+    if len(pts) < 3 or delta <= 0:
+        return np.array(pts, dtype=np.int32)
+    n = len(pts)
+    # Clipper's orientation: grow outwards whichever way the corners run.
+    signed = sum((pts[i - 1][0] + pts[i][0]) * (pts[i - 1][1] - pts[i][1]) for i in range(n))
+    if -0.5 * signed < 0:
+        pts.reverse()
+    tol = arc_tolerance if 0 < arc_tolerance <= delta * 0.25 else delta * 0.25
+    steps = min(math.pi / math.acos(1 - tol / delta), delta * math.pi)
+    sin_step, cos_step = math.sin(2 * math.pi / steps), math.cos(2 * math.pi / steps)
+    steps_per_rad = steps / (2 * math.pi)
+    normals = []
+    for j in range(n):
+        dx, dy = pts[(j + 1) % n][0] - pts[j][0], pts[(j + 1) % n][1] - pts[j][1]
+        f = 1.0 / math.hypot(dx, dy)
+        normals.append((dy * f, -dx * f))
+    out: list[tuple[int, int]] = []
+
+    def at(sx: int, sy: int, nx: float, ny: float) -> tuple[int, int]:
+        return _round(sx + nx * delta), _round(sy + ny * delta)
+
+    k = n - 1
+    for j in range(n):
+        (kx, ky), (jx, jy), (sx, sy) = normals[k], normals[j], pts[j]
+        sin_a = kx * jy - jx * ky
+        cos_a = kx * jx + ky * jy
+        if abs(sin_a * delta) < 1.0 and cos_a > 0:
+            out.append(at(sx, sy, kx, ky))
+        elif sin_a * delta < 0:
+            out += [at(sx, sy, kx, ky), (sx, sy), at(sx, sy, jx, jy)]
+        else:
+            sin_a = max(-1.0, min(1.0, sin_a))
+            count = max(_round(steps_per_rad * abs(math.atan2(sin_a, cos_a))), 1)
+            nx, ny = kx, ky
+            for _ in range(count):
+                out.append(at(sx, sy, nx, ny))
+                nx, ny = nx * cos_step - sin_step * ny, nx * sin_step + ny * cos_step
+            out.append(at(sx, sy, jx, jy))
+        k = j
+    return np.array(out, dtype=np.int32)
 
 
 def _order_clockwise(pts: np.ndarray) -> np.ndarray:
@@ -275,7 +331,8 @@ def _check_model(role: str, session: Session, channels: int, rank: int = 4) -> s
     if len(session.inputs) != 1:
         raise ValueError(f"{TASK}: the {role} model must take one input, it takes {len(session.inputs)}")
     spec = session.inputs[0]
-    if spec.datatype != "FP32" or (spec.shape and (len(spec.shape) != rank or spec.shape[1] not in (-1, channels))):
+    shape_ok = not spec.shape or (len(spec.shape) == rank and spec.shape[1] in (-1, channels))
+    if spec.datatype != "FP32" or not shape_ok:
         raise ValueError(
             f"{TASK}: the {role} model's input {spec.name} is {spec.datatype} {list(spec.shape)}; "
             f"it must be FP32 [N, {channels}, H, W]"
@@ -392,12 +449,13 @@ class Ocr:
         x = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
         name, out = self._names["det"]
         pred = session.infer({name: np.ascontiguousarray(x, dtype=np.float32)}, [out])[out]
-        prob = np.asarray(pred, dtype=np.float32).reshape(pred.shape[-2:])
-        bitmap = (prob > cfg.det_thresh).astype(np.uint8)
+        map_h, map_w = int(pred.shape[-2]), int(pred.shape[-1])
+        prob = np.asarray(pred, dtype=np.float32).reshape(map_h, map_w)
+        bitmap = np.asarray(prob > cfg.det_thresh, dtype=np.uint8)
         if cfg.use_dilation:
-            bitmap = cv2.dilate(bitmap, np.ones((2, 2), np.uint8))
-        contours, _ = cv2.findContours(bitmap * 255, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        map_h, map_w = prob.shape
+            bitmap = np.asarray(cv2.dilate(bitmap, np.ones((2, 2), np.uint8)), dtype=np.uint8)
+        found = cv2.findContours(bitmap * 255, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        contours: Sequence[np.ndarray] = found[-2]  # opencv 3 answers 3 values, later ones 2
         boxes: list[np.ndarray] = []
         for contour in contours[: cfg.max_candidates]:
             points, short = _mini_box(contour)
