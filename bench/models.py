@@ -419,3 +419,8 @@ def build_encoder(out_dir: Path, name: str = "encoder.onnx", vocab: int = 100, d
     )
     path = _save(model, out_dir / name)
     return EncoderModel(path, emb, weight, bias if with_mask else np.zeros(dim, np.float32))
+
+
+# The tiny KV-cached decoder LM of the text-generation pipeline: trained here in numpy
+# (~15 s on two cores) and cached per folder; see bench/tinylm.py.
+from bench.tinylm import TinyLm, TinyLmConfig, build_tiny_lm  # noqa: E402, F401
