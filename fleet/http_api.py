@@ -1,9 +1,12 @@
 """The controller's HTTP side: the artifact store (ETag, Range) plus a small read-only JSON API.
 
+    GET /                                         the dashboard (fleet/dashboard.py)
     GET /api/devices[?selector=site=berlin,gpu]   {"devices": [Device, ...]}
+                   [&health=1]                    ... each with "health" from last telemetry
     GET /api/devices/<id>                         Device + {"telemetry": {...} | null}
     GET /api/models[?name=N]                      {"models": [ModelVersion, ...]}
     GET /api/events[?device=D&type=T&limit=N]     {"events": [Event, ...]} newest first
+    GET /api/rollouts[?status=S]                  {"rollouts": [...]} newest first, with waves
     GET /api/status                               the controller's MQTT session and counters
 
 Errors are JSON too: `{"error": "<what to fix>"}` with 400 or 404.
@@ -18,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from agent.topics import DEVICE_ID_RE
+from fleet import dashboard
 from fleet.artifacts import ArtifactHandler, ArtifactServer, ArtifactStore
 from fleet.registry import Registry, RegistryError, RegistryUnavailable, parse_selector
 
@@ -35,14 +39,20 @@ class ControllerHandler(ArtifactHandler):
     server_version = "edgeinfer-controller"
 
     def do_GET(self) -> None:
-        if urlsplit(self.path).path.startswith("/api/"):
+        path = urlsplit(self.path).path
+        if path.startswith("/api/"):
             self._api(send_body=True)
+        elif path in dashboard.PAGE_PATHS:
+            dashboard.send_page(self, send_body=True)
         else:
             super().do_GET()
 
     def do_HEAD(self) -> None:
-        if urlsplit(self.path).path.startswith("/api/"):
+        path = urlsplit(self.path).path
+        if path.startswith("/api/"):
             self._api(send_body=False)
+        elif path in dashboard.PAGE_PATHS:
+            dashboard.send_page(self, send_body=False)
         else:
             super().do_HEAD()
 
@@ -72,10 +82,12 @@ class Api:
                  status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = registry
         self._status = status
+        self._rollouts = dashboard.RolloutsView(registry)
         self._routes: dict[str, Callable[[dict[str, str]], Any]] = {
             "/api/devices": self.devices,
             "/api/models": self.models,
             "/api/events": self.events,
+            "/api/rollouts": self.rollouts,
             "/api/status": self.status,
         }
 
@@ -93,7 +105,12 @@ class Api:
             selector = parse_selector(query["selector"]) if query.get("selector") else None
         except RegistryError as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        return {"devices": [d.as_json() for d in self.registry.devices(selector)]}
+        found = [d.as_json() for d in self.registry.devices(selector)]
+        if query.get("health") not in (None, "", "0"):
+            health = dashboard.device_health(self.registry, [d["device_id"] for d in found])
+            for d in found:
+                d["health"] = health.get(d["device_id"])
+        return {"devices": found}
 
     def device(self, device_id: str) -> dict[str, Any]:
         found = self.registry.device(device_id)
@@ -116,6 +133,9 @@ class Api:
         found = self.registry.events(query.get("device") or None, query.get("type") or None,
                                      limit)
         return {"events": [e.as_json() for e in found]}
+
+    def rollouts(self, query: dict[str, str]) -> dict[str, Any]:
+        return self._rollouts.document(query.get("status") or None)
 
     def status(self, _query: dict[str, str]) -> dict[str, Any]:
         return self._status() if self._status is not None else {"registry": self.registry.url}
