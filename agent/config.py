@@ -121,6 +121,13 @@ class DeployConfig(_Section):
     # A deadline for the whole download of one artifact, from connecting to the last byte.
     download_timeout_s: PositiveFloat = 60.0
     max_artifact_bytes: PositiveInt = 2 * 1024 * 1024 * 1024
+    # mqtt:// artifacts (agent/mqtt_artifacts.py): bytes asked for per chunk, chunks asked
+    # for at once, an optional cap in bytes/s (0: none), and how long an unanswered chunk
+    # waits before it is asked for again.
+    mqtt_chunk_bytes: Annotated[int, msgspec.Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024
+    mqtt_chunks_in_flight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    mqtt_max_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 0
+    mqtt_chunk_timeout_s: PositiveFloat = 10.0
 
 
 class TelemetryConfig(_Section):

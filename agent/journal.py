@@ -213,10 +213,12 @@ class Journal:
     # --- outbox --------------------------------------------------------------------------
 
     def enqueue(self, topic: str, payload: bytes, qos: int = 1,
-                correlation: bytes | None = None) -> int:
-        """Queue a message that belongs to no stored job (an event, a refusal)."""
+                correlation: bytes | None = None,
+                user_props: Sequence[tuple[str, str]] = ()) -> int:
+        """Queue a message that is no job's final answer (an event, a refusal, a partial)."""
         with self._lock:
-            return self._insert_out(topic, payload, qos, correlation, "[]", time.time())
+            return self._insert_out(topic, payload, qos, correlation,
+                                    json.dumps(list(user_props)), time.time())
 
     def _insert_out(self, topic: str, payload: bytes, qos: int, correlation: bytes | None,
                     props: str, now: float) -> int:

@@ -58,6 +58,16 @@ class Health(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_latency_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
+class ArtifactFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A file installed beside the model in its version's folder (a tokenizer, labels,
+    the other models of a multi-model pipeline), fetched and verified like the model."""
+
+    name: Name
+    uri: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    sha256: Sha256
+    size: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: Name
     version: Name
@@ -72,6 +82,7 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     health: Health | None = None
     # The task pipeline's settings (docs/pipelines.md); ignored by `tensor`.
     settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    files: list[ArtifactFile] = msgspec.field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -113,7 +124,9 @@ class Published:
     signed_bytes: bytes
 
 
-_URI_RE = re.compile(r"^(file|https?)://", re.IGNORECASE)
+_URI_RE = re.compile(r"^(file|https?|mqtt)://", re.IGNORECASE)
+# mqtt:// artifacts come over the agent's own broker: no host, one content-addressed path.
+MQTT_URI_RE = re.compile(r"^mqtt:///artifacts/sha256/([0-9a-f]{64})$")
 _RFC3339_RE = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
 )
@@ -170,6 +183,19 @@ def _check_health(m: ModelSpec) -> None:
 _decoder = msgspec.json.Decoder()
 
 
+def _check_uri(m: ModelSpec, uri: str) -> None:
+    if not _URI_RE.match(uri):
+        raise ManifestError(
+            f"model {m.name}:{m.version}: unsupported artifact URI {uri!r} "
+            "(expected file://, http://, https:// or mqtt:///artifacts/sha256/<hex>)"
+        )
+    if uri[:5].lower() == "mqtt:" and not MQTT_URI_RE.match(uri):
+        raise ManifestError(
+            f"model {m.name}:{m.version}: artifact URI {uri!r} must be "
+            "mqtt:///artifacts/sha256/<64 hex digits> (no host: the agent's own broker)"
+        )
+
+
 def decode_published(payload: bytes) -> Published:
     """Parse and check a manifest as published; raises ManifestError (reason `invalid`)."""
     try:
@@ -187,11 +213,12 @@ def decode_published(payload: bytes) -> Published:
         if m.key in seen:
             raise ManifestError(f"model {m.name} version {m.version} is listed twice")
         seen.add(m.key)
-        if not _URI_RE.match(m.uri):
-            raise ManifestError(
-                f"model {m.name}:{m.version}: unsupported artifact URI {m.uri!r} "
-                "(expected file://, http:// or https://)"
-            )
+        names = [f.name for f in m.files]
+        if len(set(names)) != len(names) or "model.onnx" in names:
+            raise ManifestError(f"model {m.name}:{m.version}: file names must be unique and "
+                                "not model.onnx (the model's own name in its folder)")
+        for uri in (m.uri, *(f.uri for f in m.files)):
+            _check_uri(m, uri)
         if m.format != "onnx":
             raise ManifestError(f"model {m.name}:{m.version}: unsupported format {m.format!r}")
         _check_health(m)

@@ -124,6 +124,7 @@ class JobMeta:
     priority: int | None
     timeout_ms: float | None
     sent_at_ms: float | None
+    cancel: str | None = None  # parameters.cancel: the id of a job to stop
 
 
 def _number(value: Any) -> float | None:
@@ -154,7 +155,10 @@ def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Job
     micros = _number(params.get("timeout"))  # Triton's, in microseconds
     if timeout_ms is None and micros is not None:
         timeout_ms = micros / 1000.0
-    return JobMeta(job_id, priority, timeout_ms, _number(params.get("sent_at_ms")))
+    cancel = params.get("cancel")
+    if not isinstance(cancel, str) or not NAME_RE.match(cancel):
+        cancel = None
+    return JobMeta(job_id, priority, timeout_ms, _number(params.get("sent_at_ms")), cancel)
 
 
 def decode_request(
@@ -220,10 +224,14 @@ def _describe(spec: TensorSpec) -> str:
 
 
 def check_inputs(
-    req: RawRequest, specs: Sequence[TensorSpec], model_label: str, max_elements: int
+    req: RawRequest, specs: Sequence[TensorSpec], model_label: str, max_elements: int,
+    optional: Sequence[TensorSpec] = (),
 ) -> dict[str, np.ndarray]:
-    """Turn the request's tensors into arrays that match the model's declared inputs."""
-    by_name = {s.name: s for s in specs}
+    """Turn the request's tensors into arrays that match the model's declared inputs.
+
+    `specs` must all be given; `optional` ones (a pipeline's knobs) may be.
+    """
+    by_name = {s.name: s for s in (*specs, *optional)}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     expected = ", ".join(_describe(s) for s in specs)

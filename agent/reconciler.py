@@ -252,7 +252,7 @@ class Reconciler:
         )
         if changed:
             self._crash.reached("cleanup")
-        self._store.remove_unreferenced({m.spec.sha256 for m in chosen})
+        self._store.remove_unreferenced(m.spec for m in chosen)
         if failures:
             self.last_error = "; ".join(failures)
         else:
@@ -285,7 +285,10 @@ class Reconciler:
                 spec, self._cfg.deploy.download_timeout_s, self._cfg.deploy.max_artifact_bytes,
                 checkpoint=self._crash.reached,
             )
-        except ArtifactError as exc:
+            self._store.fetch_files(spec, self._cfg.deploy.download_timeout_s,
+                                    self._cfg.deploy.max_artifact_bytes)
+            model_dir = self._store.version_dir(spec)
+        except (ArtifactError, OSError) as exc:
             return self._failed_to(spec, "artifact", f"{label}: {exc}")
         self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
         try:
@@ -320,6 +323,7 @@ class Reconciler:
         except ValueError as exc:  # an unknown runtime in the preference list
             return self._failed_to(spec, "load", f"{label}: {exc}")
         served = self.loader.serving(spec, loaded)
+        served.model.model_dir = model_dir
         session = loaded.session
         report = reports[id(session)]
         self._failed.pop(spec.key, None)

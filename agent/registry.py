@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import Code, JobError
@@ -36,6 +37,7 @@ class ServingModel:
         self._inflight = 0
         self._retired = False
         self._closed = False
+        self.model_dir: Path | None = None  # the version's folder, with its side files
         self._pipeline: Pipeline | None = None
         self._pipeline_error: str | None = None
 
@@ -47,7 +49,7 @@ class ServingModel:
             if self._pipeline is None and self._pipeline_error is None:
                 try:
                     self._pipeline = build_pipeline(
-                        self.spec.task, self.spec.settings, None, self.session
+                        self.spec.task, self.spec.settings, self.model_dir, self.session
                     )
                 except ValueError as exc:
                     self._pipeline_error = f"model {self.label}: {exc}"

@@ -21,7 +21,9 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import numpy as np
 
 from agent import failover
@@ -44,12 +46,15 @@ from agent.protocol import (
 )
 from agent.registry import ModelRegistry, ServingModel
 from agent.topics import has_wildcard
+from runtimes.base import TensorSpec
 
 log = logging.getLogger(__name__)
 
 # Direct publish for answers that cannot wait for the journal: topic, payload, correlation.
 SendNow = Callable[[str, bytes, bytes | None], None]
 Ack = Callable[[int, int], None]
+
+_json = msgspec.json.Encoder()
 
 INTAKE_BATCH = 256
 PRUNE_EVERY_S = 10.0
@@ -171,6 +176,7 @@ class Scheduler:
         self._batchers: weakref.WeakKeyDictionary[ServingModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
+        self._running: dict[str, threading.Event] = {}  # job key -> its cancel switch
         self.executed = 0  # inference runs in this process
         self.duplicates = 0  # jobs answered from a stored answer
         self.rejected = 0  # jobs refused with RESOURCE_EXHAUSTED
@@ -389,6 +395,10 @@ class Scheduler:
 
     def _process(self, key: str, inbound: Inbound) -> None:
         """Answer one job: at once, or by handing it to its model's batcher."""
+        meta = peek_meta(inbound.payload, inbound.user_properties)
+        if meta.cancel is not None:
+            self._finish(key, inbound, self._cancel(inbound, meta))
+            return
         try:
             prepared = self._prepare(key, inbound)
         except _Answered as done:
@@ -399,6 +409,20 @@ class Scheduler:
             self._run_batch([prepared])
         else:
             batcher.offer(prepared)
+
+    def _cancel(self, inbound: Inbound, meta: JobMeta) -> Answer:
+        """A request to stop a running job of the same client (same reply topic)."""
+        reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
+        target = job_key(inbound, self._results_topic, meta.cancel)
+        with self._lock:
+            event = self._running.get(target)
+        if event is not None:
+            event.set()
+        body = {"model_name": "", "model_version": "", "outputs": [],
+                "parameters": {"cancel": meta.cancel, "found": event is not None}}
+        if meta.id is not None:
+            body["id"] = meta.id
+        return Answer(reply, _json.encode(body), (), False)
 
     def _batcher_for(self, job: Prepared) -> Batcher | None:
         model = job.model
@@ -437,7 +461,9 @@ class Scheduler:
             pipeline = model.pipeline()
             in_specs = pipeline.inputs() if pipeline is not None else session.inputs
             out_specs = pipeline.outputs() if pipeline is not None else session.outputs
-            arrays = check_inputs(req, in_specs, model.label, self._cfg.max_tensor_elements)
+            knobs: list[TensorSpec] = getattr(pipeline, "optional_inputs", list)()
+            arrays = check_inputs(req, in_specs, model.label, self._cfg.max_tensor_elements,
+                                  optional=knobs)
             wanted = check_outputs(req, out_specs, model.label)
             return Prepared(key, inbound, reply, req, model, arrays, wanted, deadline)
         except Exception as exc:
@@ -472,7 +498,7 @@ class Scheduler:
             try:
                 if pipeline is not None:
                     (job,) = live  # pipelines are never batched
-                    produced = pipeline.run(session, job.arrays)
+                    produced = self._run_pipeline(pipeline, job)
                     results = [{k: v for k, v in produced.items()
                                 if job.wanted is None or k in job.wanted}]
                 elif len(live) == 1:
@@ -508,6 +534,8 @@ class Scheduler:
                 }
                 if len(live) > 1:
                     params["batch_size"] = sum(j.rows for j in live)
+                if pipeline is not None and job.request.parameters.get("stream"):
+                    params["sequence_end"] = True
                 try:
                     encoded = encode_response(job.request, model.spec.name, model.spec.version,
                                               outputs, params)
@@ -520,6 +548,42 @@ class Scheduler:
         except Exception:
             # Jobs not answered stay in the journal and run again after a restart.
             log.exception("batch of %d job(s) failed", len(jobs))
+
+    def _run_pipeline(self, pipeline: Any, job: Prepared) -> dict[str, np.ndarray]:
+        """A pipeline's answer; a streaming one sends its partial answers on the way.
+
+        Text generation streams when the request says `"parameters": {"stream": true}`:
+        every chunk but the last goes out at once with `sequence_end: false` (through the
+        outbox, so a restart does not lose them), and the last is the job's final answer.
+        A running job can be stopped by a request with `"parameters": {"cancel": "<id>"}`.
+        """
+        if not hasattr(pipeline, "run_stream"):
+            return dict(pipeline.run(job.model.session, job.arrays))
+        cancel = threading.Event()
+        with self._lock:
+            self._running[job.key] = cancel
+        try:
+            if not job.request.parameters.get("stream"):
+                return dict(pipeline.run(job.model.session, job.arrays, cancel))
+            last: dict[str, np.ndarray] | None = None
+            for chunk in pipeline.run_stream(job.model.session, job.arrays, cancel):
+                if last is not None:
+                    self._send_partial(job, last)
+                last = chunk
+            assert last is not None  # the stream always ends with a chunk
+            return last
+        finally:
+            with self._lock:
+                self._running.pop(job.key, None)
+
+    def _send_partial(self, job: Prepared, outputs: dict[str, np.ndarray]) -> None:
+        model = job.model
+        encoded = encode_response(job.request, model.spec.name, model.spec.version, outputs,
+                                  {"sequence_end": False, "runtime": model.session.runtime,
+                                   "device": model.session.device})
+        self._journal.enqueue(job.reply.topic, encoded.payload, 1, job.reply.correlation_data,
+                              encoded.user_properties)
+        self._outbox.added(len(encoded.payload))
 
     def _error_answer(self, reply: Reply, job_id: str | None, model_label: str | None,
                       exc: Exception, executed: bool) -> Answer:

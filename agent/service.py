@@ -15,6 +15,7 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.journal import Journal, OutMessage
 from agent.metrics import Metrics
+from agent.mqtt_artifacts import MqttArtifacts
 from agent.mqtt_session import Inbound, MqttSession, Retained, Route
 from agent.outbox import OutboxPublisher
 from agent.reconciler import Reconciler
@@ -50,8 +51,12 @@ class Agent:
         self.reconciler = Reconciler(
             cfg, self.store, self.registry, self.hardware, self.emit_event, self.publish_reported
         )
+        # mqtt:// artifacts: chunks asked for over this session (agent/mqtt_artifacts.py).
+        self.artifacts = MqttArtifacts(self.topics, cfg.deploy, self.store.tmp)
+        self.store.sources["mqtt"] = self.artifacts.open
         routes = [
             Route(self.topics.desired, 1, self._on_desired),
+            Route(self.topics.artifact_chunks, 1, self.artifacts.on_chunk),
             Route(self.topics.jobs, 1, self._on_job),
             *(Route(self.topics.pool_subscription(p), 1, self._on_job) for p in cfg.jobs.pools),
         ]
@@ -63,6 +68,7 @@ class Agent:
             on_connected=self._on_connected,
             on_published=self._on_published,
         )
+        self.artifacts.attach(self.mqtt)
         self.outbox = OutboxPublisher(
             self.journal,
             self._publish_out,

@@ -14,16 +14,19 @@ import hashlib
 import http.client
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
+
+import msgspec
 
 from agent.manifest import ModelSpec
 
@@ -33,6 +36,9 @@ CHUNK = 1 << 20
 
 # Called with a stage name ("download", "verify", "install") as a fetch reaches it.
 Checkpoint = Callable[[str], None]
+# Opens the source of a spec's artifact for a URI scheme the store does not know itself
+# (mqtt://: agent/mqtt_artifacts.py); given the spec and the whole download's timeout.
+SourceOpener = Callable[[ModelSpec, float], contextlib.AbstractContextManager[BinaryIO]]
 
 
 def _no_checkpoint(_stage: str) -> None:
@@ -41,6 +47,12 @@ def _no_checkpoint(_stage: str) -> None:
 
 class ArtifactError(Exception):
     """An artifact that cannot be fetched or does not match its manifest entry."""
+
+
+def version_dir_name(spec: ModelSpec) -> str:
+    """Names a version's folder by everything in it, so a folder never changes."""
+    parts = [spec.sha256, *sorted(f"{f.name}={f.sha256}" for f in spec.files)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def fsync_dir(path: Path) -> None:
@@ -88,8 +100,11 @@ class ModelStore:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "models" / "sha256"
         self.tmp = state_dir / "tmp"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.versions = state_dir / "models" / "versions"
+        for folder in (self.root, self.tmp, self.versions):
+            folder.mkdir(parents=True, exist_ok=True)
+        # scheme -> opener, for sources registered by the service (e.g. "mqtt").
+        self.sources: dict[str, SourceOpener] = {}
 
     def path_for(self, sha256: str) -> Path:
         return self.root / sha256
@@ -110,14 +125,48 @@ class ModelStore:
                 count += 1
         return count
 
-    def remove_unreferenced(self, keep: set[str]) -> list[str]:
+    def remove_unreferenced(self, serving: Iterable[ModelSpec]) -> list[str]:
+        """Delete artifacts and version folders that no serving model needs."""
+        specs = list(serving)
+        keep = {sha for spec in specs for sha in (spec.sha256, *(f.sha256 for f in spec.files))}
+        keep_dirs = {version_dir_name(spec) for spec in specs}
         removed = []
         for entry in self.root.iterdir():
             if entry.name not in keep:
                 with contextlib.suppress(OSError):
                     entry.unlink()
                     removed.append(entry.name)
+        for folder in self.versions.iterdir():
+            if folder.name not in keep_dirs:
+                shutil.rmtree(folder, ignore_errors=True)
         return removed
+
+    def version_dir(self, spec: ModelSpec) -> Path:
+        """The version's folder: `model.onnx` and its files, as links into the store.
+
+        Built once, beside its final place, and renamed into it: a folder that exists is
+        complete. Pipelines read their side files (tokenizer, labels, other models) here.
+        """
+        final = self.versions / version_dir_name(spec)
+        if final.is_dir():
+            return final
+        staging = Path(tempfile.mkdtemp(dir=self.versions, prefix=".staging-"))
+        try:
+            os.symlink(self.path_for(spec.sha256), staging / "model.onnx")
+            for f in spec.files:
+                os.symlink(self.path_for(f.sha256), staging / f.name)
+            os.replace(staging, final)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not final.is_dir():
+                raise
+        return final
+
+    def fetch_files(self, spec: ModelSpec, timeout_s: float, max_bytes: int) -> None:
+        """Fetch and verify the version's side files like the model itself."""
+        for f in spec.files:
+            self.fetch(msgspec.structs.replace(spec, uri=f.uri, sha256=f.sha256, size=f.size),
+                       timeout_s, max_bytes)
 
     def fetch(
         self, spec: ModelSpec, timeout_s: float, max_bytes: int,
@@ -140,7 +189,7 @@ class ModelStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                digest, size = _copy_verified(spec, out, timeout_s, checkpoint)
+                digest, size = _copy_verified(spec, out, timeout_s, checkpoint, self.sources)
                 out.flush()
                 os.fsync(out.fileno())
             checkpoint("verify")
@@ -164,13 +213,16 @@ class ModelStore:
 
 
 def _copy_verified(
-    spec: ModelSpec, out: BinaryIO, timeout_s: float, checkpoint: Checkpoint
+    spec: ModelSpec, out: BinaryIO, timeout_s: float, checkpoint: Checkpoint,
+    sources: dict[str, SourceOpener] | None = None,
 ) -> tuple[str, int]:
     hasher = hashlib.sha256()
     size = 0
     deadline = time.monotonic() + timeout_s
     finished = False
-    with _open_source(spec.uri, timeout_s) as src, _Watchdog(src, deadline) as dog:
+    opener = (sources or {}).get(urlsplit(spec.uri).scheme.lower())
+    source = opener(spec, timeout_s) if opener else _open_source(spec.uri, timeout_s)
+    with source as src, _Watchdog(src, deadline) as dog:
         while time.monotonic() <= deadline:
             try:
                 chunk = src.read(CHUNK)

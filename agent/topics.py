@@ -60,12 +60,26 @@ class Topics:
     def events(self) -> str:
         return self._dev("events")
 
+    @property
+    def artifact_chunks(self) -> str:
+        # Answers to this device's chunk requests (mqtt:// artifacts).
+        return self._dev("artifacts")
+
+    @property
+    def artifact_requests(self) -> str:
+        return artifact_requests(self.prefix)
+
     def pool_jobs(self, pool: str) -> str:
         return f"{self.prefix}/pool/{pool}/jobs"
 
     def pool_subscription(self, pool: str) -> str:
         # A shared subscription hands each pool job to exactly one agent of the pool.
         return f"$share/{pool}/{self.pool_jobs(pool)}"
+
+
+def artifact_requests(prefix: str) -> str:
+    """Where agents ask the fleet's chunk server for ranges of mqtt:// artifacts."""
+    return f"{prefix}/artifacts/req"
 
 
 def device_topic(prefix: str, device_id: str, leaf: str) -> str:

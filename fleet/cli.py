@@ -110,9 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_dir_arg(p)
     p.add_argument("--artifact-base-url", metavar="URL",
                    help="point the device at http://host:port/artifacts/sha256/<hex> "
-                        "(an `edge-fleet serve`) instead of a file:// path")
+                        "(an `edge-fleet serve`) instead of a file:// path; `mqtt://` "
+                        "points it at mqtt:///artifacts/sha256/<hex>: chunks over its own "
+                        "broker from `edge-fleet serve`'s chunk server")
     p.add_argument("--wait", type=float, metavar="SECONDS",
                    help="wait until the device serves the model (or fails)")
+    p.add_argument("--with", dest="with_files", action="append", default=[],
+                   metavar="NAME=PATH",
+                   help="a file installed beside the model in its version's folder "
+                        "(tokenizer.json, labels.txt, ...); repeatable")
     p.add_argument("--settings", type=Path, metavar="FILE",
                    help="JSON file with the task pipeline's settings (docs/pipelines.md)")
     p.add_argument("--health", type=Path, metavar="FILE",
@@ -231,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fleet.rollout_cli import add_rollout_parser  # it imports this module's helpers
     add_rollout_parser(sub, common)
+    from fleet.simulate import add_simulate_parser  # it imports this module's helpers too
+    add_simulate_parser(sub, common)
     return parser
 
 
@@ -277,12 +285,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         try:
             base_url = parse_base_url(args.artifact_base_url) if args.artifact_base_url else None
             artifact = store_artifact(args.file, _artifact_store(args))
+            side_files = []
+            for item in args.with_files:
+                name, sep, path = item.partition("=")
+                if not sep or not name or not path:
+                    raise ValueError(f"--with {item!r}: expected NAME=PATH")
+                extra = store_artifact(Path(path), _artifact_store(args))
+                side_files.append((name, extra, artifact_uri(extra, base_url)))
             spec = model_spec(
                 name=args.model, version=args.version, artifact=artifact,
                 uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
                 max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                 health=_health(args.health),
-                settings=_json_object("--settings", args.settings),
+                settings=_json_object("--settings", args.settings), files=side_files,
             )
         except (ValueError, OSError) as exc:
             raise UsageError(str(exc)) from None
@@ -587,6 +602,10 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         registry.close()
         raise UsageError(f"cannot serve on {host}:{port}: {exc}") from None
     controller.start()
+    # mqtt:///artifacts/sha256/<hex>: the same store in chunks over the broker.
+    from fleet.artifact_mqtt import ChunkServer
+    chunks = ChunkServer(store, broker, prefix=prefix, client_id=f"{cfg.broker.client_id}-artifacts",
+                         security=security_from_args(args)).start()
     # Rollouts (fleet/rollout.py) are driven here, from the registry: a restart resumes them.
     from fleet.rollout import RolloutRunner
     security = security_from_args(args)
@@ -600,6 +619,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         stop.wait()
     finally:
         server.shutdown()
+        chunks.stop()
         rollouts.stop()
         controller.stop()
         registry.close()

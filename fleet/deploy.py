@@ -49,8 +49,11 @@ def check_name(what: str, value: str) -> str:
 
 def parse_base_url(url: str) -> str:
     parts = urlsplit(url)
+    if parts.scheme == "mqtt" and not parts.netloc and parts.path in ("", "/"):
+        return "mqtt://"  # chunks over the device's own broker (fleet/artifact_mqtt.py)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"artifact base URL {url!r} must look like http://host:port")
+        raise ValueError(f"artifact base URL {url!r} must look like http://host:port "
+                         "(or be mqtt:// for chunks over the device's broker)")
     return url.rstrip("/")
 
 
@@ -65,6 +68,8 @@ def store_artifact(src: Path, store: ArtifactStore) -> Artifact:
 
 def artifact_uri(artifact: Artifact, base_url: str | None) -> str:
     """`http://.../artifacts/sha256/<hex>` with a base URL, else the stored file's URI."""
+    if base_url == "mqtt://":
+        return f"mqtt:///artifacts/sha256/{artifact.sha256}"
     if base_url:
         return artifact_url(base_url, artifact.sha256)
     return artifact.path.resolve().as_uri()
@@ -82,6 +87,7 @@ def model_spec(
     max_delay_ms: float | None = None,
     health: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
+    files: Sequence[tuple[str, Artifact, str]] = (),
 ) -> ModelSpec:
     """A validated manifest entry; raises ValueError naming the bad field.
 
@@ -107,6 +113,9 @@ def model_spec(
         entry["health"] = health
     if settings:
         entry["settings"] = settings
+    if files:
+        entry["files"] = [{"name": name, "uri": uri, "sha256": a.sha256, "size": a.size}
+                          for name, a, uri in files]
     try:
         # convert() checks the constraints that plain construction would skip.
         return msgspec.convert(entry, ModelSpec)
