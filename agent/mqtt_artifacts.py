@@ -95,10 +95,15 @@ class MqttArtifacts:
         self._session: MqttSession | None = None
         self._lock = threading.Lock()
         self._inbox: queue.Queue[Inbound] | None = None  # of the download under way
+        self._stopping = threading.Event()
         self.dropped = 0
 
     def attach(self, session: MqttSession) -> None:
         self._session = session
+
+    def stop(self) -> None:
+        """End a download under way at once (its part is kept): the agent is stopping."""
+        self._stopping.set()
 
     # --- network thread ------------------------------------------------------------------
 
@@ -133,7 +138,7 @@ class MqttArtifacts:
             self._remove_stale(keep=m.group(1))
             reader = _ChunkReader(
                 spec, m.group(1), self._cfg, self._topics, self._session, inbox, self._dir,
-                time.monotonic() + timeout_s,
+                time.monotonic() + timeout_s, self._stopping,
             )
             completed = False
             try:
@@ -161,7 +166,9 @@ class _ChunkReader:
     def __init__(
         self, spec: ModelSpec, sha256: str, cfg: DeployConfig, topics: Topics,
         session: MqttSession, inbox: queue.Queue[Inbound], directory: Path, deadline: float,
+        stopping: threading.Event,
     ) -> None:
+        self._stopping = stopping
         self._spec = spec
         self._sha = sha256
         self._cfg = cfg
@@ -240,6 +247,9 @@ class _ChunkReader:
 
     def _step(self) -> None:
         now = time.monotonic()
+        if self._stopping.is_set():
+            raise OSError(f"the agent is stopping ({self._contig} of {self._size} bytes kept "
+                          "for resuming)")
         if now >= self._deadline:
             self._checkpoint()
             raise TimeoutError(

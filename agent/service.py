@@ -134,6 +134,7 @@ class Agent:
             return
         self._stopped.set()
         self.telemetry.stop()
+        self.artifacts.stop()  # an MQTT download under way ends now (its part is kept)
         self.reconciler.stop()
         self.scheduler.stop()
         if self.mqtt.connected.is_set():
