@@ -121,6 +121,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"runtime preference {', '.join(cfg.runtime.prefer)}:")
     for line in explain(cfg.runtime.prefer, hw):
         print(f"  {line}")
+    from runtimes.pipelines import pipeline_requirements
+
+    print("task pipelines:")
+    for task, missing in pipeline_requirements().items():
+        print(f"  {task}: {'ready' if missing is None else 'unavailable: ' + missing}")
     ok, lines = _broker_answers(cfg.broker)
     print("\n".join(lines))
     return 0 if ok else 1

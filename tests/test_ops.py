@@ -229,6 +229,12 @@ def test_doctor_tells_hardware_runtime_choices_and_that_the_broker_answers(
         assert "auto: skipped: no NVIDIA GPU detected" in out
     assert "auto: loads, checks against ONNX Runtime CPU and times" in out
     assert "openvino on CPU" in out and "onnxruntime on CPU" in out
+    # Which task pipelines can run here, and what a missing optional library costs.
+    from runtimes.pipelines import pipeline_requirements
+
+    assert "task pipelines:" in out
+    for task, missing in pipeline_requirements().items():
+        assert (f"  {task}: ready" if missing is None else f"  {task}: unavailable: ") in out
     # A pinned list says, entry by entry, what it gets and why.
     pinned = _cli("doctor", "--config", str(_config(
         tmp_path, broker={"url": broker.url},
