@@ -616,6 +616,8 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
               "(Ctrl-C to stop)", flush=True)
         print(f"controller: devices under {prefix}/dev/ on {controller.url}, registry "
               f"{registry.url}, API at {server.url}/api/", flush=True)
+        print(f"chunk server: mqtt:///artifacts/sha256/<hex> answered on {chunks.topic}",
+              flush=True)
         stop.wait()
     finally:
         server.shutdown()
