@@ -225,6 +225,7 @@ class Scheduler:
             inbound = revived(job)
             self._enqueue(job.key, inbound, peek_meta(inbound.payload, inbound.user_properties))
             with self._lock:
+                self._first_correlation[job.key] = job.correlation
                 self._queued += 1
                 self._queued_bytes += len(job.payload)
         if pending:
@@ -341,10 +342,13 @@ class Scheduler:
             else:  # duplicate_pending: the answer is on the way to the first correlation
                 self.duplicates += 1
                 with self._lock:
-                    if self._first_correlation.get(key, inbound.correlation_data) != (
-                        inbound.correlation_data
-                    ):
+                    running = key in self._first_correlation
+                    if running and self._first_correlation[key] != inbound.correlation_data:
                         self._repeats.setdefault(key, []).append(inbound.correlation_data)
+                # Finished between the journal's look and ours: its answer is stored now.
+                if not running and self._journal.resend_stored(
+                        key, inbound.correlation_data) is not None:
+                    self._outbox.added(0)
         with self._lock:
             self._queued += new
             self._queued_bytes += new_bytes

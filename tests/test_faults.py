@@ -213,7 +213,8 @@ def test_journaled_jobs_past_deadline_after_restart(tmp_path: Path) -> None:
     try:
         wait_state(broker.url, "online", DEVICE)
         assert deploy(broker.url, tmp_path, "--model", "heavy", "--version", "1",
-                      "--file", str(heavy), "--wait", "60", device=DEVICE) == 0
+                      "--file", str(heavy), "--prefer", "onnxruntime", "--wait", "60",
+                      device=DEVICE) == 0
         x = np.random.default_rng(0).random((256, 64), dtype=np.float32)  # ~0.5 s each
         with InferenceClient(broker.url) as client:
             futures = [client.submit("heavy", {"x": x}, device=DEVICE, binary=True,
@@ -253,7 +254,8 @@ def test_job_slower_than_three_keepalives_keeps_the_connection(tmp_path: Path) -
     try:
         online = wait_state(broker.url, "online", DEVICE)
         assert deploy(broker.url, tmp_path, "--model", "heavy", "--version", "1",
-                      "--file", str(heavy), "--wait", "60", device=DEVICE) == 0
+                      "--file", str(heavy), "--prefer", "onnxruntime", "--wait", "60",
+                      device=DEVICE) == 0
         x = np.random.default_rng(0).random((4096, 64), dtype=np.float32)
         with InferenceClient(broker.url) as client:
             t0 = time.monotonic()
@@ -317,7 +319,8 @@ def test_job_that_keeps_dying_with_the_agent_is_answered_not_rerun(tmp_path: Pat
     try:
         wait_state(broker.url, "online", DEVICE)
         assert deploy(broker.url, tmp_path, "--model", "heavy", "--version", "1",
-                      "--file", str(heavy), "--wait", "60", device=DEVICE) == 0
+                      "--file", str(heavy), "--prefer", "onnxruntime", "--wait", "60",
+                      device=DEVICE) == 0
         x = np.random.default_rng(0).random((4096, 64), dtype=np.float32)  # seconds of work
         with InferenceClient(broker.url) as client:
             future = client.submit("heavy", {"x": x}, device=DEVICE, binary=True, timeout=120)

@@ -1,0 +1,100 @@
+"""The MQTT transport alone: a responder that answers every job with a canned response.
+
+A plain paho client (MQTT v5, TCP_NODELAY on its socket) subscribes to
+`{prefix}/dev/<device>/jobs` for each canned device at QoS 1 and answers each request on
+its Response Topic with its Correlation Data, at QoS 1, without decoding it: no
+inference, no journal. The answer is the file `<dir>/<device>.body`, with the user
+property `Inference-Header-Content-Length` when `<dir>/<device>.hlen` holds a header
+length: the bytes the agent answered the same request with. The job client and the
+concurrency are the agent's: this is the ceiling the agent is compared against.
+
+    python -m bench.echo mqtt://127.0.0.1:1883 /tmp/canned
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.brokerurl import parse_broker_url
+from fleet.oip import HEADER_LENGTH_PROPERTY
+
+READY = "echo ready"
+
+
+def load_canned(folder: Path) -> dict[str, tuple[bytes, list[tuple[str, str]]]]:
+    canned: dict[str, tuple[bytes, list[tuple[str, str]]]] = {}
+    for body in folder.glob("*.body"):
+        hlen = body.with_suffix(".hlen")
+        props = [(HEADER_LENGTH_PROPERTY, hlen.read_text().strip())] if hlen.exists() else []
+        canned[body.stem] = (body.read_bytes(), props)
+    return canned
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="answer MQTT jobs with canned responses")
+    parser.add_argument("broker")
+    parser.add_argument("canned", type=Path, help="folder of <device>.body files")
+    parser.add_argument("--prefix", default="edge/v1")
+    args = parser.parse_args(argv)
+    canned = load_canned(args.canned)
+    address = parse_broker_url(args.broker)
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"bench-echo-{id(canned):x}", protocol=paho.MQTTv5)
+    subscribed = threading.Event()
+
+    def on_socket_open(_c: Any, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def on_connect(c: paho.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
+        c.subscribe([(f"{args.prefix}/dev/{device}/jobs", 1) for device in canned])
+
+    def on_subscribe(*_a: Any) -> None:
+        subscribed.set()
+
+    def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        device = msg.topic.split("/")[-2]
+        body, user_props = canned[device]
+        req = msg.properties
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        correlation = getattr(req, "CorrelationData", None)
+        if correlation is not None:
+            props.CorrelationData = correlation
+        if user_props:
+            props.UserProperty = user_props
+        reply = getattr(req, "ResponseTopic", None) or f"{args.prefix}/dev/{device}/results"
+        c.publish(reply, body, qos=1, properties=props)
+
+    client.on_socket_open = on_socket_open
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.max_inflight_messages_set(64)  # as the agent's session has it
+    client.connect(address.host, address.port, keepalive=30)
+    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
+    client.loop_start()
+    if not subscribed.wait(10):
+        print("echo: no SUBACK within 10 s", file=sys.stderr)
+        return 1
+    print(READY, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        while client.is_connected():
+            threading.Event().wait(0.5)
+    client.loop_stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
