@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     result_props TEXT,
     executions INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,  -- runs started: a job that kills the agent shows here
     done_wall REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, done_wall);
@@ -46,6 +45,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     user_props TEXT NOT NULL,
     created_wall REAL NOT NULL
 );
+-- Runs started, apart from the job's row: counting one must not rewrite its payload.
+CREATE TABLE IF NOT EXISTS attempts (key TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -154,6 +155,7 @@ class Journal:
                     " executions = executions + ? WHERE key = ?",
                     (topic, payload, props, now, 1 if executed else 0, key),
                 )
+                self._db.execute("DELETE FROM attempts WHERE key = ?", (key,))
                 if executed:
                     self._bump("executions")
                 self._db.execute("COMMIT")
@@ -185,7 +187,8 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT key, topic, payload, response_topic, correlation, user_props, expiry_s,"
-                " received_wall, attempts FROM jobs WHERE state = 'queued' ORDER BY rowid"
+                " received_wall, coalesce(a.n, 0) FROM jobs LEFT JOIN attempts a USING (key)"
+                " WHERE state = 'queued' ORDER BY jobs.rowid"
             ).fetchall()
         return [
             StoredJob(r[0], r[1], bytes(r[2]), r[3], None if r[4] is None else bytes(r[4]),
@@ -196,7 +199,9 @@ class Journal:
     def started(self, key: str) -> None:
         """Count a run about to start (before the runtime sees the job)."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE key = ?", (key,))
+            self._db.execute(
+                "INSERT INTO attempts (key, n) VALUES (?, 1)"
+                " ON CONFLICT(key) DO UPDATE SET n = n + 1", (key,))
 
     def prune(self, older_than_wall: float) -> int:
         """Forget answers older than the dedup window."""

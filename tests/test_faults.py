@@ -311,7 +311,8 @@ def test_job_that_keeps_dying_with_the_agent_is_answered_not_rerun(tmp_path: Pat
     def attempts() -> int:
         db = sqlite3.connect(journal)
         try:
-            row = db.execute("SELECT attempts FROM jobs WHERE state = 'queued'").fetchone()
+            row = db.execute("SELECT coalesce(a.n, 0) FROM jobs LEFT JOIN attempts a"
+                             " USING (key) WHERE state = 'queued'").fetchone()
         finally:
             db.close()
         return int(row[0]) if row else -1
