@@ -371,6 +371,8 @@ def test_handlers_that_raise_never_break_the_session(
     session.start()
     try:
         assert connects.wait(5) and session.connected.is_set()
+        # t/cb/boom is new to this session: publish only once the broker has granted it.
+        assert session.subscribed.wait(5)
         with connect(broker.url) as conn:
             for i in range(3):
                 conn.publish("t/cb/boom", f"b{i}".encode()).result(5)
