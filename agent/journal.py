@@ -99,9 +99,14 @@ class Journal:
         # power loss, at an fsync per commit.
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._db.executescript(SCHEMA)
+        # The outbox publisher reads on its own connection: in WAL mode a reader sees the
+        # last commit without waiting for the writers' lock (the workers' hot path).
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._db.close()
 
     # --- jobs ----------------------------------------------------------------------------
@@ -235,8 +240,8 @@ class Journal:
         return int(cur.lastrowid or 0)
 
     def outbox_after(self, seq: int, limit: int) -> list[OutMessage]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT seq, topic, payload, qos, correlation, user_props FROM outbox"
                 " WHERE seq > ? ORDER BY seq LIMIT ?",
                 (seq, limit),
@@ -268,8 +273,8 @@ class Journal:
 
     def outbox_stats(self) -> tuple[int, int]:
         """(messages, bytes) waiting for the broker."""
-        with self._lock:
-            n, size = self._db.execute(
+        with self._read_lock:
+            n, size = self._reader.execute(
                 "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
             ).fetchone()
         return int(n), int(size)
