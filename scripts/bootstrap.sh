@@ -7,13 +7,17 @@ cd "$(dirname "$0")/.."
 
 # System packages: mosquitto (the broker the demo and the tests start), mosquitto_passwd
 # (password-file tests), espeak-ng (speech for the voice-activity tests), chromium and
-# chromium-driver (the dashboard's browser tests; never a browser downloaded by a tool).
+# chromium-driver (the dashboard's browser tests; never a browser downloaded by a tool),
+# fonts-dejavu-core and systemd (see below).
 missing=""
 { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing="$missing mosquitto"
 command -v mosquitto_passwd >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 { command -v chromedriver || [ -x /usr/bin/chromedriver ]; } >/dev/null 2>&1 || missing="$missing chromium-driver"
+# The OCR tests render text in DejaVu Sans; the unit-file tests run systemd-analyze verify.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$missing fonts-dejavu-core"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 if [ -n "$missing" ]; then
     echo "bootstrap: installing from the system's packages:$missing" >&2
     SUDO=""
