@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -35,7 +36,7 @@ def is_final(doc: dict[str, Any]) -> bool:
     return not (isinstance(params, dict) and params.get("sequence_end") is False)
 
 
-class StreamBase:
+class StreamBase(ABC):
     """What the client's worker feeds; `ResponseStream` and `AsyncResponseStream` consume it."""
 
     def __init__(self, job_id: str, correlation: bytes, timeout: float) -> None:
@@ -53,11 +54,11 @@ class StreamBase:
         self._cancel = cancel
 
     # Worker thread, never blocking: a non-final response; the job's future once settled.
-    def _part(self, result: InferResult) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _part(self, result: InferResult) -> None: ...
 
-    def _done(self, fut: Future[InferResult]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _done(self, fut: Future[InferResult]) -> None: ...
 
     def _next_item(self, kind: str, value: Any) -> InferResult:
         if kind == "part":
