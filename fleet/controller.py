@@ -215,6 +215,7 @@ class Controller:
         (security or TransportSecurity()).apply(self.client, self.address)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -282,7 +283,6 @@ class Controller:
             log.warning("broker %s refused the controller: %s", self.url, reason_code)
             return
         self._generation += 1
-        self.connected.set()
         log.info("controller connected to %s (session present: %s)", self.url,
                  flags.session_present)
         # Always subscribe again, even with a kept session: the broker then re-sends
@@ -290,6 +290,16 @@ class Controller:
         result, mid = client.subscribe(self.ingestor.filters())
         if mid is None:
             log.error("cannot subscribe on %s: %s", self.url, paho.error_string(result))
+
+    def _on_subscribe(self, _client: paho.Client, _userdata: Any, _mid: int,
+                      reason_codes: list[ReasonCode], _properties: Properties | None) -> None:
+        # `connected` means ingesting: set once the broker has granted the subscriptions,
+        # so nothing published after it is missed.
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("broker %s refused the controller's subscriptions: %s", self.url,
+                      [str(rc) for rc in reason_codes])
+            return
+        self.connected.set()
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any,
                        _flags: paho.DisconnectFlags, reason_code: ReasonCode,
