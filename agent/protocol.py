@@ -140,7 +140,9 @@ def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Job
     """
     header = payload
     length = dict(user_properties).get(HEADER_LENGTH_PROPERTY)
-    if length is not None and length.isdigit() and 0 < int(length) <= len(payload):
+    # isdecimal() alone would let "²" through, which int() refuses.
+    if length is not None and length.isascii() and length.isdecimal() and (
+            0 < int(length) <= len(payload)):
         header = payload[: int(length)]
     try:
         meta = _meta_decoder.decode(header)

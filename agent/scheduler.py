@@ -271,16 +271,14 @@ class Scheduler:
         except queue.Full:
             self._refuse_now(inbound, "the agent's intake is full")
 
-    def _refuse_now(self, inbound: Inbound, why: str) -> None:
+    def _refuse_now(self, inbound: Inbound, why: str,
+                    code: Code = Code.RESOURCE_EXHAUSTED) -> None:
         reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
         job_id = peek_meta(inbound.payload, inbound.user_properties).id
         self.rejected += 1
-        self._metrics.record_error(None, Code.RESOURCE_EXHAUSTED.value)
-        self._send_now(
-            reply.topic,
-            encode_error(job_id, Code.RESOURCE_EXHAUSTED, f"{why}; retry later"),
-            reply.correlation_data,
-        )
+        self._metrics.record_error(None, code.value)
+        text = f"{why}; retry later" if code is Code.RESOURCE_EXHAUSTED else why
+        self._send_now(reply.topic, encode_error(job_id, code, text), reply.correlation_data)
         self._ack(inbound.mid, inbound.qos)
 
     def _intake_loop(self) -> None:
@@ -305,7 +303,7 @@ class Scheduler:
                         log.info("stopping: %d job(s) left with the broker for the next start",
                                  len(batch))
                         continue
-                    self._admit(batch)
+                    self._admit_each_if_need_be(batch)
             except Exception:
                 # Not acknowledged: the broker delivers these again after a reconnect.
                 log.exception("journal write failed for %d job(s)", len(batch))
@@ -313,6 +311,22 @@ class Scheduler:
             if now - last_prune > PRUNE_EVERY_S:
                 last_prune = now
                 self._journal.prune(time.time() - self._cfg.dedup_window_s)
+
+    def _admit_each_if_need_be(self, batch: list[Inbound]) -> None:
+        try:
+            self._admit(batch)
+            return
+        except Exception:
+            log.exception("admitting %d job(s) failed; taking them one by one", len(batch))
+        for inbound in batch:
+            try:
+                self._admit([inbound])
+            except Exception as exc:
+                # Answered and acknowledged: a job that cannot even be journaled must not
+                # come back with every reconnect, unanswered.
+                log.exception("job could not be admitted")
+                self._refuse_now(inbound, f"the agent could not accept the job "
+                                 f"({type(exc).__name__}: {exc})", Code.INTERNAL)
 
     def _admit(self, batch: list[Inbound]) -> None:
         with self._lock:

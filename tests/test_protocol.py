@@ -161,3 +161,13 @@ def test_tritons_timeout_in_microseconds_is_a_deadline() -> None:
     assert both.timeout_ms == 10.0  # ours wins where both are given
     with pytest.raises(JobError, match="microseconds"):
         _ = decode_request(request(parameters={"timeout": "soon"}), ()).timeout_ms
+
+
+def test_header_length_property_with_non_ascii_digits_reads_as_absent() -> None:
+    # "²".isdigit() is True, yet int("²") fails: the intake must not trip over it.
+    from agent.protocol import peek_meta
+
+    meta = peek_meta(b'{"id": "j-7", "inputs": []}', [(HEADER_LENGTH_PROPERTY, "\u00b2")])
+    assert meta.id == "j-7"
+    e = err(request(), ((HEADER_LENGTH_PROPERTY, "\u00b2"),))
+    assert HEADER_LENGTH_PROPERTY in e.message
