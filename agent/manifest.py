@@ -202,6 +202,10 @@ def decode_published(payload: bytes) -> Published:
         raw = _decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec's word for bytes that are not UTF-8
+        raise ManifestError(f"manifest is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except RecursionError:
+        raise ManifestError("manifest is nested too deeply") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest must be a JSON object, not {type(raw).__name__}")
     try:

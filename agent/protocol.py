@@ -111,7 +111,7 @@ def peek_id(payload: bytes) -> str | None:
     """The job id, if one can be read cheaply: for answering a job we will not run."""
     try:
         value = _id_decoder.decode(payload).id
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
         return None
     return value if isinstance(value, str) and NAME_RE.match(value) else None
 
@@ -146,7 +146,7 @@ def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Job
         header = payload[: int(length)]
     try:
         meta = _meta_decoder.decode(header)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
         return JobMeta(None, None, None, None)
     job_id = meta.id if isinstance(meta.id, str) and NAME_RE.match(meta.id) else None
     params = meta.parameters if isinstance(meta.parameters, dict) else {}
@@ -193,6 +193,9 @@ def decode_request(
         raise JobError(Code.INVALID_ARGUMENT, f"request is not valid JSON: {exc}") from None
     except RecursionError:
         raise JobError(Code.INVALID_ARGUMENT, "request is nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise JobError(Code.INVALID_ARGUMENT,
+                       f"request is not UTF-8: {exc.reason} at byte {exc.start}") from None
 
     if req.id is not None and not NAME_RE.match(req.id):
         raise JobError(Code.INVALID_ARGUMENT, "id must match [A-Za-z0-9._-]{1,64}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -94,8 +95,11 @@ def test_higher_priority_jobs_run_first(tmp_path: Path) -> None:
                 done.append(str(fut.result().id))
 
         with InferenceClient(broker.url) as client:
-            blocker = client.submit("heavy", {"x": x}, device="gw-prio", binary=True,
-                                    timeout=60)
+            # The most urgent of all, so it runs first even if it shares an intake batch
+            # with the others; they queue behind it while it keeps the one worker busy.
+            blocker = client.submit("heavy", {"x": np.tile(x, (8, 1))}, device="gw-prio",
+                                    binary=True, priority=1, timeout=60)
+            time.sleep(0.1)
             futures = []
             for i in range(6):
                 prio = 1 if i % 2 else 9

@@ -216,8 +216,6 @@ manifest_values = st.one_of(json_values, st.fixed_dictionaries({
 }))
 
 
-@settings(max_examples=20, deadline=None, database=None, phases=[Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def _acceptable(payload: bytes) -> bool:
     """Whether the agent's own decoder takes it: such a manifest is not malformed."""
     try:
@@ -227,6 +225,8 @@ def _acceptable(payload: bytes) -> bool:
     return True
 
 
+@settings(max_examples=20, deadline=None, database=None, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(st.one_of(manifest_values.map(lambda v: json.dumps(v).encode()),
                                 st.binary(max_size=200)).filter(lambda b: not _acceptable(b)),
                       min_size=50, max_size=50))

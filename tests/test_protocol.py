@@ -171,3 +171,15 @@ def test_header_length_property_with_non_ascii_digits_reads_as_absent() -> None:
     assert meta.id == "j-7"
     e = err(request(), ((HEADER_LENGTH_PROPERTY, "\u00b2"),))
     assert HEADER_LENGTH_PROPERTY in e.message
+
+
+def test_bytes_that_are_not_utf8_inside_json_strings_are_refused_not_crashed() -> None:
+    from agent.manifest import ManifestError, decode_manifest
+    from agent.protocol import peek_meta
+
+    bad = b'{"id": "\xd2", "inputs": []}'
+    e = err(bad)
+    assert e.code == Code.INVALID_ARGUMENT and "not UTF-8" in e.message
+    assert peek_meta(bad, []).id is None
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        decode_manifest(b'{"revision": 1, "models": [], "issued_at": "\xd2"}')
