@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import LoadOptions, RuntimeLoadError, Session, make_sample_inputs, one_line
+from runtimes.base import LoadOptions, RuntimeLoadError, Session, one_line
 from runtimes.hardware import HardwareInfo
 from runtimes.registry import get_backend
 from runtimes.selection import (
@@ -42,6 +42,7 @@ from runtimes.selection import (
     is_auto,
     load_first_workable,
     plan,
+    warm_up,
 )
 
 log = logging.getLogger(__name__)
@@ -235,15 +236,7 @@ def load_choice(
     except Exception as exc:  # a backend bug must not stop the others; keep its type
         return f"{type(exc).__name__}: {one_line(exc)}"
     try:
-        feed = make_sample_inputs(session.inputs)
-        if sample_inputs:
-            feed.update(sample_inputs)
-        outputs = session.infer(feed)
-        missing = [s.name for s in session.outputs if s.name not in outputs]
-        if missing:
-            raise RuntimeLoadError(f"warm-up returned no {', '.join(missing)}")
-        if check is not None:
-            check(session, feed, outputs)
+        feed, outputs = warm_up(session, sample_inputs, check)
     except Exception as exc:
         session.close()
         return f"warm-up failed: {one_line(exc)}"

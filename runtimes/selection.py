@@ -161,9 +161,10 @@ def plan(prefer: Sequence[str] | None, hw: HardwareInfo) -> tuple[list[Candidate
     return candidates, skipped
 
 
-def _warm_up(
+def warm_up(
     session: Session, sample_inputs: Mapping[str, np.ndarray] | None, check: WarmupCheck | None
-) -> None:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run the warm-up (sample inputs over synthetic ones) and judge it; (feed, outputs)."""
     feed = make_sample_inputs(session.inputs)
     if sample_inputs:
         feed.update(sample_inputs)
@@ -173,6 +174,7 @@ def _warm_up(
         raise RuntimeLoadError(f"warm-up returned no {', '.join(missing)}")
     if check is not None:
         check(session, feed, result)
+    return feed, result
 
 
 def _try(
@@ -193,7 +195,7 @@ def _try(
         return f"{type(exc).__name__}: {one_line(exc)}"
     if warmup:
         try:
-            _warm_up(session, sample_inputs, check)
+            warm_up(session, sample_inputs, check)
         except Exception as exc:
             session.close()
             return f"warm-up failed: {one_line(exc)}"
