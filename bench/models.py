@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,6 +27,22 @@ class DigitsModel:
     sklearn_pred: np.ndarray  # int64 [n]: scikit-learn's own predict() on x_test
 
 
+def _train_digits() -> tuple[Any, np.ndarray, np.ndarray]:
+    """The one digits classifier both exports share: (fitted MLP, x_test, y_test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=_SEED
+    )
+    # Converges in ~160 epochs (~0.3 s); 300 leaves headroom without a ConvergenceWarning.
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=_SEED)
+    clf.fit(x_train, y_train)
+    return clf, x_test, y_test
+
+
 def build_digits(out_dir: Path) -> DigitsModel:
     """scikit-learn MLP on the 8x8 digits, as digits.onnx (outputs 'label' INT64 and
     'probabilities' FP32 [n, 10]).
@@ -42,17 +59,8 @@ def build_digits(out_dir: Path) -> DigitsModel:
 
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier
 
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=_SEED
-    )
-    # Converges in ~160 epochs (~0.3 s); 300 leaves headroom without a ConvergenceWarning.
-    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=_SEED)
-    clf.fit(x_train, y_train)
+    clf, x_test, y_test = _train_digits()
     onx = convert_sklearn(
         clf,
         initial_types=[("x", FloatTensorType([None, 64]))],
@@ -331,16 +339,7 @@ def build_digits_float(out_dir: Path, name: str = "digits_float.onnx") -> Digits
         with np.load(sidecar) as data:
             return DigitsModel(path, data["x_test"], data["y_test"], data["sklearn_pred"])
 
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=_SEED
-    )
-    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=_SEED)
-    clf.fit(x_train, y_train)
+    clf, x_test, y_test = _train_digits()
     (w1, w2), (b1, b2) = clf.coefs_, clf.intercepts_
     inits = [
         numpy_helper.from_array(np.asarray(w, np.float32), n)
