@@ -10,20 +10,28 @@ before), and an answer the broker has not acknowledged is sent again. A job seen
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.runslots import RunSlots, read_running, run_tag
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     key TEXT PRIMARY KEY,
     state TEXT NOT NULL,               -- 'queued' | 'done'
     topic TEXT NOT NULL,
-    payload BLOB,                      -- dropped once done
+    payload BLOB,                      -- dropped once done; NULL when spooled
     response_topic TEXT,
     correlation BLOB,
     user_props TEXT NOT NULL,
@@ -45,10 +53,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     user_props TEXT NOT NULL,
     created_wall REAL NOT NULL
 );
--- Runs started, apart from the job's row: counting one must not rewrite its payload.
+-- Runs cut short by the agent stopping, per job: `key` is the run tag of agent/runslots.py
+-- (older state dirs: the job key). Written only when the agent starts again.
 CREATE TABLE IF NOT EXISTS attempts (key TEXT PRIMARY KEY, n INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+RUNNING_FILE = "running"  # <database file name>.running: agent/runslots.py
+# Payloads this large are written to a file of their own (<database file name>.spool/)
+# instead of into the database: a 600 KB image as a blob is written to the WAL, copied
+# again by every checkpoint, and its 150 overflow pages freed page by page once the job is
+# done; as a file it is one write and one unlink.
+SPOOL_DIR = "spool"
+SPOOL_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,14 @@ class Admission:
     job: StoredJob
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _props(text: str) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in json.loads(text))
 
@@ -99,43 +124,124 @@ class Journal:
         # power loss, at an fsync per commit.
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "payload_file" not in columns:  # state dirs from before the spool
+            self._db.execute("ALTER TABLE jobs ADD COLUMN payload_file TEXT")
+        self._full = synchronous.upper() == "FULL"
+        self._spool = path.with_name(path.name + "." + SPOOL_DIR)
+        self._spool.mkdir(exist_ok=True)
         # The outbox publisher reads on its own connection: in WAL mode a reader sees the
         # last commit without waiting for the writers' lock (the workers' hot path).
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._running_path = path.with_name(path.name + "." + RUNNING_FILE)
+        self._count_interrupted_runs()
+        self._slots = RunSlots(self._running_path)
+        self._remove_orphan_spool_files()
+
+    def _remove_orphan_spool_files(self) -> None:
+        """Spool files written for jobs whose admission never committed (a crash between
+        the two), or whose job is done but the unlink did not happen."""
+        with self._lock:
+            wanted = {r[0] for r in self._db.execute(
+                "SELECT payload_file FROM jobs WHERE state = 'queued' AND payload_file IS NOT NULL")}
+        for entry in self._spool.iterdir():
+            if entry.name not in wanted:
+                entry.unlink(missing_ok=True)
+
+    def _spool_write(self, payload: bytes) -> str:
+        name = uuid.uuid4().hex
+        fd = os.open(self._spool / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            if self._full:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return name
+
+    def _spool_unlink(self, names: Sequence[str]) -> None:
+        for name in names:
+            # One left behind is removed at the next start.
+            with contextlib.suppress(OSError):
+                os.unlink(self._spool / name)
+
+    def _count_interrupted_runs(self) -> None:
+        """Charge a run to each unanswered job that was running when the agent stopped, and
+        forget the counts of jobs that are answered (before the slots are cleared)."""
+        running = read_running(self._running_path)
+        with self._lock:
+            queued = self._db.execute(
+                "SELECT key, received_wall FROM jobs WHERE state = 'queued'").fetchall()
+            live = {run_tag(k, wall).decode() for k, wall in queued} | {k for k, _ in queued}
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for tag in running:
+                    if tag.decode() in live:
+                        self._db.execute(
+                            "INSERT INTO attempts (key, n) VALUES (?, 1)"
+                            " ON CONFLICT(key) DO UPDATE SET n = n + 1", (tag.decode(),))
+                stale = [k for (k,) in self._db.execute("SELECT key FROM attempts") if k not in live]
+                self._db.executemany("DELETE FROM attempts WHERE key = ?", [(k,) for k in stale])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock, self._read_lock:
             self._reader.close()
             self._db.close()
+            self._slots.close()
 
     # --- jobs ----------------------------------------------------------------------------
 
     def admit(self, jobs: Sequence[StoredJob]) -> list[Admission]:
         """Record new jobs (one transaction for the batch); say which were seen before."""
         out: list[Admission] = []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for job in jobs:
-                    row = self._db.execute(
-                        "SELECT state FROM jobs WHERE key = ?", (job.key,)
-                    ).fetchone()
-                    if row is not None:
+        # Large payloads go to spool files first, outside the lock; a file whose row does
+        # not commit is removed (here, or at the next start after a crash).
+        spooled = {i: self._spool_write(job.payload) for i, job in enumerate(jobs)
+                   if len(job.payload) >= SPOOL_MIN_BYTES}
+        if spooled and self._full:
+            _fsync_dir(self._spool)
+        unused: list[str] = []
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for i, job in enumerate(jobs):
+                        spool = spooled.get(i)
+                        # Insert first and look only when the key was there: one statement
+                        # for a new job, the common case.
+                        cur = self._db.execute(
+                            "INSERT INTO jobs (key, state, topic, payload, response_topic,"
+                            " correlation, user_props, expiry_s, received_wall, payload_file)"
+                            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+                            (job.key, job.topic, None if spool else job.payload, job.response_topic,
+                             job.correlation, json.dumps(job.user_props), job.expiry_s,
+                             job.received_wall, spool),
+                        )
+                        if cur.rowcount == 1:
+                            out.append(Admission("new", job))
+                            continue
+                        if spool:
+                            unused.append(spool)
+                        row = self._db.execute(
+                            "SELECT state FROM jobs WHERE key = ?", (job.key,)
+                        ).fetchone()
                         kind = "duplicate_done" if row[0] == "done" else "duplicate_pending"
                         out.append(Admission(kind, job))
-                        continue
-                    self._db.execute(
-                        "INSERT INTO jobs (key, state, topic, payload, response_topic, correlation,"
-                        " user_props, expiry_s, received_wall) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                        (job.key, job.topic, job.payload, job.response_topic, job.correlation,
-                         json.dumps(job.user_props), job.expiry_s, job.received_wall),
-                    )
-                    out.append(Admission("new", job))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            self._spool_unlink(list(spooled.values()))
+            raise
+        self._spool_unlink(unused)
         return out
 
     def complete(
@@ -154,19 +260,20 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._insert_out(topic, payload, 1, correlation, props, now)
-                self._db.execute(
+                # payload_file stays on the done row (unused): RETURNING gives the value
+                # after the update, and the file is removed once the commit is made.
+                spool = self._db.execute(
                     "UPDATE jobs SET state = 'done', payload = NULL,"
                     " result_topic = ?, result = ?, result_props = ?, done_wall = ?,"
-                    " executions = executions + ? WHERE key = ?",
+                    " executions = executions + ? WHERE key = ? RETURNING payload_file",
                     (topic, payload, props, now, 1 if executed else 0, key),
-                )
-                self._db.execute("DELETE FROM attempts WHERE key = ?", (key,))
-                if executed:
-                    self._bump("executions")
+                ).fetchone()
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if spool and spool[0]:
+            self._spool_unlink([spool[0]])
         return seq
 
     def resend_stored(self, key: str, correlation: bytes | None) -> int | None:
@@ -192,21 +299,38 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT key, topic, payload, response_topic, correlation, user_props, expiry_s,"
-                " received_wall, coalesce(a.n, 0) FROM jobs LEFT JOIN attempts a USING (key)"
-                " WHERE state = 'queued' ORDER BY jobs.rowid"
+                " received_wall, payload_file FROM jobs WHERE state = 'queued' ORDER BY rowid"
             ).fetchall()
+            runs = dict(self._db.execute("SELECT key, n FROM attempts").fetchall())
         return [
-            StoredJob(r[0], r[1], bytes(r[2]), r[3], None if r[4] is None else bytes(r[4]),
-                      _props(r[5]), r[6], r[7], r[8])
+            StoredJob(r[0], r[1], self._payload(r[2], r[8]), r[3],
+                      None if r[4] is None else bytes(r[4]), _props(r[5]), r[6], r[7],
+                      runs.get(run_tag(r[0], r[7]).decode(), 0) + runs.get(r[0], 0))
             for r in rows
         ]
 
-    def started(self, key: str) -> None:
-        """Count a run about to start (before the runtime sees the job)."""
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO attempts (key, n) VALUES (?, 1)"
-                " ON CONFLICT(key) DO UPDATE SET n = n + 1", (key,))
+    def _payload(self, blob: bytes | None, spool: str | None) -> bytes:
+        if spool is None:
+            return bytes(blob or b"")
+        try:
+            return (self._spool / spool).read_bytes()
+        except OSError as exc:
+            # Answered as a malformed job (an empty payload) rather than kept forever.
+            log.error("journaled job's payload file %s is gone: %s", spool, exc)
+            return b""
+
+    def running(self, jobs: Sequence[tuple[str, float]]) -> None:
+        """Jobs (key, journaled admission time) this thread is about to run: counted as an
+        attempt if the agent stops before `done_running`. No disk write (runslots.py)."""
+        rest = self._slots.enter([run_tag(key, wall) for key, wall in jobs])
+        if rest:  # more than a slot holds: counted at once, in the table
+            with self._lock:
+                self._db.executemany(
+                    "INSERT INTO attempts (key, n) VALUES (?, 1)"
+                    " ON CONFLICT(key) DO UPDATE SET n = n + 1", [(t.decode(),) for t in rest])
+
+    def done_running(self) -> None:
+        self._slots.leave()
 
     def prune(self, older_than_wall: float) -> int:
         """Forget answers older than the dedup window."""
@@ -252,24 +376,24 @@ class Journal:
             for r in rows
         ]
 
-    def acked(self, seqs: Sequence[int]) -> int:
-        """Forget messages the broker acknowledged; returns the bytes freed."""
+    def outbox_start(self) -> int:
+        """The seq before the first row to send: the oldest waiting row's, else the last
+        seq handed out (AUTOINCREMENT: rows that follow get the seqs after it, in order)."""
+        with self._read_lock:
+            (first,) = self._reader.execute("SELECT min(seq) FROM outbox").fetchone()
+            if first is not None:
+                return int(first) - 1
+            row = self._reader.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return int(row[0]) if row else 0
+
+    def acked(self, seqs: Sequence[int]) -> None:
+        """Forget messages the broker acknowledged (one statement: autocommit)."""
         if not seqs:
-            return 0
+            return
         marks = ",".join("?" * len(seqs))
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                (size,) = self._db.execute(
-                    f"SELECT coalesce(sum(length(payload)), 0) FROM outbox WHERE seq IN ({marks})",  # noqa: S608 - placeholders only
-                    list(seqs),
-                ).fetchone()
-                self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", list(seqs))  # noqa: S608
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return int(size)
+            self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", list(seqs))  # noqa: S608 - placeholders only
 
     def outbox_stats(self) -> tuple[int, int]:
         """(messages, bytes) waiting for the broker."""
@@ -278,21 +402,3 @@ class Journal:
                 "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox"
             ).fetchone()
         return int(n), int(size)
-
-    # --- counters ------------------------------------------------------------------------
-
-    def _bump(self, name: str, by: int = 1) -> None:
-        self._db.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?)"
-            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, by),
-        )
-
-    def bump(self, name: str, by: int = 1) -> None:
-        with self._lock:
-            self._bump(name, by)
-
-    def counter(self, name: str) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
-        return int(row[0]) if row else 0

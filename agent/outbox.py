@@ -2,8 +2,16 @@
 
 Up to `window` messages are handed to paho at once; paho resends them itself after a
 reconnect, and the rest wait on disk. After a restart everything still in the outbox is
-sent again. A message the broker could never take (larger than its maximum packet size)
-is replaced by a small error answer instead of being resent forever.
+sent again.
+
+Messages go out in the order of their outbox rows (`seq`). A worker that has just written
+an answer hands it over (`hand_over`) and, when it is next in line, publishes it itself:
+the common case costs no read of the table and no wake-up of this thread. Rows that nobody
+handed over (events, partial answers, refusals, what a restart left) and anything that
+arrives out of line are read from the table by the outbox thread.
+
+A message the broker could never take (larger than its maximum packet size) is replaced by
+a small error answer instead of being resent forever.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ log = logging.getLogger(__name__)
 
 # Bytes of a PUBLISH packet beside topic and payload: fixed header, lengths, properties.
 PACKET_OVERHEAD = 512
+
+# PUBACKs settled together: wait up to ACK_LINGER_S for ACK_BATCH of them.
+ACK_BATCH = 32
+ACK_LINGER_S = 0.002
 
 PublishFn = Callable[[OutMessage], Any]  # returns paho's MQTTMessageInfo
 
@@ -48,9 +60,14 @@ class OutboxPublisher:
         # by the network thread in `_acked` and settled here after the mid was noted. paho
         # hands out mids in sequence, so a mid comes back only 65,535 publishes later, far
         # beyond the window.
-        self._inflight: dict[int, int] = {}
+        # Sending (by this thread or a worker) holds _send_lock: it keeps the order of rows
+        # and guards _inflight and _last_sent. Never taken under _cond or by the network
+        # thread.
+        self._send_lock = threading.Lock()
+        self._inflight: dict[int, tuple[int, int]] = {}  # paho mid -> (seq, payload bytes)
         self._acked: list[tuple[int, bool]] = []  # (mid, refused) from the network thread
-        self._last_sent = 0
+        self._last_sent = journal.outbox_start()
+        self._handed: dict[int, OutMessage] = {}  # seq -> message, under _cond
         self._stop = False
         self._thread: threading.Thread | None = None
         count, size = journal.outbox_stats()
@@ -76,6 +93,38 @@ class OutboxPublisher:
             self.messages += 1
             self.bytes += size
             self._cond.notify()
+
+    def hand_over(self, msg: OutMessage) -> None:
+        """A row just written to the outbox, with its contents (any thread, after the
+        commit): sent from here when it is next in line, else by the outbox thread."""
+        keep = self._connected.is_set()
+        with self._cond:
+            self.messages += 1
+            self.bytes += len(msg.payload)
+            if keep and len(self._handed) < self._window:
+                self._handed[msg.seq] = msg
+        if not keep or not self._pump():
+            self.wake()
+
+    def _pump(self) -> bool:
+        """Send handed-over messages while each is the next row; False when some are left
+        for the outbox thread (a row before them was not handed over, or the window is full)."""
+        with self._send_lock:
+            while len(self._inflight) < self._window and self._connected.is_set():
+                with self._cond:
+                    msg = self._handed.pop(self._last_sent + 1, None)
+                if msg is None:
+                    break
+                self._send(msg)
+            with self._cond:
+                return not self._handed
+
+    def _send(self, msg: OutMessage) -> None:
+        """Under _send_lock, never under _cond: paho's publish takes paho's message lock,
+        which the network thread holds while it calls on_published (which takes _cond)."""
+        info = self._publish(self._fit(msg))
+        self._inflight[int(info.mid)] = (msg.seq, len(msg.payload))
+        self._last_sent = msg.seq
 
     def has_room(self) -> bool:
         return self.messages < self._max_messages and self.bytes < self._max_bytes
@@ -108,6 +157,11 @@ class OutboxPublisher:
                 )
                 if self._stop:
                     return
+                if 0 < len(self._acked) < ACK_BATCH and not self._can_send() and self.has_room():
+                    # Forgetting acknowledged rows can wait a moment: one DELETE for many
+                    # PUBACKs instead of one each. Answers are not held back by it.
+                    self._cond.wait_for(lambda: len(self._acked) >= ACK_BATCH or self._stop
+                                        or self._can_send(), ACK_LINGER_S)
                 acked, self._acked = self._acked, []
             try:
                 self._settle(acked)
@@ -119,48 +173,57 @@ class OutboxPublisher:
                     self._cond.wait(1.0)
 
     def _can_send(self) -> bool:
+        """Under _cond: rows wait that nobody is sending."""
         return (
             self._connected.is_set()
             and len(self._inflight) < self._window
             and self.messages > len(self._inflight)
+            and (not self._handed or self._last_sent + 1 not in self._handed)
         )
 
     def _settle(self, acked: list[tuple[int, bool]]) -> None:
-        done: list[tuple[int, bool]] = []
-        for mid, refused in acked:
-            seq = self._inflight.pop(mid, None)
-            if seq is not None:
-                done.append((seq, refused))
+        done: list[tuple[int, int]] = []
+        with self._send_lock:
+            for mid, refused in acked:
+                sent = self._inflight.pop(mid, None)
+                if sent is None:
+                    continue
+                done.append(sent)
+                if refused:
+                    self.refused += 1
+                    log.error("broker refused outbox message %d; dropped", sent[0])
         if not done:
             return
-        for seq, refused in done:
-            if refused:
-                self.refused += 1
-                log.error("broker refused outbox message %d; dropped", seq)
-        sizes = self._journal.acked([seq for seq, _ in done])
+        self._journal.acked([seq for seq, _ in done])
         with self._cond:
             self.messages -= len(done)
-            self.bytes -= sizes
+            self.bytes -= sum(size for _, size in done)
             self._cond.notify_all()
 
     def _send_more(self) -> None:
-        room = self._window - len(self._inflight)
-        if room <= 0:
-            return
-        rows = self._journal.outbox_after(self._last_sent, room)
-        if not rows and self.messages > len(self._inflight):
-            # The counters promised more than the table holds: trust the table, so the
-            # loop waits instead of spinning.
-            count, size = self._journal.outbox_stats()
+        self._pump()
+        with self._send_lock:
+            room = self._window - len(self._inflight)
             with self._cond:
-                self.messages, self.bytes = count, size
-            return
-        for msg in rows:
-            # Never under self._cond: paho's publish takes paho's message lock, which the
-            # network thread holds while it calls on_published (which takes self._cond).
-            info = self._publish(self._fit(msg))
-            self._inflight[int(info.mid)] = msg.seq
-            self._last_sent = msg.seq
+                unsent = self.messages > len(self._inflight)
+            if room <= 0 or not unsent:
+                return
+            rows = self._journal.outbox_after(self._last_sent, room)
+            if not rows and self.messages > len(self._inflight):
+                # The counters promised more than the table holds: trust the table, so the
+                # loop waits instead of spinning.
+                count, size = self._journal.outbox_stats()
+                with self._cond:
+                    self.messages, self.bytes = count, size
+                    self._handed.clear()
+                return
+            for msg in rows:
+                self._send(msg)
+            with self._cond:
+                # Handed-over rows the table has just given us went out with it.
+                for seq in [s for s in self._handed if s <= self._last_sent]:
+                    del self._handed[seq]
+        self._pump()
 
     def _fit(self, msg: OutMessage) -> OutMessage:
         limit = self._max_packet()

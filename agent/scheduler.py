@@ -30,7 +30,7 @@ from agent import failover
 from agent.batching import Batcher, Prepared, batchable, split_outputs
 from agent.config import JobsConfig
 from agent.errors import Code, JobError
-from agent.journal import Journal, StoredJob
+from agent.journal import Journal, OutMessage, StoredJob
 from agent.metrics import Metrics
 from agent.mqtt_session import Inbound
 from agent.outbox import OutboxPublisher
@@ -505,67 +505,75 @@ class Scheduler:
                         job.reply, job.request.id, job.model.label, err, False))
             if not live:
                 return
-            model = live[0].model
-            session = model.session
-            for job in live:
-                self._journal.started(job.key)
-            with self._lock:
-                self.executed += len(live)
-            started = time.monotonic()
-            pipeline = model.pipeline()
+            self._journal.running([(job.key, job.inbound.received_wall) for job in live])
             try:
-                if pipeline is not None:
-                    (job,) = live  # pipelines are never batched
-                    produced = self._run_pipeline(pipeline, job)
-                    results = [{k: v for k, v in produced.items()
-                                if job.wanted is None or k in job.wanted}]
-                elif len(live) == 1:
-                    results = [session.infer(live[0].arrays, live[0].wanted)]
-                else:
-                    merged = {
-                        name: np.concatenate([j.arrays[name] for j in live], axis=0)
-                        for name in live[0].arrays
-                    }
-                    results = split_outputs(session.infer(merged, live[0].wanted),
-                                            [j.rows for j in live])
-            except Exception as exc:
-                if pipeline is not None and isinstance(exc, ValueError):
-                    # The pipeline's word on bad media (a truncated JPEG, not audio, ...).
-                    failure = JobError(Code.INVALID_ARGUMENT, f"{model.label}: {exc}")
-                else:
-                    failover.note_failure(model, exc)  # demoted after K in a row (failover.py)
-                    failure = JobError(Code.INTERNAL,
-                                       f"{session.runtime} failed on {model.label}: {exc}")
-                for job in live:
-                    self._finish_prepared(job, self._error_answer(
-                        job.reply, job.request.id, model.label, failure, True))
-                return
-            infer_ms = (time.monotonic() - started) * 1000.0
-            failover.note_outputs(model, [j.arrays for j in live], results)
-            for job, outputs in zip(live, results, strict=True):
-                queue_ms = (started - job.inbound.received) * 1000.0
-                params: dict[str, object] = {
-                    "runtime": session.runtime,
-                    "device": session.device,
-                    "queue_ms": round(queue_ms, 3),
-                    "infer_ms": round(infer_ms, 3),
-                }
-                if len(live) > 1:
-                    params["batch_size"] = sum(j.rows for j in live)
-                if pipeline is not None and job.request.parameters.get("stream"):
-                    params["sequence_end"] = True
-                try:
-                    encoded = encode_response(job.request, model.spec.name, model.spec.version,
-                                              outputs, params)
-                    answer = Answer(job.reply, encoded.payload, encoded.user_properties, True)
-                    self._metrics.record_ok(model.label, queue_ms, infer_ms,
-                                            (time.monotonic() - job.inbound.received) * 1000.0)
-                except Exception as exc:
-                    answer = self._error_answer(job.reply, job.request.id, model.label, exc, True)
-                self._finish_prepared(job, answer)
+                self._run_live(live)
+            finally:
+                self._journal.done_running()
         except Exception:
             # Jobs not answered stay in the journal and run again after a restart.
             log.exception("batch of %d job(s) failed", len(jobs))
+
+    def _run_live(self, live: list[Prepared]) -> None:
+        """Run jobs past their deadline check and answer each."""
+        model = live[0].model
+        session = model.session
+        with self._lock:
+            self.executed += len(live)
+        pipeline = model.pipeline()
+        started = time.monotonic()
+        try:
+            with model.instances:  # the manifest's `instances`: runs at once on the session
+                started = time.monotonic()
+                results = self._infer(model, pipeline, live)
+        except Exception as exc:
+            if pipeline is not None and isinstance(exc, ValueError):
+                # The pipeline's word on bad media (a truncated JPEG, not audio, ...).
+                failure = JobError(Code.INVALID_ARGUMENT, f"{model.label}: {exc}")
+            else:
+                failover.note_failure(model, exc)  # demoted after K in a row (failover.py)
+                failure = JobError(Code.INTERNAL,
+                                   f"{session.runtime} failed on {model.label}: {exc}")
+            for job in live:
+                self._finish_prepared(job, self._error_answer(
+                    job.reply, job.request.id, model.label, failure, True))
+            return
+        infer_ms = (time.monotonic() - started) * 1000.0
+        failover.note_outputs(model, [j.arrays for j in live], results)
+        for job, outputs in zip(live, results, strict=True):
+            queue_ms = (started - job.inbound.received) * 1000.0
+            params: dict[str, object] = {
+                "runtime": session.runtime,
+                "device": session.device,
+                "queue_ms": round(queue_ms, 3),
+                "infer_ms": round(infer_ms, 3),
+            }
+            if len(live) > 1:
+                params["batch_size"] = sum(j.rows for j in live)
+            if pipeline is not None and job.request.parameters.get("stream"):
+                params["sequence_end"] = True
+            try:
+                encoded = encode_response(job.request, model.spec.name, model.spec.version,
+                                          outputs, params)
+                answer = Answer(job.reply, encoded.payload, encoded.user_properties, True)
+                self._metrics.record_ok(model.label, queue_ms, infer_ms,
+                                        (time.monotonic() - job.inbound.received) * 1000.0)
+            except Exception as exc:
+                answer = self._error_answer(job.reply, job.request.id, model.label, exc, True)
+            self._finish_prepared(job, answer)
+
+    def _infer(self, model: ServingModel, pipeline: Any, live: list[Prepared]
+               ) -> list[dict[str, np.ndarray]]:
+        """The outputs of each job: through its pipeline, alone, or merged into one batch."""
+        if pipeline is not None:
+            (job,) = live  # pipelines are never batched
+            produced = self._run_pipeline(pipeline, job)
+            return [{k: v for k, v in produced.items() if job.wanted is None or k in job.wanted}]
+        if len(live) == 1:
+            return [model.session.infer(live[0].arrays, live[0].wanted)]
+        merged = {name: np.concatenate([j.arrays[name] for j in live], axis=0)
+                  for name in live[0].arrays}
+        return split_outputs(model.session.infer(merged, live[0].wanted), [j.rows for j in live])
 
     def _run_pipeline(self, pipeline: Any, job: Prepared) -> dict[str, np.ndarray]:
         """A pipeline's answer; a streaming one sends its partial answers on the way.
@@ -576,15 +584,15 @@ class Scheduler:
         A running job can be stopped by a request with `"parameters": {"cancel": "<id>"}`.
         """
         if not hasattr(pipeline, "run_stream"):
-            return dict(pipeline.run(job.model.session, job.arrays))
+            return dict(pipeline.run(job.model.pipeline_session, job.arrays))
         cancel = threading.Event()
         with self._lock:
             self._running[job.key] = cancel
         try:
             if not job.request.parameters.get("stream"):
-                return dict(pipeline.run(job.model.session, job.arrays, cancel))
+                return dict(pipeline.run(job.model.pipeline_session, job.arrays, cancel))
             last: dict[str, np.ndarray] | None = None
-            for chunk in pipeline.run_stream(job.model.session, job.arrays, cancel):
+            for chunk in pipeline.run_stream(job.model.pipeline_session, job.arrays, cancel):
                 if last is not None:
                     self._send_partial(job, last)
                 last = chunk
@@ -622,11 +630,13 @@ class Scheduler:
     def _finish(self, key: str, inbound: Inbound, answer: Answer) -> None:
         """Record the answer (journal and outbox together); answer waiting repeats."""
         try:
-            self._journal.complete(
+            seq = self._journal.complete(
                 key, answer.executed, answer.reply.topic, answer.payload,
                 answer.reply.correlation_data, answer.user_properties,
             )
-            self._outbox.added(len(answer.payload))
+            self._outbox.hand_over(OutMessage(seq, answer.reply.topic, answer.payload, 1,
+                                              answer.reply.correlation_data,
+                                              answer.user_properties))
             with self._lock:
                 self._first_correlation.pop(key, None)
                 repeats = self._repeats.pop(key, [])

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.journal import RUNNING_FILE
+from agent.runslots import read_running, run_tag
 from bench.models import DigitsModel, build_digits, build_heavy
 from fleet.client import InferenceClient
 from fleet.errors import DeadlineExceeded, Internal
@@ -309,13 +311,20 @@ def test_job_that_keeps_dying_with_the_agent_is_answered_not_rerun(tmp_path: Pat
     journal = agent.state_dir / "journal.sqlite3"
 
     def attempts() -> int:
+        """Runs of the one unanswered job: those the journal charged after restarts, plus
+        the one under way if its tag is in the running slots (agent/runslots.py)."""
         db = sqlite3.connect(journal)
         try:
-            row = db.execute("SELECT coalesce(a.n, 0) FROM jobs LEFT JOIN attempts a"
-                             " USING (key) WHERE state = 'queued'").fetchone()
+            row = db.execute("SELECT key, received_wall FROM jobs WHERE state = 'queued'").fetchone()
+            if row is None:
+                return -1
+            tag = run_tag(row[0], row[1])
+            charged = db.execute("SELECT coalesce(sum(n), 0) FROM attempts WHERE key IN (?, ?)",
+                                 (tag.decode(), row[0])).fetchone()[0]
         finally:
             db.close()
-        return int(row[0]) if row else -1
+        running = read_running(journal.with_name(journal.name + "." + RUNNING_FILE))
+        return int(charged) + running.count(tag)
 
     try:
         wait_state(broker.url, "online", DEVICE)
