@@ -17,6 +17,7 @@ import msgspec
 
 from agent.topics import NAME_RE
 from runtimes.datatypes import OIP_DATATYPES
+from runtimes.pipelines import MULTI_MODEL_TASKS
 
 SHA256_RE = r"^[0-9a-f]{64}$"
 
@@ -82,6 +83,7 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     health: Health | None = None
     # The task pipeline's settings (docs/pipelines.md); ignored by `tensor`.
     settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Side files; for a multi-model task (`ocr`) also its other models (`model_roles`).
     files: list[ArtifactFile] = msgspec.field(default_factory=list)
 
     @property
@@ -180,6 +182,80 @@ def _check_health(m: ModelSpec) -> None:
     _check_tensors(label, "expected", m.health.expected)
 
 
+@dataclass(frozen=True)
+class RoleModel:
+    """One model of a multi-model version (a task of MULTI_MODEL_TASKS, e.g. `ocr`)."""
+
+    role: str  # "det", "rec", "cls"
+    file: str  # its name in the version's folder: model.onnx for the entry's own artifact
+    sha256: str
+    size: int
+
+
+def model_roles(m: ModelSpec) -> list[RoleModel] | None:
+    """The models of a multi-model version by role, required roles first; None for the
+    tasks that run one model. Raises ManifestError naming the roles when they do not fit.
+
+    The entry's own artifact (`uri`, `sha256`; `model.onnx` in the version's folder) is the
+    first required role (`det` for `ocr`); every other role is the file of `files` named
+    `<role>.onnx`. A `<first role>.onnx` in `files` is accepted only as the same file as the
+    artifact. Other `.onnx` files are refused; files of other kinds (`characters.txt`) are
+    the pipeline's side files.
+    """
+    roles = MULTI_MODEL_TASKS.get(m.task)
+    if roles is None:
+        return None
+    required, optional = roles
+    label = f"model {m.name}:{m.version} (task {m.task})"
+    names = (f"{', '.join(required)} (required)"
+             + (f" and {', '.join(optional)} (optional)" if optional else ""))
+    main = required[0]
+    by_role = {main: RoleModel(main, "model.onnx", m.sha256, m.size)}
+    for f in m.files:
+        stem, dot, ext = f.name.rpartition(".")
+        if not dot or ext.lower() != "onnx":
+            continue
+        if stem not in required and stem not in optional:
+            raise ManifestError(f"{label}: file {f.name} names no role; its models are "
+                                f"<role>.onnx with roles {names}, the {main} model being the "
+                                "entry's own artifact")
+        if stem == main:
+            if f.sha256 != m.sha256:
+                raise ManifestError(f"{label}: the {main} model is the entry's own artifact; "
+                                    f"file {f.name} is another file (sha256 {f.sha256[:12]}, "
+                                    f"the artifact's {m.sha256[:12]})")
+            continue
+        by_role[stem] = RoleModel(stem, f.name, f.sha256, f.size)
+    missing = [r for r in required if r not in by_role]
+    if missing:
+        raise ManifestError(f"{label}: missing {', '.join(f'{r}.onnx' for r in missing)} in "
+                            f"files; its models are {names}: the {main} model is the entry's "
+                            "own artifact, the others files named <role>.onnx")
+    return [by_role[r] for r in (*required, *optional) if r in by_role]
+
+
+def check_model(m: ModelSpec) -> None:
+    """The checks of one manifest entry beyond its types; raises ManifestError (`invalid`).
+
+    Pure: nothing is read or fetched. `edge-fleet deploy` runs them before it publishes.
+    """
+    names = [f.name for f in m.files]
+    if len(set(names)) != len(names) or "model.onnx" in names:
+        raise ManifestError(f"model {m.name}:{m.version}: file names must be unique and "
+                            "not model.onnx (the model's own name in its folder)")
+    for uri in (m.uri, *(f.uri for f in m.files)):
+        _check_uri(m, uri)
+    if m.format != "onnx":
+        raise ManifestError(f"model {m.name}:{m.version}: unsupported format {m.format!r}")
+    _check_health(m)
+    if model_roles(m) is not None and m.health is not None and (
+            m.health.inputs or m.health.expected):
+        raise ManifestError(
+            f"model {m.name}:{m.version}: task {m.task} runs several models, each warmed up "
+            "on the task's own inputs: health.inputs and health.expected do not apply "
+            "(rtol, atol and max_latency_ms do, to each model)")
+
+
 _decoder = msgspec.json.Decoder()
 
 
@@ -217,15 +293,7 @@ def decode_published(payload: bytes) -> Published:
         if m.key in seen:
             raise ManifestError(f"model {m.name} version {m.version} is listed twice")
         seen.add(m.key)
-        names = [f.name for f in m.files]
-        if len(set(names)) != len(names) or "model.onnx" in names:
-            raise ManifestError(f"model {m.name}:{m.version}: file names must be unique and "
-                                "not model.onnx (the model's own name in its folder)")
-        for uri in (m.uri, *(f.uri for f in m.files)):
-            _check_uri(m, uri)
-        if m.format != "onnx":
-            raise ManifestError(f"model {m.name}:{m.version}: unsupported format {m.format!r}")
-        _check_health(m)
+        check_model(m)
     if manifest.expires_at is not None:
         try:
             parse_rfc3339(manifest.expires_at)

@@ -22,22 +22,37 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from agent import faults, health
 from agent.config import AgentConfig
-from agent.manifest import Manifest, ManifestError, ModelSpec, decode_published
+from agent.errors import JobError
+from agent.manifest import (
+    Manifest,
+    ManifestError,
+    ModelSpec,
+    RoleModel,
+    decode_published,
+    model_roles,
+)
 from agent.registry import ModelRegistry, ServingModel
-from agent.runtime_choice import ModelLoader, failover_record
-from agent.store import ArtifactError, ModelStore, atomic_write, remove_stale_temps
+from agent.runtime_choice import ModelLoader, RoleLoaded, failover_record, role_warmup_inputs
+from agent.store import (
+    ArtifactError,
+    ModelStore,
+    atomic_write,
+    remove_stale_temps,
+    version_dir_name,
+)
 from agent.trust import load_trusted_keys
 from agent.verifier import ManifestVerifier
 from runtimes.autotune import Choice
 from runtimes.base import Session
 from runtimes.hardware import HardwareInfo
-from runtimes.selection import Attempt, NoRuntimeError
+from runtimes.selection import Attempt, NoRuntimeError, WarmupCheck
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +122,8 @@ class Reconciler:
         self._statuses: dict[tuple[str, str], ModelStatus] = {}
         self.applied_revision: int | None = None
         self.last_error: str | None = None
-        # A failed (name, version, sha256) is not retried until the manifest changes it.
+        # A failed (name, version) is not retried until the manifest changes its files
+        # (by version_dir_name: the artifact's sha256 and those of its files).
         self._failed: dict[tuple[str, str], str] = {}
         self._last_manifest: Manifest | None = None
         self._mailbox: bytes | None = None
@@ -272,9 +288,9 @@ class Reconciler:
     ) -> tuple[ServingModel | None, str | None]:
         """Return (model, None) when it serves, (None, reason) when it failed."""
         current = self._registry.find(spec.name, spec.version)
-        if current is not None and current.spec.sha256 == spec.sha256:
+        if current is not None and version_dir_name(current.spec) == version_dir_name(spec):
             return current, None
-        if self._failed.get(spec.key) == spec.sha256:
+        if self._failed.get(spec.key) == version_dir_name(spec):
             status = self._statuses.get(spec.key)
             return None, (status.error if status and status.error else f"{spec.name} failed")
         self._set_status(ModelStatus(spec.name, spec.version, spec.sha256, "loading"))
@@ -292,23 +308,18 @@ class Reconciler:
             return self._failed_to(spec, "artifact", f"{label}: {exc}")
         self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
         try:
+            roles = model_roles(spec)  # checked when the manifest was decoded
+        except ManifestError as exc:
+            return self._failed_to(spec, "load", str(exc))
+        if roles is not None:
+            return self._bring_up_roles(spec, roles, model_dir, check_latency)
+        try:
             warmup_inputs = health.sample_inputs(spec.health)
         except health.HealthError as exc:
             return self._failed_to(spec, "health", f"{label} failed its health check: {exc}")
-        # The health gate judges each candidate's warm-up: one that fails it on a runtime
-        # falls back to the next, like a failed load (an FP16 device's overflow, say).
         refusals: list[str] = []
         reports: dict[int, health.HealthReport] = {}  # by id(session): auto judges several
-
-        def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-            self._crash.reached("warm-up")
-            try:
-                reports[id(session)] = health.judge(session, feed, outputs, spec.health,
-                                                    check_latency=check_latency)
-            except health.HealthError as exc:
-                refusals.append(f"{session.runtime}/{session.device}: {exc}")
-                raise
-
+        gate = self._gate(spec, check_latency, refusals, reports)
         self._crash.reached("load")
         try:
             # ["auto"] (the default) tunes over every runtime; a list pins an order.
@@ -347,6 +358,102 @@ class Reconciler:
         log.info("%s serving on %s/%s", label, session.runtime, session.device)
         return served.model, None
 
+    def _gate(self, spec: ModelSpec, check_latency: bool, refusals: list[str],
+              reports: dict[int, health.HealthReport]) -> WarmupCheck:
+        """The health gate on each candidate's warm-up: one that fails it on a runtime falls
+        back to the next, like a failed load (an FP16 device's overflow, say). Reports go to
+        `reports` by id(session) (auto judges several), refusals to `refusals`."""
+
+        def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+            self._crash.reached("warm-up")
+            try:
+                reports[id(session)] = health.judge(session, feed, outputs, spec.health,
+                                                    check_latency=check_latency)
+            except health.HealthError as exc:
+                refusals.append(f"{session.runtime}/{session.device}: {exc}")
+                raise
+
+        return gate
+
+    def _bring_up_roles(self, spec: ModelSpec, roles: list[RoleModel], model_dir: Path,
+                        check_latency: bool) -> tuple[ServingModel | None, str | None]:
+        """A multi-model version (`ocr`): every model loaded and warmed up, each with its own
+        runtime choice (all files are already fetched and verified), and the pipeline built
+        on them; or none of it, and the version fails as a whole."""
+        label = f"{spec.name}:{spec.version}"
+        loaded: dict[str, RoleLoaded] = {}
+        latencies: dict[str, float] = {}
+
+        def give_up(stage: str, reason: str,
+                    attempts: list[Attempt] | None = None) -> tuple[None, str]:
+            for done in loaded.values():
+                done.tuned.session.close()
+            return self._failed_to(spec, stage, reason, attempts)
+
+        for role in roles:
+            what = f"{label}: its {role.role} model ({role.file})"
+            try:
+                sample = role_warmup_inputs(spec.task, role.role)
+            except ValueError as exc:
+                return give_up("load", f"{label}: {exc}")
+            refusals: list[str] = []
+            reports: dict[int, health.HealthReport] = {}
+            gate = self._gate(spec, check_latency, refusals, reports)
+            self._crash.reached("load")
+            try:
+                tuned = self.loader.load(spec, self._store.path_for(role.sha256), sample, gate,
+                                         sha256=role.sha256)
+            except NoRuntimeError as exc:
+                if refusals:
+                    return give_up("health", f"{what} failed its health check: "
+                                   f"{'; '.join(refusals)}", exc.attempts)
+                return give_up("load", f"{what}: {exc}", exc.attempts)
+            except ValueError as exc:  # an unknown runtime in the preference list
+                return give_up("load", f"{what}: {exc}")
+            loaded[role.role] = RoleLoaded(role, tuned)
+            latency = reports[id(tuned.session)].latency_ms
+            if latency is not None:
+                latencies[role.role] = latency
+        served = self.loader.serving_roles(spec, loaded)
+        model = served.model
+        model.model_dir = model_dir
+        try:
+            # Built now, not on the first job: settings or characters that do not fit the
+            # models refuse the version while the old one keeps serving.
+            model.pipeline()
+        except JobError as exc:
+            model.retire()  # closes every session
+            return self._failed_to(spec, "pipeline", exc.message)
+        self._failed.pop(spec.key, None)
+        main = served.tuned
+        session = model.session
+        self._set_status(
+            ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
+                        device=session.device, attempts=main.attempts,
+                        extra=served.status_fields())
+        )
+        self._emit(
+            "model_serving",
+            model=spec.name,
+            version=spec.version,
+            runtime=session.runtime,
+            device=session.device,
+            fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in main.attempts if not a.ok],
+            latency_ms=(None if roles[0].role not in latencies
+                        else round(latencies[roles[0].role], 3)),
+            precision=main.choice.precision,
+            autotune=main.summary(),
+            roles={role: {"runtime": r.tuned.session.runtime, "device": r.tuned.session.device,
+                          "precision": r.tuned.choice.precision,
+                          "latency_ms": (None if role not in latencies
+                                         else round(latencies[role], 3))}
+                   for role, r in loaded.items()},
+        )
+        log.info("%s serving: %s", label, ", ".join(
+            f"{role} on {r.tuned.session.runtime}/{r.tuned.session.device}"
+            for role, r in loaded.items()))
+        return model, None
+
     def _failed_over(self, old: ServingModel, new: ServingModel, choice: Choice,
                      reason: str) -> None:
         """agent/failover.py swapped `new` in for `old`: report the runtime now serving."""
@@ -366,7 +473,7 @@ class Reconciler:
     def _failed_to(
         self, spec: ModelSpec, stage: str, reason: str, attempts: list[Attempt] | None = None
     ) -> tuple[None, str]:
-        self._failed[spec.key] = spec.sha256
+        self._failed[spec.key] = version_dir_name(spec)
         self._set_status(
             ModelStatus(spec.name, spec.version, spec.sha256, "failed", error=reason,
                         attempts=attempts or [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,10 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class ServingModel:
-    def __init__(self, spec: ModelSpec, session: Session, attempts: list[Attempt]) -> None:
+    """One served model version. A multi-model version (`ocr`: det, rec, cls) holds all its
+    sessions by role in `sessions`, `session` being the first role's (what answers report as
+    the runtime); they are swapped in, used and closed together."""
+
+    def __init__(self, spec: ModelSpec, session: Session, attempts: list[Attempt],
+                 sessions: Mapping[str, Session] | None = None) -> None:
         self.spec = spec
         self.session = session
         self.attempts = attempts
+        self.sessions: dict[str, Session] | None = None if sessions is None else dict(sessions)
         # Counts consecutive failed runs and triggers a failover (agent/failover.py).
         self.watch: RunWatch | None = None
         self._lock = threading.Lock()
@@ -40,6 +46,15 @@ class ServingModel:
         self.model_dir: Path | None = None  # the version's folder, with its side files
         self._pipeline: Pipeline | None = None
         self._pipeline_error: str | None = None
+        # The manifest's `instances`: jobs (or batches) that run on the session at once.
+        # The session's threads were sized for that many (runtimes.base.LoadOptions).
+        self.instances = threading.BoundedSemaphore(spec.instances)
+
+    @property
+    def pipeline_session(self) -> Session | Mapping[str, Session]:
+        """What the pipeline runs on: the role -> Session mapping of a multi-model version,
+        else the one session."""
+        return self.session if self.sessions is None else self.sessions
 
     def pipeline(self) -> Pipeline | None:
         """The task pipeline (None for `tensor`), built on first use; raises JobError."""
@@ -49,7 +64,7 @@ class ServingModel:
             if self._pipeline is None and self._pipeline_error is None:
                 try:
                     self._pipeline = build_pipeline(
-                        self.spec.task, self.spec.settings, self.model_dir, self.session
+                        self.spec.task, self.spec.settings, self.model_dir, self.pipeline_session
                     )
                 except ValueError as exc:
                     self._pipeline_error = f"model {self.label}: {exc}"
@@ -88,10 +103,14 @@ class ServingModel:
             if self._closed:
                 return
             self._closed = True
-        try:
-            self.session.close()
-        except Exception:
-            log.exception("closing %s failed", self.label)
+        sessions = [self.session] if self.sessions is None else list(self.sessions.values())
+        if all(s is not self.session for s in sessions):
+            sessions.append(self.session)
+        for session in sessions:
+            try:
+                session.close()
+            except Exception:
+                log.exception("closing %s failed", self.label)
 
 
 class ModelRegistry:

@@ -4,10 +4,15 @@
 (runtimes/autotune.py: `["auto"]` tunes, a list pins an order), with the reconciler's health
 gate judging every candidate's warm-up; `serving` wraps the outcome in a ServingModel that
 agent/failover.py watches; `load_next` loads a failover candidate for a failing model.
+
+A multi-model version (`ocr`: det, rec, cls) is loaded role by role, each model with its own
+runtime choice and warm-up (`role_warmup_inputs`), and served by `serving_roles` as one
+ServingModel holding all its sessions.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,18 +20,49 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent import faults, health
 from agent.config import AgentConfig
 from agent.failover import EmitEvent, FailoverManager, OnSwapped, RuntimeFault
-from agent.manifest import ModelSpec
+from agent.manifest import ModelSpec, RoleModel
 from agent.registry import ModelRegistry, ServingModel
 from agent.store import ModelStore
 from runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
-from runtimes.base import LoadOptions, Session
+from runtimes.base import LoadOptions, Session, one_line
 from runtimes.hardware import HardwareInfo
+from runtimes.pipelines import pipeline_requirements
 from runtimes.selection import Attempt, WarmupCheck
 
 AUTOTUNE_FILE = "autotune.json"
+
+
+def _tuned_fields(tuned: Tuned) -> dict[str, Any]:
+    return {
+        "precision": tuned.choice.precision,
+        "candidates": [r.to_json() for r in tuned.candidates],
+        "autotune": tuned.summary(),
+    }
+
+
+@dataclass
+class RoleLoaded:
+    """One model of a multi-model version, loaded and warmed up on its own runtime."""
+
+    model: RoleModel
+    tuned: Tuned
+
+    def to_json(self) -> dict[str, Any]:
+        session = self.tuned.session
+        return {
+            "file": self.model.file,
+            "sha256": self.model.sha256,
+            "runtime": session.runtime,
+            "device": session.device,
+            **_tuned_fields(self.tuned),
+            "attempts": [{"runtime": a.runtime, "device": a.device, "ok": a.ok, "reason": a.reason}
+                         for a in self.tuned.attempts],
+        }
 
 
 @dataclass
@@ -34,15 +70,30 @@ class Serving:
     """What the reconciler reports for a served model beyond runtime and device."""
 
     model: ServingModel
-    tuned: Tuned
+    tuned: Tuned  # of the first role for a multi-model version
+    roles: dict[str, RoleLoaded] | None = None  # multi-model versions only
 
     def status_fields(self) -> dict[str, Any]:
-        return {
-            "precision": self.tuned.choice.precision,
-            "candidates": [r.to_json() for r in self.tuned.candidates],
-            "autotune": self.tuned.summary(),
-            "failovers": [],
-        }
+        fields: dict[str, Any] = {**_tuned_fields(self.tuned), "failovers": []}
+        if self.roles is not None:
+            fields["roles"] = {role: r.to_json() for role, r in self.roles.items()}
+        return fields
+
+
+# The task module that gives a multi-model task's warm-up inputs (`warmup_inputs(role)`).
+_ROLE_WARMUPS = {"ocr": "runtimes.pipelines.ocr"}
+
+
+def role_warmup_inputs(task: str, role: str) -> dict[str, np.ndarray]:
+    """Inputs a model of `role` warms up on (the synthetic 1x1 image is too small for ocr's
+    detector). Raises ValueError when the task cannot run here (its library is missing)."""
+    try:
+        module = importlib.import_module(_ROLE_WARMUPS.get(task, f"runtimes.pipelines.{task}"))
+    except Exception as exc:  # ImportError, or a shared library that fails to load
+        why = pipeline_requirements().get(task) or f"{type(exc).__name__}: {one_line(exc)}"
+        raise ValueError(f"task {task} cannot run here: {why}") from None
+    inputs: dict[str, np.ndarray] = module.warmup_inputs(role)
+    return inputs
 
 
 class ModelLoader:
@@ -58,20 +109,23 @@ class ModelLoader:
         self.failover = FailoverManager(registry, cfg.runtime.failover_after, self.load_next,
                                         on_swapped, emit, swap_lock)
 
-    @property
-    def _options(self) -> LoadOptions:
-        return LoadOptions(threads=self._cfg.runtime.threads)
+    def _options(self, spec: ModelSpec) -> LoadOptions:
+        return LoadOptions(threads=self._cfg.runtime.threads, instances=spec.instances)
 
     def load(self, spec: ModelSpec, path: Path, sample_inputs: Mapping[str, Any] | None,
-             check: WarmupCheck) -> Tuned:
-        """Raises NoRuntimeError when nothing works, ValueError for a bad preference."""
+             check: WarmupCheck, *, sha256: str | None = None) -> Tuned:
+        """Raises NoRuntimeError when nothing works, ValueError for a bad preference.
+
+        `path`, `sha256`: another model of the version than its artifact (a role of a
+        multi-model version), tuned and cached as its own file.
+        """
         tolerance = None if spec.health is None else Tolerance(spec.health.rtol, spec.health.atol)
         return choose(
             path,
             spec.runtime.prefer or self._cfg.runtime.prefer,
             self._hw,
-            self._options,
-            sha256=spec.sha256,
+            self._options(spec),
+            sha256=sha256 or spec.sha256,
             budget_s=self._cfg.runtime.autotune_budget_s,
             sample_inputs=sample_inputs,
             check=check,
@@ -84,6 +138,19 @@ class ModelLoader:
         self.failover.attach(model, tuned.fallbacks)
         return Serving(model, tuned)
 
+    def serving_roles(self, spec: ModelSpec, loaded: Mapping[str, RoleLoaded]) -> Serving:
+        """One ServingModel over every model of a multi-model version (first role first).
+
+        Such a version does not fail over to other runtimes: its watch has no candidates, so
+        a failing one is reported (`runtime_failover_failed`) and keeps serving.
+        """
+        roles = dict(loaded)
+        sessions = {role: self.fault.wrap(r.tuned.session) for role, r in roles.items()}
+        main = next(iter(roles))
+        model = ServingModel(spec, sessions[main], roles[main].tuned.attempts, sessions=sessions)
+        self.failover.attach(model, [])
+        return Serving(model, roles[main].tuned, roles)
+
     def load_next(self, old: ServingModel, choice: Choice) -> ServingModel | str:
         """`choice` loaded and warmed up through the health gate (no latency budget)."""
         spec = old.spec
@@ -95,7 +162,7 @@ class ModelLoader:
         def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
             health.judge(session, feed, outputs, spec.health, check_latency=False)
 
-        warm = load_choice(self._store.path_for(spec.sha256), choice, self._options, sample, gate)
+        warm = load_choice(self._store.path_for(spec.sha256), choice, self._options(spec), sample, gate)
         if isinstance(warm, str):
             return warm
         attempts = [*old.attempts, Attempt(choice.runtime, choice.device, ok=True, reason="")]
