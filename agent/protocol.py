@@ -239,7 +239,9 @@ def check_inputs(
     by_name = {s.name: s for s in (*specs, *optional)}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
-    expected = ", ".join(_describe(s) for s in specs)
+    expected = ", ".join(_describe(s) for s in specs) or "no required input"
+    if optional:
+        expected += "; optional: " + ", ".join(_describe(s) for s in optional)
     for tensor in req.inputs:
         spec = by_name.get(tensor.name)
         if spec is None:

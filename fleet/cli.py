@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, metavar="N", help="largest batch the agent forms")
     p.add_argument("--max-delay-ms", type=float, metavar="MS",
                    help="how long the agent waits to fill a batch")
+    p.add_argument("--instances", type=int, metavar="N",
+                   help="jobs of this model that run at once, the cores shared between them "
+                   "(default 1)")
     _artifact_dir_arg(p)
     p.add_argument("--artifact-base-url", metavar="URL",
                    help="point the device at http://host:port/artifacts/sha256/<hex> "
@@ -296,7 +299,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 name=args.model, version=args.version, artifact=artifact,
                 uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
                 max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                health=_health(args.health),
+                instances=args.instances, health=_health(args.health),
                 settings=_json_object("--settings", args.settings), files=side_files,
             )
         except (ValueError, OSError) as exc:

@@ -19,7 +19,14 @@ from urllib.parse import urlsplit
 import msgspec
 import paho.mqtt.client as paho
 
-from agent.manifest import Manifest, ManifestError, ModelSpec, decode_manifest, encode_manifest
+from agent.manifest import (
+    Manifest,
+    ManifestError,
+    ModelSpec,
+    check_model,
+    decode_manifest,
+    encode_manifest,
+)
 from agent.topics import NAME_RE, Topics
 from fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from fleet.mqtt import BrokerError, Connection
@@ -85,6 +92,7 @@ def model_spec(
     prefer: Sequence[str] | None = None,
     max_batch: int | None = None,
     max_delay_ms: float | None = None,
+    instances: int | None = None,
     health: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     files: Sequence[tuple[str, Artifact, str]] = (),
@@ -109,6 +117,8 @@ def model_spec(
         batching["max_delay_ms"] = max_delay_ms
     if batching:
         entry["batching"] = batching
+    if instances is not None:
+        entry["instances"] = instances
     if health is not None:
         entry["health"] = health
     if settings:
@@ -118,9 +128,11 @@ def model_spec(
                           for name, a, uri in files]
     try:
         # convert() checks the constraints that plain construction would skip.
-        return msgspec.convert(entry, ModelSpec)
+        spec = msgspec.convert(entry, ModelSpec)
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid model entry: {exc}") from None
+    check_model(spec)  # what the agent checks too: e.g. the models an ocr version needs
+    return spec
 
 
 def next_manifest(

@@ -157,10 +157,11 @@ def hardware_fingerprint(hw: HardwareInfo) -> str:
 
 
 def cache_key(sha256: str, choices: Sequence[Choice], hw: HardwareInfo,
-              tolerance: Tolerance | None, threads: int) -> str:
+              tolerance: Tolerance | None, threads: int, instances: int = 1) -> str:
     runtimes = ",".join(c.label for c in choices)
     tol = "default" if tolerance is None else f"{tolerance.rtol!r}/{tolerance.atol!r}"
-    return f"{sha256}|{runtimes}|{hardware_fingerprint(hw)}|tol={tol}|threads={threads}"
+    key = f"{sha256}|{runtimes}|{hardware_fingerprint(hw)}|tol={tol}|threads={threads}"
+    return key if instances == 1 else f"{key}|instances={instances}"
 
 
 class AutotuneCache:
@@ -228,7 +229,8 @@ def load_choice(
 ) -> _Warm | str:
     """Load, warm up and judge one candidate: the warmed session, or why it could not be had."""
     backend = get_backend(choice.runtime)
-    opts = LoadOptions(threads=options.threads, precision=choice.precision)
+    opts = LoadOptions(threads=options.threads, precision=choice.precision,
+                       instances=options.instances)
     try:
         session = backend.load(path, choice.device, opts)
     except RuntimeLoadError as exc:
@@ -335,7 +337,7 @@ def autotune(
     cache: AutotuneCache | None = None,
 ) -> Tuned:
     choices, skipped = candidate_choices(hw)
-    key = cache_key(sha256, choices, hw, tolerance, options.threads)
+    key = cache_key(sha256, choices, hw, tolerance, options.threads, options.instances)
     if cache is not None and (entry := cache.get(key)) is not None:
         hit = _from_cache(path, entry, options, sample_inputs, check)
         if hit is not None:

@@ -6,6 +6,7 @@ backend never has to stub out something it cannot do.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,10 +49,30 @@ class Session(Protocol):
 
 @dataclass(frozen=True)
 class LoadOptions:
-    threads: int = 0  # intra-op threads; 0 = runtime default
+    threads: int = 0  # intra-op threads per running job; 0 = the cores split between instances
+    # Jobs that run on the session at once (the manifest's `instances`). The runtime gets
+    # threads for that: ONNX Runtime the cores divided between them, OpenVINO as many
+    # streams (THROUGHPUT hint). The caller keeps to it (agent/registry.py).
+    instances: int = 1
     # Inference precision: "f32" everywhere; "bf16" only on OpenVINO's CPU (a CPU with
     # AVX512-BF16 or AMX-BF16), which other backends refuse with a RuntimeLoadError.
     precision: str = "f32"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a systemd CPUAffinity=)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_instance(options: LoadOptions) -> int:
+    """Intra-op threads for one running job: as configured, else the cores divided between
+    the instances (never fewer than one), so instances together do not oversubscribe."""
+    if options.threads > 0:
+        return options.threads
+    return max(1, usable_cores() // max(1, options.instances))
 
 
 class RuntimeLoadError(Exception):

@@ -219,8 +219,12 @@ class OpenVinoBackend:
         config = dict(_CPU_CONFIG) if device == "CPU" else {}
         if device == "CPU":
             config["INFERENCE_PRECISION_HINT"] = options.precision
+        if options.instances > 1:
+            # Several jobs at once: as many streams, the cores shared out between them.
+            config["PERFORMANCE_HINT"] = "THROUGHPUT"
+            config["NUM_STREAMS"] = str(options.instances)
         if device == "CPU" and options.threads > 0:
-            config["INFERENCE_NUM_THREADS"] = options.threads
+            config["INFERENCE_NUM_THREADS"] = options.threads * options.instances
         try:
             compiled = core.compile_model(model, device, config)
         except Exception as exc:
