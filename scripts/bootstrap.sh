@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make this checkout ready to run: mosquitto (from the system's packages when missing),
-# a virtual environment in .venv, and the project with its dev extras installed into it.
+# a virtual environment in .venv, and the project with its dev extras installed into it;
+# and, where torch's CPU wheel lies on disk, the test-only .venv-ref (see below).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,4 +55,43 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # headless build stands in for it), so it comes without its dependencies too.
     .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'rapidocr-onnxruntime>=1.4,<2'
     echo "$want" > "$stamp"
+fi
+
+# .venv-ref: a test-only environment for tests/test_vad_reference.py, which checks the
+# voice-activity pipeline against silero-vad's own get_speech_timestamps. That needs torch,
+# which the agent never does, so it stays out of .venv. torch is installed from its CPU
+# wheel on this disk, by file name: never from an index, where a plain or loose `torch`
+# resolves to a CUDA build of several GB. Without that wheel, no .venv-ref and the test
+# skips. numpy, onnxruntime, soundfile and silero-vad (without its dependencies, so without
+# torchaudio) are pinned to the releases in .venv: the same model file, the same runtime.
+torch_wheel="${EDGEINFER_TORCH_WHEEL:-}"
+if [ -z "$torch_wheel" ]; then
+    pytag="$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+    for f in /opt/wheels/torch-2.13.0+cpu-"$pytag"-"$pytag"-manylinux*_"$(uname -m)".whl; do
+        [ -f "$f" ] && torch_wheel="$f"
+    done
+fi
+if [ -z "$torch_wheel" ] || [ ! -f "$torch_wheel" ]; then
+    echo "bootstrap: no torch 2.13.0 CPU wheel for this Python and machine in /opt/wheels" \
+        "(or \$EDGEINFER_TORCH_WHEEL): skipping .venv-ref; tests/test_vad_reference.py will skip" >&2
+else
+    ref_pins="$(.venv/bin/python -c 'from importlib.metadata import version as v
+print(" ".join(n + "==" + v(n) for n in ("numpy", "onnxruntime", "soundfile", "silero-vad")))')"
+    ref_stamp=.venv-ref/.edgeinfer-ref-installed
+    ref_want="$(basename "$torch_wheel") $ref_pins"
+    if [ ! -f "$ref_stamp" ] || [ "$(cat "$ref_stamp")" != "$ref_want" ]; then
+        echo "bootstrap: installing the VAD reference (torch CPU, silero-vad) into .venv-ref" >&2
+        [ -x .venv-ref/bin/python ] || "$PYTHON" -m venv .venv-ref
+        # shellcheck disable=SC2086
+        .venv-ref/bin/python -m pip install -q --disable-pip-version-check \
+            "$torch_wheel" ${ref_pins% silero-vad==*}
+        .venv-ref/bin/python -m pip install -q --disable-pip-version-check --no-deps "${ref_pins##* }"
+        # Only the wheel's torch, and no CUDA libraries pulled in beside it.
+        .venv-ref/bin/python -c 'import importlib.metadata as m, sys
+names = [d.metadata["Name"] or "" for d in m.distributions()]
+cuda = [n for n in names if n.lower().startswith("nvidia")]
+tv = m.version("torch")
+sys.exit(0 if "+cpu" in tv and not cuda else "bootstrap: .venv-ref got torch %s %s" % (tv, cuda))'
+        echo "$ref_want" > "$ref_stamp"
+    fi
 fi
