@@ -7,6 +7,7 @@ the performance targets. Figures are only comparable within one run.
     python -m bench                 # the full run (~10 minutes on a 2-core gateway)
     python -m bench --quick         # a short one (~2 minutes)
     python -m bench --models digits mobilenet --out /tmp/bench
+    python -m bench --only preprocess --out /tmp/bench   # one part alone (raw, preprocess, e2e)
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 
 import psutil
 
-from bench import e2e, raw, refmodels, report
+from bench import e2e, preprocess, raw, refmodels, report
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("raw", "preprocess", "e2e")
 
 
 def say(text: str) -> None:
@@ -138,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-raw", action="store_true", help="leave out the raw runtimes")
     parser.add_argument("--skip-e2e", action="store_true",
                         help="leave out the agent, the echo and the naive baseline")
+    parser.add_argument("--skip-preprocess", action="store_true",
+                        help="leave out the task pipelines' pre-/post-processing per job")
+    parser.add_argument("--only", nargs="+", metavar="PART", choices=PARTS,
+                        help=f"measure only these parts ({', '.join(PARTS)}): the --skip-* "
+                             "flags of the others")
+    parser.add_argument("--pipelines", nargs="+", metavar="TASK", choices=preprocess.PIPELINES,
+                        help=f"preprocess part: only these ({', '.join(preprocess.PIPELINES)})")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="extra py-spy runs of the agent (default: on, off with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
@@ -148,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: write latest.md and the plots again from "
                              "<out>/latest.json")
     args = parser.parse_args(argv)
+    if args.only:
+        args.skip_raw = "raw" not in args.only
+        args.skip_preprocess = "preprocess" not in args.only
+        args.skip_e2e = "e2e" not in args.only
     if args.render:
         stored: dict[str, Any] = json.loads((args.out / "latest.json").read_text())
         for line in report.ratio_lines(report.write(stored, args.out, say)):
@@ -183,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         "method": method(args.quick, budget, timing),
     }, "raw": {}, "e2e": {}}
     try:
-        models = refmodels.build(work / "models", args.models)
+        # The reference models feed the raw and end-to-end parts; preprocess builds its own.
+        models = ([] if args.skip_raw and args.skip_e2e
+                  else refmodels.build(work / "models", args.models))
         for m in models:
             if m.skipped:
                 say(f"{m.name}: skipped: {m.skipped}")
@@ -201,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results["raw"][m.name] = {"runtimes": raw.bench_model(m, budget, say)}
         sections["raw"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        if not args.skip_preprocess:
+            results["preprocess"] = preprocess.run(
+                work / "preprocess", preprocess.QUICK if args.quick else preprocess.FULL, say,
+                args.pipelines)
+            sections["preprocess"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         if not args.skip_e2e:
             levels = e2e.LEVELS

@@ -420,6 +420,45 @@ def build_encoder(out_dir: Path, name: str = "encoder.onnx", vocab: int = 100, d
     return EncoderModel(path, emb, weight, bias if with_mask else np.zeros(dim, np.float32))
 
 
+def build_wordpiece_tokenizer(out_dir: Path, texts: list[str] | tuple[str, ...], vocab_size: int = 200,
+                              name: str = "tokenizer.json") -> Path:
+    """A BERT-style WordPiece tokenizer.json for `texts` (the `tokenizers` library):
+    lower-cased, [CLS] ... [SEP] added, [PAD] = 0, [UNK] = 1. The vocabulary is built here,
+    not by tokenizers' trainer (whose ties fall differently from run to run): the special
+    tokens, every character of the texts alone and as a `##` continuation (so any word of
+    them splits into known pieces), then their most frequent words up to `vocab_size`. The
+    same texts give the same file. Its vocabulary (`get_vocab_size()`) fits an encoder of
+    build_encoder(vocab=...)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in tokens:
+            tokens.append(word)
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))  # noqa: S106 (a token, not a password)
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    tok.save(str(path))
+    return path
+
+
 # The tiny KV-cached decoder LM of the text-generation pipeline: trained here in numpy
 # (~15 s on two cores) and cached per folder; see bench/tinylm.py.
 from bench.tinylm import TinyLm, TinyLmConfig, build_tiny_lm  # noqa: E402, F401

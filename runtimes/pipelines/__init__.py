@@ -5,7 +5,8 @@
   and scores out.
 - voice-activity-detection: an audio file in (WAV, FLAC, OGG; needs soundfile), speech
   segments in seconds out, with Silero VAD.
-- embedding: token ids in, one mean-pooled, L2-normalised vector per sequence out.
+- embedding: token ids (or texts, when the version ships a tokenizer.json; needs
+  tokenizers) in, one mean-pooled, L2-normalised vector per sequence out.
 - text-generation: a prompt in, generated text out, whole (`run`) or as chunks
   (`run_stream`), from a KV-cached decoder; needs tokenizers.
 - ocr: an encoded image in, text lines with their boxes and scores out (needs opencv); it
