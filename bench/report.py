@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.preprocess import markdown_section as _preprocess_section
+from bench.preprocess import plot as _preprocess_plot
 from bench.raw import best_batch1
 
 # The performance targets (the issue's): agent vs raw runtime, vs the bare transport, vs
@@ -108,7 +110,13 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
         f"agent {e2e['throughput']:.1f} jobs/s ({MODE}) vs naive {naive_p['throughput']:.1f} jobs/s "
         "(JSON + base64)" if e2e and naive_p else "not measured"))
 
-    # 5. idle RSS with one small model
+    # 5. auto-tune's pick against the best raw runtime, per reference model
+    value, detail = _autotune_vs_raw(results)
+    out.append(Ratio(
+        "autotune_vs_raw", "auto-tune's pick / best eligible raw runtime, batch 1 (worst model)",
+        _r(value), ">= 0.9x", _judge(value, 0.9, True), detail))
+
+    # 6. idle RSS with one small model
     mem = results.get("e2e", {}).get("memory", {})
     value = mem.get("idle_one_small_model_mb")
     out.append(Ratio("idle_rss_mb", f"agent RSS idle with one small model ({SMALL})", value,
@@ -117,13 +125,58 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
                      f"{mem.get('peak_under_load_mb')} MB (mobilenet load peak "
                      f"{mem.get('peak_mobilenet_load_mb')} MB)" if value is not None else "not measured"))
 
-    # 6. process start to retained online, no models
+    # 7. process start to retained online, no models
     start = results.get("e2e", {}).get("startup", {})
     value = start.get("median_s")
     out.append(Ratio("start_to_online_s", "process start to retained `online` (no models)", value,
                      "<= 2 s", _judge(value, 2.0, False),
                      f"median of {start.get('runs_s')}" if value is not None else "not measured"))
     return out
+
+
+def _raw_label(runtime: str | None, precision: str | None) -> str | None:
+    if runtime == "openvino":
+        return f"openvino-{precision or 'f32'}"
+    return runtime if runtime == "onnxruntime" else None
+
+
+def _raw_b1(runtimes: dict[str, Any], label: str) -> float | None:
+    """Raw batch-1 throughput on one thread; None where not measured or measured on a twin
+    model file (`model_file`: OpenVINO runs silero's If-less export, not the agent's)."""
+    entry = runtimes.get(label) or {}
+    b1 = (entry.get("batches") or {}).get("1")
+    if not b1 or "error" in b1 or entry.get("model_file"):
+        return None
+    return float(b1["throughput_inf_s"])
+
+
+def _autotune_vs_raw(results: dict[str, Any]) -> tuple[float | None, str]:
+    """For each deployed model: the raw batch-1 throughput (one thread) of the runtime and
+    precision the agent's auto-tune chose, over the best raw one among the candidates the
+    auto-tune found workable and in agreement with the f32 reference (a bf16 that disagrees
+    is not eligible; nor is a raw figure taken on a twin model file, `model_file`)."""
+    raw = results.get("raw", {})
+    parts: list[str] = []
+    worst: float | None = None
+    for name, d in results.get("e2e", {}).get("deploys", {}).items():
+        runtimes = raw.get(name, {}).get("runtimes", {})
+        chosen = _raw_label(d.get("runtime"), d.get("precision"))
+        if not d.get("ok") or not runtimes or chosen is None:
+            continue
+        eligible = {_raw_label(c["runtime"], c.get("precision")) for c in d.get("candidates", [])
+                    if c.get("ok") and c.get("agrees") is not False}
+        eligible.add(chosen)
+
+        figures = {lab: v for lab in eligible if lab and (v := _raw_b1(runtimes, lab)) is not None}
+        if chosen not in figures:
+            parts.append(f"{name}: chose {chosen}, no raw figure for it")
+            continue
+        best_label = max(figures, key=lambda k: figures[k])
+        ratio = figures[chosen] / figures[best_label]
+        worst = ratio if worst is None else min(worst, ratio)
+        parts.append(f"{name}: {chosen} {figures[chosen]:,.0f}/s vs best {best_label} "
+                     f"{figures[best_label]:,.0f}/s = {ratio:.2f}")
+    return worst, "; ".join(parts) if parts else "not measured"
 
 
 def _where(entry: dict[str, Any]) -> str:
@@ -225,6 +278,7 @@ def markdown(results: dict[str, Any], rs: list[Ratio]) -> str:
                    r.detail] for r in rs])
     md += ["", "Plots: `raw_batch1.png`, `e2e_throughput.png`, `e2e_latency.png`.", ""]
     md += _raw_section(results)
+    md += _preprocess_section(results)
     md += _e2e_section(results)
     md += _resources_section(results)
     md += _profile_section(results)
@@ -473,6 +527,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
             for ax in list(axes.flat)[len(served):]:
                 ax.axis("off")
             save(fig, fname)
+    _preprocess_plot(results, plt, save)
     return written
 
 
