@@ -39,7 +39,13 @@ from agent.manifest import (
     model_roles,
 )
 from agent.registry import ModelRegistry, ServingModel
-from agent.runtime_choice import ModelLoader, RoleLoaded, failover_record, role_warmup_inputs
+from agent.runtime_choice import (
+    ModelLoader,
+    RoleLoaded,
+    failover_record,
+    role_warmup_inputs,
+    task_warmup_inputs,
+)
 from agent.store import (
     ArtifactError,
     ModelStore,
@@ -314,7 +320,7 @@ class Reconciler:
         if roles is not None:
             return self._bring_up_roles(spec, roles, model_dir, check_latency)
         try:
-            warmup_inputs = health.sample_inputs(spec.health)
+            warmup_inputs = health.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
         except health.HealthError as exc:
             return self._failed_to(spec, "health", f"{label} failed its health check: {exc}")
         refusals: list[str] = []

@@ -32,7 +32,7 @@ from runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, l
 from runtimes.base import LoadOptions, Session, one_line
 from runtimes.hardware import HardwareInfo
 from runtimes.pipelines import pipeline_requirements
-from runtimes.selection import Attempt, WarmupCheck
+from runtimes.selection import Attempt, WarmupCheck, WarmupFeed
 
 AUTOTUNE_FILE = "autotune.json"
 
@@ -82,6 +82,22 @@ class Serving:
 
 # The task module that gives a multi-model task's warm-up inputs (`warmup_inputs(role)`).
 _ROLE_WARMUPS = {"ocr": "runtimes.pipelines.ocr"}
+# Single-model tasks whose models cannot warm up on the synthetic inputs
+# (`warmup_inputs()`), used when the manifest gives no health inputs.
+_TASK_WARMUPS = {"voice-activity-detection": "runtimes.pipelines.audio"}
+
+
+def task_warmup_inputs(task: str) -> WarmupFeed | None:
+    """The task's own warm-up inputs, or None (the synthetic ones do; or the task's library
+    is missing, which building its pipeline reports)."""
+    name = _TASK_WARMUPS.get(task)
+    if name is None:
+        return None
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # ImportError, or a shared library that fails to load
+        return None
+    return WarmupFeed(module.warmup_inputs())
 
 
 def role_warmup_inputs(task: str, role: str) -> dict[str, np.ndarray]:
@@ -155,7 +171,7 @@ class ModelLoader:
         """`choice` loaded and warmed up through the health gate (no latency budget)."""
         spec = old.spec
         try:
-            sample = health.sample_inputs(spec.health)
+            sample = health.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
         except health.HealthError as exc:
             return str(exc)
 

@@ -161,12 +161,20 @@ def plan(prefer: Sequence[str] | None, hw: HardwareInfo) -> tuple[list[Candidate
     return candidates, skipped
 
 
+class WarmupFeed(dict[str, np.ndarray]):
+    """A task's own warm-up inputs (not the manifest's health inputs): names the session
+    does not take are left out, as one task's models come in variants (silero's exports
+    with and without `sr`). Health inputs with a wrong name still fail the warm-up."""
+
+
 def warm_up(
     session: Session, sample_inputs: Mapping[str, np.ndarray] | None, check: WarmupCheck | None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run the warm-up (sample inputs over synthetic ones) and judge it; (feed, outputs)."""
     feed = make_sample_inputs(session.inputs)
-    if sample_inputs:
+    if isinstance(sample_inputs, WarmupFeed):
+        feed.update({k: v for k, v in sample_inputs.items() if k in feed})
+    elif sample_inputs:
         feed.update(sample_inputs)
     result = session.infer(feed)
     missing = [s.name for s in session.outputs if s.name not in result]

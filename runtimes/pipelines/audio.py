@@ -270,6 +270,15 @@ class VoiceActivityDetection:
         return {"segments": segments}
 
 
+def warmup_inputs() -> dict[str, np.ndarray]:
+    """What a silero model warms up on when the manifest gives no health inputs: one window
+    with its context at 16 kHz. The synthetic warm-up's [1, 1] input is too short for the
+    model's reflect padding, and its `sr` of 0 picks the 8 kHz branch. (Exports without
+    `sr` leave it out: see runtimes.selection.WarmupFeed.)"""
+    return {"input": np.zeros((1, CONTEXT + WINDOW), np.float32),
+            "sr": np.array(SAMPLE_RATE, np.int64)}
+
+
 def build(
     settings: Mapping[str, Any], model_dir: Path | None, session: Session
 ) -> VoiceActivityDetection:
