@@ -146,7 +146,9 @@ def paddleocr() -> list[RefModel]:
         out.append(RefModel(
             "ocr_det", f"PaddleOCR det ({det[0].stem}) {OCR_DET_SIZE}x{OCR_DET_SIZE}", det[0],
             feed=lambda b: {"x": page[:b]}, ov_path=det[0],
-            health={"inputs": [_health_input("x", (1, 3, 32, 32), "FP32", 0.5)]},
+            # The health inputs feed the agent's auto-tune: a page of the size the jobs
+            # have, or it would time the runtimes on an image that is not what it serves.
+            health={"inputs": [_health_input("x", (1, 3, OCR_DET_SIZE, OCR_DET_SIZE), "FP32", 0.5)]},
             info={"input": f"x FP32 [N,3,{OCR_DET_SIZE},{OCR_DET_SIZE}]", "file": det[0].name},
         ))
     else:
@@ -155,7 +157,7 @@ def paddleocr() -> list[RefModel]:
         out.append(RefModel(
             "ocr_rec", f"PaddleOCR rec ({rec[0].stem}) {OCR_REC_SHAPE[1]}x{OCR_REC_SHAPE[2]}",
             rec[0], feed=lambda b: {"x": line[:b]}, ov_path=rec[0],
-            health={"inputs": [_health_input("x", (1, 3, 48, 32), "FP32", 0.5)]},
+            health={"inputs": [_health_input("x", (1, *OCR_REC_SHAPE), "FP32", 0.5)]},
             info={"input": f"x FP32 [N,{','.join(map(str, OCR_REC_SHAPE))}]", "file": rec[0].name},
         ))
     else:

@@ -113,7 +113,7 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
     # 5. auto-tune's pick against the best raw runtime, per reference model
     value, detail = _autotune_vs_raw(results)
     out.append(Ratio(
-        "autotune_vs_raw", "auto-tune's pick / best eligible raw runtime, batch 1 (worst model)",
+        "autotune_vs_raw", "auto-tune's pick vs the fastest eligible raw runtime, batch-1 p50 (worst model)",
         _r(value), ">= 0.9x", _judge(value, 0.9, True), detail))
 
     # 6. idle RSS with one small model
@@ -141,18 +141,19 @@ def _raw_label(runtime: str | None, precision: str | None) -> str | None:
 
 
 def _raw_b1(runtimes: dict[str, Any], label: str) -> float | None:
-    """Raw batch-1 throughput on one thread; None where not measured or measured on a twin
-    model file (`model_file`: OpenVINO runs silero's If-less export, not the agent's)."""
+    """Raw batch-1 p50 per call in ms, one thread (what the auto-tune compares); None where
+    not measured or measured on a twin model file (`model_file`: OpenVINO runs silero's
+    If-less export, not the agent's)."""
     entry = runtimes.get(label) or {}
     b1 = (entry.get("batches") or {}).get("1")
     if not b1 or "error" in b1 or entry.get("model_file"):
         return None
-    return float(b1["throughput_inf_s"])
+    return float(b1["p50_ms"])
 
 
 def _autotune_vs_raw(results: dict[str, Any]) -> tuple[float | None, str]:
-    """For each deployed model: the raw batch-1 throughput (one thread) of the runtime and
-    precision the agent's auto-tune chose, over the best raw one among the candidates the
+    """For each deployed model: the speed (raw batch-1 p50, one thread) of the runtime and
+    precision the agent's auto-tune chose, against the best raw one among the candidates the
     auto-tune found workable and in agreement with the f32 reference (a bf16 that disagrees
     is not eligible; nor is a raw figure taken on a twin model file, `model_file`)."""
     raw = results.get("raw", {})
@@ -171,11 +172,11 @@ def _autotune_vs_raw(results: dict[str, Any]) -> tuple[float | None, str]:
         if chosen not in figures:
             parts.append(f"{name}: chose {chosen}, no raw figure for it")
             continue
-        best_label = max(figures, key=lambda k: figures[k])
-        ratio = figures[chosen] / figures[best_label]
+        best_label = min(figures, key=lambda k: figures[k])
+        ratio = figures[best_label] / figures[chosen]  # speed of the pick over the best's
         worst = ratio if worst is None else min(worst, ratio)
-        parts.append(f"{name}: {chosen} {figures[chosen]:,.0f}/s vs best {best_label} "
-                     f"{figures[best_label]:,.0f}/s = {ratio:.2f}")
+        parts.append(f"{name}: {chosen} p50 {figures[chosen]:.3g} ms vs best {best_label} "
+                     f"{figures[best_label]:.3g} ms = {ratio:.2f}")
     return worst, "; ".join(parts) if parts else "not measured"
 
 
