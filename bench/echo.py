@@ -24,10 +24,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.brokerurl import parse_broker_url
+from agent.mqtt_session import PackedPublishProperties
 from fleet.oip import HEADER_LENGTH_PROPERTY
 
 READY = "echo ready"
@@ -68,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         device = msg.topic.split("/")[-2]
         body, user_props = canned[device]
         req = msg.properties
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        correlation = getattr(req, "CorrelationData", None)
-        if correlation is not None:
-            props.CorrelationData = correlation
-        if user_props:
-            props.UserProperty = user_props
+        # The agent's own encoder of PUBLISH properties: the ceiling pays what the agent pays.
+        props = PackedPublishProperties(getattr(req, "CorrelationData", None), user_props or ())
         reply = getattr(req, "ResponseTopic", None) or f"{args.prefix}/dev/{device}/results"
         c.publish(reply, body, qos=1, properties=props)
 

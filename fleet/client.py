@@ -35,11 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.brokerurl import DEFAULT_BROKER_URL
 from agent.errors import Code
+from agent.mqtt_session import PackedPublishProperties
 from agent.tls import TransportSecurity
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
 from fleet.errors import (
@@ -354,14 +353,10 @@ class InferenceClient:
         on_part: Callable[[InferResult], None] | None = None,
     ) -> Future[Any]:
         correlation = correlation or uuid.uuid4().bytes
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = response_topic or self.reply_topic
-        props.CorrelationData = correlation
-        if expiry_s is not None:
-            # Whole seconds on the wire; round up so a job never expires early.
-            props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
-        if user_properties:
-            props.UserProperty = user_properties
+        # Whole seconds on the wire; round up so a job never expires early.
+        props = PackedPublishProperties(
+            correlation, user_properties, response_topic=response_topic or self.reply_topic,
+            expiry_s=None if expiry_s is None else max(1, math.ceil(expiry_s)))
         fut: Future[Any] = Future()
         deadline = time.monotonic() + timeout
         with self._lock:
