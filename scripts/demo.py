@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from bench.models import build_digits
+from bench.tinylm import build_tiny_lm
 from fleet.client import InferenceClient
 from fleet.localbroker import Broker
 from fleet.mqtt import read_retained
@@ -54,6 +55,42 @@ def fleet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fleet.cli", *args], capture_output=True, text=True, check=False
     )
+
+
+def demo_text_generation(url: str, work: Path) -> str | None:
+    """Train the repo's tiny decoder-only LM (bench/tinylm.py: numpy, its own tokenizer),
+    deploy it as a text-generation model with its tokenizer.json, and stream an answer.
+    Returns the text, or None when the deploy failed."""
+    t0 = time.monotonic()
+    lm = build_tiny_lm(work / "lm")
+    say(f"trained the tiny LM (bench/tinylm.py) on its text in {time.monotonic() - t0:.1f}s: "
+        f"{lm.path.name}, {lm.path.stat().st_size} bytes, final loss {lm.final_loss:.3f}")
+    say("edge-fleet deploy --device demo-gw --model tiny-lm --version 1 --file model.onnx "
+        "--task text-generation --with tokenizer.json=... --with config.json=... --wait 120")
+    res = fleet("deploy", "--broker", url, "--device", DEVICE, "--model", "tiny-lm",
+                "--version", "1", "--file", str(lm.path), "--task", "text-generation",
+                "--with", f"tokenizer.json={lm.model_dir / 'tokenizer.json'}",
+                "--with", f"config.json={lm.model_dir / 'config.json'}",
+                "--artifact-dir", str(work / "artifacts"), "--wait", "120")
+    print(res.stdout, end="")
+    if res.returncode != 0:
+        print(res.stderr, end="", file=sys.stderr)
+        return None
+    prompt = "Four score and"
+    inputs = {"text_input": np.array([prompt.encode()], dtype=object),
+              "max_tokens": np.array([40], dtype=np.int32)}
+    say(f"streaming a greedy answer to {prompt!r} (parameters.stream, one message per chunk):")
+    chunks: list[str] = []
+    with InferenceClient(url) as client:
+        for part in client.stream("tiny-lm", inputs, device=DEVICE, binary=True,
+                                  parameters={"stream": True}, timeout=60):
+            chunk = bytes(part.outputs["text_output"][0]).decode()
+            chunks.append(chunk)
+            print(chunk, end="", flush=True)
+    print()
+    text = "".join(chunks)
+    say(f"{len(chunks)} chunks, {len(text)} characters: {prompt}{text}")
+    return text
 
 
 def main() -> int:
@@ -158,9 +195,11 @@ def main() -> int:
             f"median time in the runtime {infer_ms:.3f} ms "
             f"({results[0].parameters['runtime']}/{results[0].parameters['device']})")
 
+        text = demo_text_generation(url, work)
+
         res = fleet("devices", "--broker", url)
         print(res.stdout, end="")
-        ok = agree == 1.0
+        ok = agree == 1.0 and text is not None
         say("OK: the agent's answers equal scikit-learn's" if ok
             else "MISMATCH: the agent's answers differ from scikit-learn's")
         return 0 if ok else 1
