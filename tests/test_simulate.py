@@ -110,10 +110,16 @@ def test_simulated_fleet_is_registered_and_takes_a_rollout(broker: Broker, tmp_p
         assert entry["name"] == "m"
     finally:
         sim.stop()
+        # A clean stop says offline (retained), as an agent that stops does. Waited for
+        # while the controller still runs: stopped, it records nothing more (a busy machine
+        # once lost this race).
+        deadline = time.monotonic() + 20
+        while (not (offline := all(d.online is False for d in registry.devices()))
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         runner.stop()
         controller.stop()
-    # A clean stop says offline (retained), as an agent that stops does.
-    until(lambda: all(d.online is False for d in registry.devices()), 10, "devices offline")
+    assert offline, "the controller did not record every simulated device offline within 20 s"
     registry.close()
 
 
