@@ -42,6 +42,7 @@ from agent.registry import ModelRegistry, ServingModel
 from agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
+    Serving,
     failover_record,
     role_warmup_inputs,
     task_warmup_inputs,
@@ -342,12 +343,20 @@ class Reconciler:
         served = self.loader.serving(spec, loaded)
         served.model.model_dir = model_dir
         session = loaded.session
-        report = reports[id(session)]
+        self._announce_serving(spec, served, reports[id(session)].latency_ms)
+        log.info("%s serving on %s/%s", label, session.runtime, session.device)
+        return served.model, None
+
+    def _announce_serving(self, spec: ModelSpec, served: Serving, latency_ms: float | None,
+                          **event: Any) -> None:
+        """A version now serves: its status in `reported` and the `model_serving` event
+        (a multi-model version's runtime fields are its first model's; `event` adds fields)."""
+        tuned = served.tuned
+        session = tuned.session
         self._failed.pop(spec.key, None)
-        fallbacks = [a for a in loaded.attempts if not a.ok]
         self._set_status(
             ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
-                        device=session.device, attempts=loaded.attempts,
+                        device=session.device, attempts=tuned.attempts,
                         extra=served.status_fields())
         )
         self._emit(
@@ -356,13 +365,12 @@ class Reconciler:
             version=spec.version,
             runtime=session.runtime,
             device=session.device,
-            fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in fallbacks],
-            latency_ms=None if report.latency_ms is None else round(report.latency_ms, 3),
-            precision=loaded.choice.precision,
-            autotune=loaded.summary(),
+            fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in tuned.attempts if not a.ok],
+            latency_ms=None if latency_ms is None else round(latency_ms, 3),
+            precision=tuned.choice.precision,
+            autotune=tuned.summary(),
+            **event,
         )
-        log.info("%s serving on %s/%s", label, session.runtime, session.device)
-        return served.model, None
 
     def _gate(self, spec: ModelSpec, check_latency: bool, refusals: list[str],
               reports: dict[int, health.HealthReport]) -> WarmupCheck:
@@ -430,25 +438,8 @@ class Reconciler:
         except JobError as exc:
             model.retire()  # closes every session
             return self._failed_to(spec, "pipeline", exc.message)
-        self._failed.pop(spec.key, None)
-        main = served.tuned
-        session = model.session
-        self._set_status(
-            ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
-                        device=session.device, attempts=main.attempts,
-                        extra=served.status_fields())
-        )
-        self._emit(
-            "model_serving",
-            model=spec.name,
-            version=spec.version,
-            runtime=session.runtime,
-            device=session.device,
-            fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in main.attempts if not a.ok],
-            latency_ms=(None if roles[0].role not in latencies
-                        else round(latencies[roles[0].role], 3)),
-            precision=main.choice.precision,
-            autotune=main.summary(),
+        self._announce_serving(
+            spec, served, latencies.get(roles[0].role),
             roles={role: {"runtime": r.tuned.session.runtime, "device": r.tuned.session.device,
                           "precision": r.tuned.choice.precision,
                           "latency_ms": (None if role not in latencies
