@@ -14,19 +14,14 @@ concurrency are the agent's: this is the ceiling the agent is compared against.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
-import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.brokerurl import parse_broker_url
 from agent.mqtt_session import PackedPublishProperties
+from bench.responder import serve
 from fleet.oip import HEADER_LENGTH_PROPERTY
 
 READY = "echo ready"
@@ -48,20 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="edge/v1")
     args = parser.parse_args(argv)
     canned = load_canned(args.canned)
-    address = parse_broker_url(args.broker)
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id=f"bench-echo-{id(canned):x}", protocol=paho.MQTTv5)
-    subscribed = threading.Event()
-
-    def on_socket_open(_c: Any, _u: Any, sock: Any) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
-        c.subscribe([(f"{args.prefix}/dev/{device}/jobs", 1) for device in canned])
-
-    def on_subscribe(*_a: Any) -> None:
-        subscribed.set()
 
     def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         device = msg.topic.split("/")[-2]
@@ -72,23 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         reply = getattr(req, "ResponseTopic", None) or f"{args.prefix}/dev/{device}/results"
         c.publish(reply, body, qos=1, properties=props)
 
-    client.on_socket_open = on_socket_open
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.max_inflight_messages_set(64)  # as the agent's session has it
-    client.connect(address.host, address.port, keepalive=30)
-    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
-    client.loop_start()
-    if not subscribed.wait(10):
-        print("echo: no SUBACK within 10 s", file=sys.stderr)
-        return 1
-    print(READY, flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        while client.is_connected():
-            threading.Event().wait(0.5)
-    client.loop_stop()
-    return 0
+    topics = [f"{args.prefix}/dev/{device}/jobs" for device in canned]
+    return serve(args.broker, f"bench-echo-{id(canned):x}", topics, on_message, ready=READY,
+                 max_inflight=64)  # as the agent's session has it
 
 
 if __name__ == "__main__":

@@ -16,23 +16,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
-import signal
-import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.brokerurl import parse_broker_url
+from bench.responder import serve
 
 READY = "naive ready"
 
@@ -64,20 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     session = ort.InferenceSession(str(args.model), sess_options=so,
                                    providers=["CPUExecutionProvider"])
     output_names = [o.name for o in session.get_outputs()]
-    address = parse_broker_url(args.broker)
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id=f"bench-naive-{args.device}", protocol=paho.MQTTv5)
-    subscribed = threading.Event()
-
-    def on_socket_open(_c: Any, _u: Any, sock: Any) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
-        c.subscribe(f"{args.prefix}/dev/{args.device}/jobs", qos=1)
-
-    def on_subscribe(*_a: Any) -> None:
-        subscribed.set()
 
     def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         req = msg.properties
@@ -95,22 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         c.publish(reply, json.dumps(answer).encode(), qos=1, properties=props)
 
-    client.on_socket_open = on_socket_open
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.connect(address.host, address.port, keepalive=30)
-    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
-    client.loop_start()
-    if not subscribed.wait(10):
-        print("naive: no SUBACK within 10 s", file=sys.stderr)
-        return 1
-    print(READY, flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        while client.is_connected():
-            threading.Event().wait(0.5)
-    client.loop_stop()
-    return 0
+    return serve(args.broker, f"bench-naive-{args.device}",
+                 [f"{args.prefix}/dev/{args.device}/jobs"], on_message, ready=READY)
 
 
 if __name__ == "__main__":
