@@ -88,6 +88,29 @@ def _weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return w
 
 
+def _dense_softmax_model(graph_name: str, inits: list[Any], output: str) -> Any:
+    """x FP32 [N, 64] -> MatMul w1 + b1 -> Relu -> MatMul w2 + b2 -> Softmax -> `output`
+    FP32 [N, 10]; the weights are the initializers w1, b1, w2, b2."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["z0"]),
+        helper.make_node("Add", ["z0", "b2"], ["z1"]),
+        helper.make_node("Softmax", ["z1"], [output], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        graph_name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+
+
 def build_mlp(out_dir: Path, name: str = "mlp.onnx") -> Path:
     """Pure-float MLP: x FP32 [N, 64] -> MatMul+Add+Relu+MatMul+Add+Softmax -> y FP32 [N, 10]."""
     rng = np.random.default_rng(_SEED)
@@ -97,24 +120,7 @@ def build_mlp(out_dir: Path, name: str = "mlp.onnx") -> Path:
         numpy_helper.from_array(_weights(rng, 32, 10), "w2"),
         numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "b2"),
     ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
-        helper.make_node("Add", ["h0", "b1"], ["h1"]),
-        helper.make_node("Relu", ["h1"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w2"], ["z0"]),
-        helper.make_node("Add", ["z0", "b2"], ["z1"]),
-        helper.make_node("Softmax", ["z1"], ["y"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
+    model = _dense_softmax_model("mlp", inits, "y")
     return _save(model, out_dir / name)
 
 
@@ -345,24 +351,7 @@ def build_digits_float(out_dir: Path, name: str = "digits_float.onnx") -> Digits
         numpy_helper.from_array(np.asarray(w, np.float32), n)
         for w, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
     ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
-        helper.make_node("Add", ["h0", "b1"], ["h1"]),
-        helper.make_node("Relu", ["h1"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w2"], ["z0"]),
-        helper.make_node("Add", ["z0", "b2"], ["z1"]),
-        helper.make_node("Softmax", ["z1"], ["probabilities"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "digits_float",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
+    model = _dense_softmax_model("digits_float", inits, "probabilities")
     sklearn_pred = clf.predict(x_test).astype(np.int64)
     np.savez(sidecar, x_test=x_test, y_test=y_test, sklearn_pred=sklearn_pred)
     _save(model, path)
