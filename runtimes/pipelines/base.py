@@ -94,3 +94,14 @@ def require(inputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         return inputs[name]
     except KeyError:
         raise ValueError(f"missing input {name!r}") from None
+
+
+def sniff_image(data: bytes) -> str:
+    """What the first bytes say the file is, for error messages (pillow may fail before it knows)."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG image"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG image"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP image"
+    return "image"

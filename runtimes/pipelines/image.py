@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtimes.base import Session, TensorSpec
 from runtimes.datatypes import to_numpy_dtype
-from runtimes.pipelines.base import media_items, parse_settings, pick_input, require
+from runtimes.pipelines.base import media_items, parse_settings, pick_input, require, sniff_image
 
 TASK = "image-classification"
 IMAGE_INPUT = "image"
@@ -103,17 +103,6 @@ def _load_labels(cfg: ImageSettings, model_dir: Path | None) -> tuple[str, ...] 
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{TASK}: cannot read labels file {path.name}: {exc}") from None
     return tuple(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _sniff(data: bytes) -> str:
-    """What the first bytes say the file is, for error messages (pillow may fail before it knows)."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG image"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG image"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP image"
-    return "image"
 
 
 class ImageClassification:
@@ -205,7 +194,7 @@ class ImageClassification:
         """One encoded image as the model's input row (no batch dimension)."""
         cfg = self._cfg
         where = f"input {IMAGE_INPUT}[{index}]"
-        fmt = _sniff(data)
+        fmt = sniff_image(data)
         try:
             with Image.open(io.BytesIO(data), formats=list(cfg.formats)) as opened:
                 if opened.width * opened.height > cfg.max_pixels:

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtimes.base import Session, TensorSpec
 from runtimes.pipelines import MULTI_MODEL_TASKS
-from runtimes.pipelines.base import media_items, parse_settings, require
+from runtimes.pipelines.base import media_items, parse_settings, require, sniff_image
 
 TASK = "ocr"
 IMAGE_INPUT = "image"
@@ -317,16 +317,6 @@ def _scaled_to_32(img: np.ndarray, ratio: float) -> np.ndarray | None:
 # --- the pipeline -------------------------------------------------------------------------
 
 
-def _sniff(data: bytes) -> str:
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG image"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG image"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP image"
-    return "image"
-
-
 def _check_model(role: str, session: Session, channels: int, rank: int = 4) -> str:
     if len(session.inputs) != 1:
         raise ValueError(f"{TASK}: the {role} model must take one input, it takes {len(session.inputs)}")
@@ -399,7 +389,7 @@ class Ocr:
         except Image.DecompressionBombError as exc:
             raise ValueError(f"{where}: image too large: {exc}") from None
         except (OSError, SyntaxError, EOFError) as exc:
-            raise ValueError(f"{where}: could not decode the {_sniff(data)}: {exc}") from None
+            raise ValueError(f"{where}: could not decode the {sniff_image(data)}: {exc}") from None
         if im.width < 1 or im.height < 1:
             raise ValueError(f"{where}: image of {im.width}x{im.height} pixels holds nothing")
         return np.ascontiguousarray(np.asarray(im)[:, :, ::-1])
