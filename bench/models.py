@@ -182,6 +182,25 @@ def silero_vad_path() -> Path:
     )
 
 
+# The PaddleOCR models the rapidocr-onnxruntime wheel ships, by the ocr pipeline's roles.
+RAPIDOCR_MODELS = {
+    "det": "ch_PP-OCRv4_det_infer.onnx",
+    "rec": "ch_PP-OCRv4_rec_infer.onnx",
+    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+}
+
+
+def rapidocr_models_dir() -> Path | None:
+    """The `models` folder of the installed rapidocr-onnxruntime wheel (found without
+    importing it, which would import opencv), or None when the wheel is not installed."""
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "models"
+        if (folder / RAPIDOCR_MODELS["rec"]).is_file():
+            return folder
+    return None
+
+
 def build_heavy(out_dir: Path, name: str = "heavy.onnx", width: int = 1024, layers: int = 8) -> Path:
     """A model whose cost grows with the batch: x FP32 [N, 64] -> y FP32 [N, 10].
 

@@ -24,7 +24,6 @@ pre/post share of the job (median over runs of pre/post / job), and job / raw.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
 from bench.raw import busy_cpu_s
 
 PIPELINES = ("image-classification", "voice-activity-detection", "ocr", "text-generation",
@@ -239,17 +239,12 @@ def ocr_cases(work: Path) -> list[Case]:
 
     from runtimes.pipelines import build_pipeline
 
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    folder = None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / "models").is_dir():
-            folder = Path(location) / "models"
+    folder = rapidocr_models_dir()
     if folder is None:
         raise RuntimeError("the rapidocr-onnxruntime wheel is not installed (it ships the models)")
     if not FONT_FILE.is_file():
         raise RuntimeError(f"{FONT_FILE} missing (apt-get install fonts-dejavu-core)")
-    files = {"det": "ch_PP-OCRv4_det_infer.onnx", "rec": "ch_PP-OCRv4_rec_infer.onnx",
-             "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
+    files = RAPIDOCR_MODELS
     version = work / "ocr"
     version.mkdir(parents=True, exist_ok=True)
     for role, name in files.items():

@@ -3,7 +3,6 @@ it cannot read the model itself, and the inputs of a batch."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,17 +120,8 @@ def silero() -> RefModel:
     )
 
 
-def _rapidocr_models() -> Path | None:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        folder = Path(location) / "models"
-        if folder.is_dir():
-            return folder
-    return None
-
-
 def paddleocr() -> list[RefModel]:
-    folder = _rapidocr_models()
+    folder = models.rapidocr_models_dir()
     if folder is None:
         why = ("the rapidocr-onnxruntime wheel is not installed "
                "(pip install --no-deps rapidocr-onnxruntime ships the PaddleOCR models)")

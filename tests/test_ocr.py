@@ -3,7 +3,6 @@ wheel's own RapidOCR pipeline, on ONNX Runtime and OpenVINO."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
 from runtimes.base import LoadOptions, Session
 from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
 from runtimes.openvino_backend import BACKEND as OPENVINO
@@ -28,18 +28,12 @@ OPTS = LoadOptions()
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 BOX_TOLERANCE_PX = 2.0  # vs RapidOCR; seen: 0
 RUNTIME_BOX_TOLERANCE_PX = 2.0  # OpenVINO vs ONNX Runtime; seen: 0
-_WHEEL_MODELS = {
-    "det": "ch_PP-OCRv4_det_infer.onnx",
-    "rec": "ch_PP-OCRv4_rec_infer.onnx",
-    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-}
 
 
 def _wheel_models() -> Path:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / "models" / _WHEEL_MODELS["rec"]).is_file():
-            return Path(location) / "models"
+    folder = rapidocr_models_dir()
+    if folder is not None:
+        return folder
     pytest.skip("the rapidocr-onnxruntime wheel is not installed (scripts/bootstrap.sh installs it)")
 
 
@@ -48,7 +42,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ocr version's folder: det.onnx, rec.onnx, cls.onnx (the file stem is the role)."""
     src = _wheel_models()
     out = tmp_path_factory.mktemp("ocr-models")
-    for role, name in _WHEEL_MODELS.items():
+    for role, name in RAPIDOCR_MODELS.items():
         (out / f"{role}.onnx").symlink_to(src / name)
     return out
 

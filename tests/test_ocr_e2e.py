@@ -9,7 +9,6 @@ second even on a loaded 2-core machine.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -27,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from agent.manifest import ArtifactFile, Health, ManifestError, ModelSpec, check_model, model_roles
 from agent.topics import Topics
+from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
 from fleet.client import InferenceClient
 from fleet.errors import InvalidArgument, NotFound
 from fleet.mqtt import connect, read_retained
@@ -41,11 +41,6 @@ pytest.importorskip("cv2", reason="opencv missing: pip install 'edgeinfer[ocr]'"
 DEVICE = "gw-ocr"
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 BOX_TOLERANCE_PX = 2.0
-_WHEEL_MODELS = {
-    "det": "ch_PP-OCRv4_det_infer.onnx",
-    "rec": "ch_PP-OCRv4_rec_infer.onnx",
-    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-}
 # v1 reads both lines; v3 (det at 128, stricter text_score, no cls) keeps only the line it
 # reads with a score of ~0.998 and drops the other (~0.98 there).
 V1_SETTINGS: dict[str, Any] = {"det_limit_side_len": 160}
@@ -55,10 +50,9 @@ JOB_TIMEOUT_S = 60.0
 
 
 def _wheel_models() -> Path:
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / "models" / _WHEEL_MODELS["rec"]).is_file():
-            return Path(location) / "models"
+    folder = rapidocr_models_dir()
+    if folder is not None:
+        return folder
     pytest.skip("the rapidocr-onnxruntime wheel is not installed (scripts/bootstrap.sh installs it)")
 
 
@@ -151,7 +145,7 @@ def _entry(rep: dict[str, Any], version: str) -> dict[str, Any] | None:
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     src = _wheel_models()
     folder = tmp_path_factory.mktemp("ocr-models")
-    for role, name in _WHEEL_MODELS.items():
+    for role, name in RAPIDOCR_MODELS.items():
         (folder / f"{role}.onnx").symlink_to(src / name)
     image = _render([((10, 8), "Gate 7 OPEN 42"), ((10, 50), "Pump 3 ok")], (300, 90))
     return Models(folder, image)
