@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.runslots import RunSlots, read_running, run_tag
+from agent.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,6 @@ class Admission:
 
     kind: str  # "new" | "duplicate_done" | "duplicate_pending"
     job: StoredJob
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _props(text: str) -> tuple[tuple[str, str], ...]:
@@ -206,7 +199,7 @@ class Journal:
         spooled = {i: self._spool_write(job.payload) for i, job in enumerate(jobs)
                    if len(job.payload) >= SPOOL_MIN_BYTES}
         if spooled and self._full:
-            _fsync_dir(self._spool)
+            fsync_dir(self._spool)
         unused: list[str] = []
         try:
             with self._lock:
