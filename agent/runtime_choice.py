@@ -12,7 +12,6 @@ ServingModel holding all its sessions.
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from agent.manifest import ModelSpec, RoleModel
 from agent.registry import ModelRegistry, ServingModel
 from agent.store import ModelStore
 from runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
-from runtimes.base import LoadOptions, Session, one_line
+from runtimes.base import LoadOptions, Session
 from runtimes.hardware import HardwareInfo
-from runtimes.pipelines import pipeline_requirements
+from runtimes.pipelines import MULTI_MODEL_TASKS, task_module
 from runtimes.selection import Attempt, WarmupCheck, WarmupFeed
 
 AUTOTUNE_FILE = "autotune.json"
@@ -80,35 +79,24 @@ class Serving:
         return fields
 
 
-# The task module that gives a multi-model task's warm-up inputs (`warmup_inputs(role)`).
-_ROLE_WARMUPS = {"ocr": "runtimes.pipelines.ocr"}
-# Single-model tasks whose models cannot warm up on the synthetic inputs
-# (`warmup_inputs()`), used when the manifest gives no health inputs.
-_TASK_WARMUPS = {"voice-activity-detection": "runtimes.pipelines.audio"}
-
-
 def task_warmup_inputs(task: str) -> WarmupFeed | None:
-    """The task's own warm-up inputs, or None (the synthetic ones do; or the task's library
-    is missing, which building its pipeline reports)."""
-    name = _TASK_WARMUPS.get(task)
-    if name is None:
+    """A single-model task's own warm-up inputs (its module's `warmup_inputs()`), for when
+    the manifest gives no health inputs; None where the synthetic ones do, or where the
+    task cannot run here (building its pipeline says why)."""
+    if task in MULTI_MODEL_TASKS:
         return None
     try:
-        module = importlib.import_module(name)
-    except Exception:  # ImportError, or a shared library that fails to load
+        module = task_module(task)
+    except ValueError:
         return None
-    return WarmupFeed(module.warmup_inputs())
+    make = getattr(module, "warmup_inputs", None)
+    return None if make is None else WarmupFeed(make())
 
 
 def role_warmup_inputs(task: str, role: str) -> dict[str, np.ndarray]:
     """Inputs a model of `role` warms up on (the synthetic 1x1 image is too small for ocr's
     detector). Raises ValueError when the task cannot run here (its library is missing)."""
-    try:
-        module = importlib.import_module(_ROLE_WARMUPS.get(task, f"runtimes.pipelines.{task}"))
-    except Exception as exc:  # ImportError, or a shared library that fails to load
-        why = pipeline_requirements().get(task) or f"{type(exc).__name__}: {one_line(exc)}"
-        raise ValueError(f"task {task} cannot run here: {why}") from None
-    inputs: dict[str, np.ndarray] = module.warmup_inputs(role)
+    inputs: dict[str, np.ndarray] = task_module(task).warmup_inputs(role)
     return inputs
 
 

@@ -521,10 +521,9 @@ class Scheduler:
         with self._lock:
             self.executed += len(live)
         pipeline = model.pipeline()
-        started = time.monotonic()
         try:
             with model.instances:  # the manifest's `instances`: runs at once on the session
-                started = time.monotonic()
+                started = time.monotonic()  # queue time includes the wait for an instance
                 results = self._infer(model, pipeline, live)
         except Exception as exc:
             if pipeline is not None and isinstance(exc, ValueError):

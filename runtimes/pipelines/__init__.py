@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from runtimes.base import Session, one_line
@@ -29,7 +30,8 @@ from runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline
 
 OCR_EXTRA_HINT = "pip install 'edgeinfer[ocr]'"
 
-__all__ = ["KNOWN_TASKS", "MULTI_MODEL_TASKS", "Pipeline", "build_pipeline", "pipeline_requirements"]
+__all__ = ["KNOWN_TASKS", "MULTI_MODEL_TASKS", "Pipeline", "build_pipeline", "pipeline_requirements",
+           "task_module"]
 
 # task -> (module exposing `build(settings, model_dir, session)`, optional library it
 # needs as (import name, distribution name), or None).
@@ -84,12 +86,20 @@ def build_pipeline(
     Raises ValueError for an unknown task (naming the known ones), a task whose library is
     missing, settings that do not fit the task, or a model that does not fit the task.
     """
+    pipeline: Pipeline = task_module(task).build(settings, model_dir, session)
+    return pipeline
+
+
+def task_module(task: str) -> ModuleType:
+    """The module of `task` (its `build`, and `warmup_inputs` where the task has its own).
+
+    Raises ValueError for an unknown task (naming the known ones) or a task whose library
+    is missing.
+    """
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}")
     module_name, requirement = _TASKS[task]
     missing = _missing(requirement)
     if missing is not None:
         raise ValueError(f"task {task} cannot run here: {missing}")
-    module = importlib.import_module(module_name)
-    pipeline: Pipeline = module.build(settings, model_dir, session)
-    return pipeline
+    return importlib.import_module(module_name)
