@@ -105,7 +105,9 @@ def _props(text: str) -> tuple[tuple[str, str], ...]:
 
 
 class Journal:
-    """Thread-safe: one connection, one lock; every method is one short transaction."""
+    """Thread-safe. Writes go through one connection under one lock, each method one short
+    transaction; the outbox reads on a second connection; run marks go to memory-mapped
+    slots (agent/runslots.py), not to the database."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
