@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make this checkout ready to run: mosquitto (from the system's packages when missing),
-# a virtual environment in .venv, and the project with its dev extras installed into it;
+# a virtual environment in .venv with the project, its extras and the dev group, all at the
+# versions in uv.lock;
 # and, where torch's CPU wheel lies on disk, the test-only .venv-ref (see below).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -37,25 +38,16 @@ if [ -n "$missing" ]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    echo "bootstrap: creating .venv" >&2
-    "$PYTHON" -m venv .venv
-fi
-stamp=.venv/.edgeinfer-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "bootstrap: installing Python packages into .venv" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-    # silero-vad ships the VAD model inside its wheel; its dependencies (torch) are not needed
-    # to read that file, so the wheel comes without them.
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'silero-vad>=5'
-    # rapidocr-onnxruntime ships PaddleOCR's det/rec/cls ONNX models (the ocr pipeline's and
-    # its tests' reference); what it imports is in the dev extra, less opencv-python (the
-    # headless build stands in for it), so it comes without its dependencies too.
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'rapidocr-onnxruntime>=1.4,<2'
-    echo "$want" > "$stamp"
-fi
+# Every Python package comes from uv.lock at the version and hashes it records (pyproject.toml
+# says what is allowed, the lock what is installed): scripts/uv.sh runs the uv release the
+# lock is made with. --locked refuses a lock that no longer matches pyproject.toml instead of
+# quietly resolving anew; `scripts/lock.sh` refreshes it. uv never downloads a Python here.
+# The dev group comes with the sync (silero-vad and rapidocr-onnxruntime without their torch
+# and opencv-python, as the lock's overrides say: only their model files are used).
+export UV_PYTHON_DOWNLOADS=never
+interpreter="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+scripts/uv.sh sync --locked --quiet --python "$interpreter" \
+    --extra agent --extra media --extra ocr --extra fleet --extra postgres
 
 # .venv-ref: a test-only environment for tests/test_vad_reference.py, which checks the
 # voice-activity pipeline against silero-vad's own get_speech_timestamps. That needs torch,
