@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
-import yaml
 
 from agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
+from agent.configfile import ConfigError, env_overrides, merge, read_yaml_mapping, to_struct
 from agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE
 from agent.trust import TrustConfig, load_trusted_keys
@@ -175,95 +175,23 @@ class AgentConfig(_Section):
         return tuple(p.replace("{prefix}", self.topic_prefix) for p in self.jobs.reply_prefixes)
 
 
-class ConfigError(Exception):
-    """One clear line: which file, which key, what is wrong."""
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """EDGE_AGENT_BROKER__URL=... -> {"broker": {"url": "..."}}; values parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        # EDGE_AGENT_CONFIG names the file; EDGE_AGENT_TEST_* are test hooks (faults).
-        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", CRASH_ENV,
-                                                       FAIL_RUNTIME_ENV):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"environment: {name} conflicts with another variable")
-        try:
-            value = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
-            value = raw
-        # Ids and URLs stay strings even when they look like numbers.
-        node[path[-1]] = raw if isinstance(value, (int, float)) and path[-1] in _STRING_KEYS else value
-    return tree
-
-
-_STRING_KEYS = {"device_id", "url", "state_dir", "topic_prefix", "level", "username",
-                "password_file", "password_credential", "ca_file", "cert_file", "key_file",
-                "server_name"}
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _key_path(exc: msgspec.ValidationError) -> str:
-    # msgspec says "... - at `$.broker.url`"; turn that into "broker.url".
-    text = str(exc)
-    if "at `$" in text:
-        return text.split("at `$", 1)[1].rstrip("`").lstrip(".") or "(top level)"
-    return "(top level)"
-
-
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read, merge the environment over, and validate. Pure: no files written."""
+    """Read, merge the environment over, and validate. Pure: no files written.
+
+    What the running system must also offer (a writable state_dir, readable TLS files, a
+    broker host that resolves) is checked apart, by agent/preflight.py.
+    """
     environ = os.environ if environ is None else environ
     source = str(path) if path else "(defaults)"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        data = loaded
-    env_tree = _env_overrides(environ)
+    data = read_yaml_mapping(path) if path is not None else {}
+    # EDGE_AGENT_CONFIG names the file; EDGE_AGENT_TEST_* are test hooks (faults).
+    env_tree = env_overrides(environ, ENV_PREFIX, AgentConfig,
+                             skip={ENV_PREFIX + "CONFIG", CRASH_ENV, FAIL_RUNTIME_ENV})
     if env_tree:
-        data = _merge(data, env_tree)
+        data = merge(data, env_tree)
         source += " + EDGE_AGENT_* environment"
     _refuse_inline_password(data, source)
-    try:
-        cfg = msgspec.convert(data, AgentConfig, strict=False)
-    except msgspec.ValidationError as exc:
-        key = _key_path(exc)
-        message = str(exc).split(" - at `$", 1)[0]
-        if message.startswith("Object contains unknown field"):
-            message = "unknown key " + message.split("unknown field", 1)[1].strip()
-            parent = key if key != "(top level)" else ""
-            bad = message.split("`")[1] if "`" in message else ""
-            key = f"{parent}.{bad}".lstrip(".") if bad else key
-        raise ConfigError(f"{source}: key '{key}': {message}") from None
+    cfg = to_struct(data, AgentConfig, source)
     _check(cfg, source)
     return cfg
 

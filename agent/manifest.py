@@ -18,6 +18,7 @@ import msgspec
 from agent.topics import NAME_RE
 from runtimes.datatypes import OIP_DATATYPES
 from runtimes.pipelines import MULTI_MODEL_TASKS
+from runtimes.structcheck import StructError, convert, not_utf8
 
 SHA256_RE = r"^[0-9a-f]{64}$"
 
@@ -276,17 +277,19 @@ def decode_published(payload: bytes) -> Published:
     """Parse and check a manifest as published; raises ManifestError (reason `invalid`)."""
     try:
         raw = _decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Bad UTF-8 is a DecodeError in some msgspec releases, a UnicodeDecodeError in others.
+        why = not_utf8(payload)
+        if why is not None:
+            raise ManifestError(f"manifest is not UTF-8: {why}") from None
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:  # msgspec's word for bytes that are not UTF-8
-        raise ManifestError(f"manifest is not UTF-8: {exc.reason} at byte {exc.start}") from None
     except RecursionError:
         raise ManifestError("manifest is nested too deeply") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest must be a JSON object, not {type(raw).__name__}")
     try:
-        manifest = msgspec.convert(raw, Manifest)
-    except msgspec.ValidationError as exc:
+        manifest = convert(raw, Manifest)
+    except StructError as exc:
         raise ManifestError(f"invalid manifest: {exc}") from None
     seen: set[tuple[str, str]] = set()
     for m in manifest.models:

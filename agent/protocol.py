@@ -18,11 +18,15 @@ from agent.errors import Code, JobError
 from agent.topics import NAME_RE
 from runtimes.base import TensorSpec
 from runtimes.datatypes import OIP_DATATYPES, from_numpy_dtype, to_numpy_dtype
+from runtimes.structcheck import StructError, convert, not_utf8
 
 # Triton's binary-data extension: the JSON header's length, as an MQTT user property.
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 MODEL_NAME_PROPERTY = "model_name"
 MODEL_VERSION_PROPERTY = "model_version"
+# The user properties that are part of what a request asks for, beside its payload (the
+# request's identity for de-duplication: agent/scheduler.py's request_digest).
+REQUEST_PROPERTIES = frozenset({HEADER_LENGTH_PROPERTY, MODEL_NAME_PROPERTY, MODEL_VERSION_PROPERTY})
 
 
 class _Tensor(msgspec.Struct):
@@ -60,6 +64,8 @@ _request_decoder = msgspec.json.Decoder(_Request)
 _id_decoder = msgspec.json.Decoder(_IdOnly)
 _meta_decoder = msgspec.json.Decoder(_Meta)
 _encoder = msgspec.json.Encoder()
+# An answer's header with its members left as they are, for mark_replayed.
+_members_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,20 @@ def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Job
     return JobMeta(job_id, priority, timeout_ms, _number(params.get("sent_at_ms")), cancel)
 
 
+def _request_problem(header: bytes | memoryview) -> str:
+    """Which key of a request the typed decode refused, in our words (runtimes/structcheck).
+
+    Only on that error path: the hot path keeps msgspec's fast typed decode.
+    """
+    try:
+        convert(msgspec.json.decode(header), _Request)
+    except StructError as exc:
+        return str(exc)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    return "not an OIP v2 inference request"
+
+
 def decode_request(
     payload: bytes, user_properties: Sequence[tuple[str, str]]
 ) -> RawRequest:
@@ -187,15 +207,17 @@ def decode_request(
         binary = memoryview(b"")
     try:
         req = _request_decoder.decode(header)
-    except msgspec.ValidationError as exc:
-        raise JobError(Code.INVALID_ARGUMENT, f"malformed inference request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except msgspec.ValidationError:
+        raise JobError(Code.INVALID_ARGUMENT,
+                       f"malformed inference request: {_request_problem(header)}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Bad UTF-8 is a DecodeError in some msgspec releases, a UnicodeDecodeError in others.
+        why = not_utf8(header)
+        if why is not None:
+            raise JobError(Code.INVALID_ARGUMENT, f"request is not UTF-8: {why}") from None
         raise JobError(Code.INVALID_ARGUMENT, f"request is not valid JSON: {exc}") from None
     except RecursionError:
         raise JobError(Code.INVALID_ARGUMENT, "request is nested too deeply") from None
-    except UnicodeDecodeError as exc:
-        raise JobError(Code.INVALID_ARGUMENT,
-                       f"request is not UTF-8: {exc.reason} at byte {exc.start}") from None
 
     if req.id is not None and not NAME_RE.match(req.id):
         raise JobError(Code.INVALID_ARGUMENT, "id must match [A-Za-z0-9._-]{1,64}")
@@ -469,3 +491,24 @@ def encode_error(job_id: str | None, code: Code, message: str) -> bytes:
     if job_id is not None:
         body["id"] = job_id
     return _encoder.encode(body)
+
+
+def mark_replayed(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Encoded:
+    """A stored answer (ours: a response or an error) with `parameters.replayed: true`.
+
+    Done here, when an answer is served again, so the first answer pays nothing for it.
+    Only `parameters` is decoded and written again; the other members (the outputs) are
+    copied as raw JSON, the binary tail as bytes, and the header length is updated.
+    """
+    props = dict(user_properties)
+    length = props.get(HEADER_LENGTH_PROPERTY)
+    cut = len(payload) if length is None else int(length)
+    members = _members_decoder.decode(payload[:cut])
+    params = msgspec.json.decode(members["parameters"]) if "parameters" in members else {}
+    params["replayed"] = True
+    members["parameters"] = msgspec.Raw(_encoder.encode(params))
+    header = _encoder.encode(members)
+    if length is None:
+        return Encoded(header, tuple(user_properties))
+    return Encoded(header + payload[cut:], tuple(
+        (k, str(len(header)) if k == HEADER_LENGTH_PROPERTY else v) for k, v in user_properties))

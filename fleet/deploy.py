@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgspec
 import paho.mqtt.client as paho
 
 from agent.manifest import (
@@ -38,6 +37,7 @@ from fleet.reports import (
     parse_json_object,
 )
 from fleet.signing import Signer
+from runtimes.structcheck import StructError, convert
 
 
 class DeployError(Exception):
@@ -128,8 +128,8 @@ def model_spec(
                           for name, a, uri in files]
     try:
         # convert() checks the constraints that plain construction would skip.
-        spec = msgspec.convert(entry, ModelSpec)
-    except msgspec.ValidationError as exc:
+        spec = convert(entry, ModelSpec)
+    except StructError as exc:
         raise ValueError(f"invalid model entry: {exc}") from None
     check_model(spec)  # what the agent checks too: e.g. the models an ocr version needs
     return spec

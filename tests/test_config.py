@@ -35,7 +35,7 @@ def test_file_values_are_typed(tmp_path: Path) -> None:
     [
         ("broker:\n  keepalive: 3\n", "broker.keepalive", "unknown key"),
         ("colour: blue\n", "colour", "unknown key"),
-        ("jobs:\n  workers: many\n", "jobs.workers", "Expected `int`"),
+        ("jobs:\n  workers: many\n", "jobs.workers", "expected an integer >= 1 and <= 64, got 'many'"),
         ("broker:\n  url: http://x\n", "broker.url", "mqtt://"),
         ("device_id: 'a b'\n", "device_id", "must match"),
         ("telemetry:\n  interval_s: -1\n", "telemetry.interval_s", ">"),

@@ -103,8 +103,8 @@ def test_a_gate_refusal_falls_back_to_the_next_runtime(models: dict[str, Path]) 
         ({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]},
          "unknown datatype 'FLOAT'"),
         ({"inputs": [tensor("x", X), tensor("x", X)]}, "given twice"),
-        ({"max_latency_ms": 0}, "Expected `float` > 0.0"),
-        ({"rtol": 0.1, "tolerance": 1}, "unknown field `tolerance`"),
+        ({"max_latency_ms": 0}, r"key 'models\[0\]\.health\.max_latency_ms': expected a number > 0"),
+        ({"rtol": 0.1, "tolerance": 1}, r"key 'models\[0\]\.health\.tolerance': unknown key"),
     ],
 )
 def test_manifest_health_is_checked_when_decoded(fields: dict[str, Any], needle: str) -> None:

@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from runtimes.base import Session, TensorSpec
+from runtimes.structcheck import StructError, convert
 
 # The extra that installs the optional decoders (pillow, soundfile).
 MEDIA_EXTRA_HINT = "pip install 'edgeinfer[media]'"
@@ -47,10 +48,9 @@ def parse_settings(cls: type[S], settings: Mapping[str, Any], task: str) -> S:
     Pure: nothing is read or downloaded while settings are checked.
     """
     try:
-        return msgspec.convert(dict(settings), cls)
-    except msgspec.ValidationError as exc:
-        known = ", ".join(cls.__struct_fields__)
-        raise ValueError(f"{task} settings: {exc} (known keys: {known})") from None
+        return convert(dict(settings), cls)
+    except StructError as exc:
+        raise ValueError(f"{task} settings: {exc}") from None
 
 
 def pick_input(session: Session, wanted: str | None, task: str) -> TensorSpec:

@@ -1,0 +1,132 @@
+"""Reading a YAML config into a Struct: shared by the agent's config and the fleet's.
+
+One reader, so both sides refuse the same things in the same words: a key given twice
+(PyYAML would silently keep the last), an unknown or ill-typed key (named by its path,
+runtimes/structcheck.py), and environment variables that override keys
+(`<PREFIX>BROKER__URL`: double underscore for nesting). Every error is a `ConfigError`
+of one line that names the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import yaml
+
+from runtimes.structcheck import StructError, convert, wants_text
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """One clear line: which file, which key, what is wrong."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, first: int, again: int) -> None:
+        super().__init__(f"line {again}: key {key!r} is given twice (lines {first} and {again}); "
+                         "YAML would keep only the last, so one of them is a mistake")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping may not give a key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key of base is meant
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error says so below
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping ({} for an empty file), or a ConfigError of one line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read config file: {why}") from None
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        where = f"line {exc.problem_mark.line + 1}: " if exc.problem_mark is not None else ""
+        raise ConfigError(f"{path}: {where}not valid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return loaded
+
+
+def env_overrides(environ: Mapping[str, str], prefix: str, cls: type[Any], *,
+                  skip: Collection[str] = (), only_keys: bool = False) -> dict[str, Any]:
+    """`<prefix>BROKER__URL=...` -> {"broker": {"url": "..."}}; values read as YAML scalars.
+
+    `skip`: variables of the prefix that mean something else (the config file's name).
+    `only_keys`: leave alone a variable whose first part names no top-level key (the
+    prefix is shared with commands' flags); otherwise it is an unknown key, an error.
+    """
+    top = {f.encode_name for f in msgspec.structs.fields(cls)}
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(prefix) or name in skip:
+            continue
+        path = [p.lower() for p in name[len(prefix):].split("__")]
+        if only_keys and path[0] not in top:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment: {name} conflicts with another variable")
+        node[path[-1]] = _env_value(raw, cls, path)
+    return tree
+
+
+def _env_value(raw: str, cls: type[Any], path: list[str]) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw else raw
+    except yaml.YAMLError:
+        return raw
+    # Ids, names and URLs stay strings even when they look like numbers or booleans.
+    if isinstance(value, (bool, int, float)) and wants_text(cls, path):
+        return raw
+    return value
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` laid onto `base`, mapping by mapping."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_struct(data: Mapping[str, Any], cls: type[T], source: str) -> T:
+    """The config as `cls`; an unknown or ill-typed key is a ConfigError naming it and `source`.
+
+    Lax (runtimes/structcheck.py): YAML and the environment write "4" for 4 at times.
+    """
+    try:
+        return convert(dict(data), cls, lax=True)
+    except StructError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
