@@ -19,6 +19,7 @@ from agent.config import (
     ConfigError,
     load_config,
 )
+from agent.extras import missing_for_agent
 
 EXIT_CONFIG = 2
 
@@ -41,6 +42,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.validate_config:
         print(f"config OK: device {cfg.device_id}, broker {cfg.broker.url}, state {cfg.state_dir}")
         return 0
+    missing = missing_for_agent()
+    if missing is not None:
+        # Not a fault a restart mends: EX_CONFIG, which the unit does not restart on.
+        print(f"edge-agent: {missing}", file=sys.stderr)
+        return os.EX_CONFIG
     logging.basicConfig(
         level=cfg.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -106,6 +112,10 @@ def _broker_answers(broker: BrokerConfig, timeout: float = 3.0) -> tuple[bool, l
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    missing = missing_for_agent()
+    if missing is not None:
+        print(f"edge-agent: {missing}", file=sys.stderr)
+        return os.EX_CONFIG
     from runtimes.hardware import detect
     from runtimes.selection import explain
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the edgeinfer agent on a Debian/Ubuntu gateway as a systemd service.
 #
-#   sudo deploy/install.sh [--wheel FILE | --source DIR] [--device-id ID] [--broker URL]
-#                          [--password-file FILE] [--no-start]
+#   sudo deploy/install.sh [--wheel FILE | --source DIR] [--extras media,ocr] [--gpu]
+#                          [--device-id ID] [--broker URL] [--password-file FILE] [--no-start]
 #   deploy/install.sh --root /tmp/gw --dry-run        # print every step, change nothing
 #
 # What it does, each step only when needed (run it again: it changes nothing, and never
@@ -10,7 +10,10 @@
 #   1. the system user and group edge-agent (systemd-sysusers with
 #      systemd/edge-agent.sysusers, else useradd);
 #   2. a virtual environment in /opt/edgeinfer/.venv with the package, from a wheel
-#      (--wheel) or a source tree (--source, default: this checkout);
+#      (--wheel) or a source tree (--source, default: this checkout), and its dependencies
+#      at the versions and hashes of this checkout's uv.lock: the agent extra (ONNX Runtime
+#      and OpenVINO), or agent-gpu with --gpu (ONNX Runtime's CUDA build instead), plus the
+#      extras named by --extras (media: image, audio and text pipelines; ocr);
 #   3. /etc/edge-agent/agent.yaml (0640 root:edge-agent) from deploy/agent.example.yaml,
 #      with --device-id (default: the host name) and --broker filled in;
 #   4. the broker password (--password-file) as /etc/credstore/mqtt-password (0600 root),
@@ -31,6 +34,8 @@ WHEEL=""
 SOURCE=""
 VENV_MODE="create"   # create | none | link
 VENV_FROM=""
+EXTRAS=""
+GPU=0
 DEVICE_ID=""
 BROKER=""
 PASSWORD_FILE=""
@@ -60,6 +65,9 @@ while [ $# -gt 0 ]; do
         --source) SOURCE="${2:?--source needs a directory}"; shift 2 ;;
         --no-venv) VENV_MODE="none"; shift ;;
         --venv-from) VENV_MODE="link"; VENV_FROM="${2:?--venv-from needs a directory}"; shift 2 ;;
+        --extras) EXTRAS="${2?--extras needs a list, e.g. media,ocr}"; shift 2 ;;
+        --extras=*) EXTRAS="${1#*=}"; shift ;;
+        --gpu) GPU=1; shift ;;
         --device-id) DEVICE_ID="${2:?--device-id needs a value}"; shift 2 ;;
         --broker) BROKER="${2:?--broker needs a URL}"; shift 2 ;;
         --password-file) PASSWORD_FILE="${2:?--password-file needs a file}"; shift 2 ;;
@@ -76,6 +84,18 @@ SOURCE="${SOURCE:-$SRC_DIR}"
     && die "$SOURCE is not a source tree (no pyproject.toml): give --source or --wheel"
 [ "$VENV_MODE" = link ] && [ ! -x "$VENV_FROM/bin/python" ] && die "$VENV_FROM is not a virtual environment"
 [ -n "$PASSWORD_FILE" ] && [ ! -f "$PASSWORD_FILE" ] && die "no such file: $PASSWORD_FILE"
+# The extras installed: the agent's runtimes, then what --extras adds (pyproject.toml).
+AGENT_EXTRA=agent
+[ "$GPU" = 1 ] && AGENT_EXTRA=agent-gpu
+EXTRA_LIST="$AGENT_EXTRA"
+for extra in ${EXTRAS//,/ }; do
+    case "$extra" in
+        media|ocr|fleet|postgres) case ",$EXTRA_LIST," in *",$extra,"*) ;; *) EXTRA_LIST="$EXTRA_LIST,$extra" ;; esac ;;
+        agent|agent-gpu) die "--extras $extra: the agent's runtimes are always installed (--gpu picks agent-gpu)" ;;
+        *) die "--extras: unknown extra '$extra' (known: media, ocr, fleet, postgres)" ;;
+    esac
+done
+[ "$VENV_MODE" = create ] && [ ! -f "$SRC_DIR/uv.lock" ] && die "no uv.lock in $SRC_DIR: run install.sh from a checkout"
 if [ -n "$ROOT" ]; then
     if [ "$DRY" = 0 ]; then mkdir -p "$ROOT" || die "cannot create $ROOT"; fi
     ROOT="$(cd "$ROOT" 2>/dev/null && pwd || echo "$ROOT")"
@@ -176,7 +196,9 @@ case "$VENV_MODE" in
                 || die "$PYTHON cannot make virtual environments: apt-get install python3-venv"
             act "$PYTHON" -m venv "$VENV"
         fi
-        # What is installed is remembered by its hash: the same wheel or tree again is a no-op.
+        # What is installed is remembered by its hash, the lock's and the extras': the same
+        # wheel or tree again is a no-op.
+        lock_hash="$(sha256sum "$SRC_DIR/uv.lock" | cut -d' ' -f1)"
         if [ -n "$WHEEL" ]; then
             want="wheel $(sha256sum "$WHEEL" | cut -d' ' -f1)"
             what="$WHEEL"
@@ -187,10 +209,26 @@ case "$VENV_MODE" in
                 | sha256sum | cut -d' ' -f1)"
             what="$SOURCE"
         fi
+        want="$want lock $lock_hash extras $EXTRA_LIST"
         stamp="$ROOT$PREFIX_DIR/.installed"
-        if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then ok "edgeinfer from $what"
+        if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then ok "edgeinfer[$EXTRA_LIST] from $what"
         else
-            act "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$what"
+            # The dependencies exactly as locked, hashes checked (uv pip sync also takes away
+            # what the lock no longer lists, e.g. onnxruntime when --gpu brings onnxruntime-gpu);
+            # then the package itself, without resolving anything anew. uv is the lock's
+            # release (scripts/uv.sh), fetched into a temporary folder when not at hand.
+            export_flags="--frozen --no-dev --no-emit-project --no-header --quiet"
+            for extra in ${EXTRA_LIST//,/ }; do export_flags="$export_flags --extra $extra"; done
+            UV=(env "EDGEINFER_UV_DIR=$TMP/uv" "PYTHON=$VENV/bin/python" "$SRC_DIR/scripts/uv.sh")
+            if [ "$DRY" = 1 ]; then
+                say "would: uv export $export_flags (from $SRC_DIR/uv.lock) > requirements.txt"
+            else
+                [ -x "$VENV/bin/python" ] || die "no $VENV/bin/python"
+                # shellcheck disable=SC2086
+                "${UV[@]}" export $export_flags --project "$SRC_DIR" -o "$TMP/requirements.txt" >/dev/null
+            fi
+            act "${UV[@]}" pip sync --quiet --python "$VENV/bin/python" --require-hashes "$TMP/requirements.txt"
+            act "${UV[@]}" pip install --quiet --python "$VENV/bin/python" --no-deps "$what"
             if [ "$DRY" = 0 ]; then echo "$want" > "$stamp"; fi
         fi ;;
 esac

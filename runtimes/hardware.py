@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 # Flags that decide which kernels a runtime can use; summary() reports only these so that
 # the reported state stays small (a modern x86 CPU lists well over a hundred flags).
 _NOTABLE_FLAGS = frozenset(
@@ -130,7 +128,11 @@ def _memory_bytes() -> int:
         if line.startswith("MemTotal:"):
             parts = line.split()
             return int(parts[1]) * 1024
-    return int(psutil.virtual_memory().total)  # not Linux, or /proc not mounted
+    # Not Linux, or /proc not mounted. psutil is imported only here: `edge-fleet` and the job
+    # client import this module (through runtimes.pipelines) without the agent extra.
+    import psutil  # noqa: PLC0415
+
+    return int(psutil.virtual_memory().total)
 
 
 def _nvidia_smi(errors: list[str]) -> tuple[NvidiaGpu, ...] | None:

@@ -149,3 +149,124 @@ def test_fleet_unit_matches_the_controller() -> None:
     assert service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
     assert service["RestartPreventExitStatus"] == "2"
     assert "edge-fleet" in (REPO / "systemd/edge-fleet.sysusers").read_text()
+
+
+# -- install sets from the lock ---------------------------------------------------------------
+# Real virtual environments, filled from uv.lock by uv (scripts/uv.sh) out of its cache: a
+# few seconds each once the wheels are cached, a few minutes on a machine's first run.
+UV = REPO / "scripts" / "uv.sh"
+SLOW_INSTALL_S = 600
+
+
+def distributions(venv: Path) -> set[str]:
+    out = subprocess.run(
+        [str(venv / "bin/python"), "-c",
+         "import importlib.metadata as m; print('\\n'.join(d.metadata['Name'].lower() "
+         "for d in m.distributions()))"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    return set(out.split())
+
+
+def run_in(venv: Path, code: str) -> subprocess.CompletedProcess[str]:
+    # From a folder outside the checkout, so that only the installed package is importable.
+    return subprocess.run([str(venv / "bin/python"), "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=venv)
+
+
+@pytest.mark.timeout(SLOW_INSTALL_S + 60)
+def test_install_with_extras_media_and_ocr_fills_the_venv_from_the_lock(tmp_path: Path) -> None:
+    root = tmp_path / "gw"
+    proc = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--device-id", "gw-8",
+                           "--extras", "media,ocr"],
+                          capture_output=True, text=True, timeout=SLOW_INSTALL_S, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--require-hashes" in proc.stdout  # the lock's hashes are checked
+    venv = root / "opt/edgeinfer/.venv"
+    names = distributions(venv)
+    assert {"edgeinfer", "onnxruntime", "openvino", "pillow", "soundfile", "tokenizers",
+            "opencv-python-headless"} <= names, names
+    # Never the dev group, nor what the lock's overrides took away.
+    assert not names & {"pytest", "torch", "opencv-python", "onnxruntime-gpu"}, names
+    # Exactly the locked releases.
+    lock = (REPO / "uv.lock").read_text()
+    for name in ("onnxruntime", "openvino", "msgspec"):
+        version = subprocess.run([str(venv / "bin/python"), "-c",
+                                  f"import importlib.metadata as m; print(m.version({name!r}))"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        assert f'name = "{name}"\nversion = "{version}"' in lock, (name, version)
+    imported = run_in(venv, "import PIL, soundfile, tokenizers, cv2, onnxruntime, openvino; "
+                            "import agent.cli, runtimes.pipelines.ocr; print('ok')")
+    assert imported.stdout.strip() == "ok", imported.stderr
+    # Again with the same extras: nothing to do.
+    again = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--device-id", "gw-8",
+                            "--extras", "media,ocr"],
+                           capture_output=True, text=True, timeout=SLOW_INSTALL_S, check=False)
+    assert again.returncode == 0 and "done: 0 changes" in again.stdout, again.stdout + again.stderr
+
+
+@pytest.mark.timeout(SLOW_INSTALL_S + 60)
+def test_install_gpu_brings_onnxruntime_gpu_instead_of_the_cpu_build(tmp_path: Path) -> None:
+    root = tmp_path / "gw"
+    args = ["bash", str(INSTALL), "--root", str(root), "--device-id", "gw-9"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=SLOW_INSTALL_S, check=False)
+    assert first.returncode == 0, first.stdout + first.stderr
+    venv = root / "opt/edgeinfer/.venv"
+    assert "onnxruntime" in distributions(venv)
+    # Switching an installed gateway to the GPU build takes the CPU build away: both
+    # install the module `onnxruntime`, and the last one written would win.
+    gpu = subprocess.run([*args, "--gpu"], capture_output=True, text=True, timeout=SLOW_INSTALL_S,
+                         check=False)
+    assert gpu.returncode == 0, gpu.stdout + gpu.stderr
+    names = distributions(venv)
+    assert "onnxruntime-gpu" in names and "onnxruntime" not in names, names
+    providers = run_in(venv, "import onnxruntime; print(onnxruntime.get_available_providers())")
+    assert "CUDAExecutionProvider" in providers.stdout, providers.stdout + providers.stderr
+
+
+def test_install_refuses_unknown_extras_and_lists_them_in_a_dry_run(tmp_path: Path) -> None:
+    bad = install("--root", str(tmp_path / "r"), "--dry-run", "--extras", "media,gpu")
+    assert bad.returncode == 2 and "unknown extra 'gpu'" in bad.stderr, bad.stderr
+    bad = install("--root", str(tmp_path / "r"), "--dry-run", "--extras", "agent")
+    assert bad.returncode == 2 and "--gpu" in bad.stderr, bad.stderr
+    dry = install("--root", str(tmp_path / "r"), "--dry-run", "--gpu", "--extras", "ocr,media,ocr")
+    assert dry.returncode == 0, dry.stderr
+    assert "--extra agent-gpu --extra ocr --extra media (from" in dry.stdout, dry.stdout
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.timeout(SLOW_INSTALL_S + 60)
+def test_the_base_install_is_the_job_client_and_edge_fleet_without_runtimes(tmp_path: Path) -> None:
+    venv = tmp_path / "client"
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+
+    def uv(*args: str) -> None:
+        proc = subprocess.run([str(UV), *args], capture_output=True, text=True, env=env,
+                              timeout=SLOW_INSTALL_S, check=False, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    uv("venv", "--quiet", "--python", sys.executable, str(venv))
+    uv("export", "--frozen", "--no-dev", "--no-emit-project", "--no-header", "--quiet",
+       "-o", str(tmp_path / "requirements.txt"))
+    uv("pip", "sync", "--quiet", "--python", str(venv / "bin/python"), "--require-hashes",
+       str(tmp_path / "requirements.txt"))
+    uv("pip", "install", "--quiet", "--python", str(venv / "bin/python"), "--no-deps", str(REPO))
+    names = distributions(venv)
+    assert "edgeinfer" in names
+    assert not names & {"onnxruntime", "onnxruntime-gpu", "openvino", "psutil", "pillow",
+                        "opencv-python-headless"}, names
+    # The SDK and the CLI import; nothing of a runtime is loaded for them.
+    loaded = run_in(venv, "import sys, fleet.client, fleet.aio, fleet.cli; print(sorted({m.split('.')[0] "
+                          "for m in sys.modules} & {'onnxruntime', 'openvino', 'psutil'}))")
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    fleet_help = subprocess.run([str(venv / "bin/edge-fleet"), "--help"], capture_output=True,
+                                text=True, timeout=60, check=False, cwd=tmp_path)
+    assert fleet_help.returncode == 0 and "deploy" in fleet_help.stdout, fleet_help.stderr
+    # The daemon says what to install, on one line, with the status systemd does not restart on.
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device_id: gw-1\nstate_dir: {tmp_path / 'state'}\n")
+    agent = subprocess.run([str(venv / "bin/edge-agent"), "run", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert agent.returncode == 78, agent.stdout + agent.stderr
+    lines = agent.stderr.strip().splitlines()
+    assert len(lines) == 1 and "edgeinfer[agent]" in lines[0] and "edgeinfer[agent-gpu]" in lines[0]
+    assert not (tmp_path / "state").exists()
