@@ -36,7 +36,7 @@ from fleet.deploy import (
 )
 from fleet.devices import format_table, read_devices
 from fleet.errors import InferenceError
-from fleet.fleetconfig import CONFIG_ENV, ConfigError, FleetConfig, load_fleet_config
+from fleet.fleetconfig import BROKER_ENV, CONFIG_ENV, ConfigError, FleetConfig, load_fleet_config
 from fleet.models import format_models_table, push_model
 from fleet.mqtt import BrokerError, connect
 from fleet.oip import InferResult, datatype_of
@@ -44,7 +44,6 @@ from fleet.registry import ModelConflict, RegistryError, SqlRegistry, open_regis
 from fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
 from fleet.transport import add_security_args, security_from_args
 
-BROKER_ENV = "EDGE_FLEET_BROKER"
 PROG = "edge-fleet"
 
 

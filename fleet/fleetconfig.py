@@ -8,30 +8,39 @@
     http: {host: 0.0.0.0, port: 8780}
     events: {keep: 10000}
 
-Every key has a default; an unknown or ill-typed key is an error naming the key and the
-file. Command-line flags win over the file, the file over the defaults.
+Every key has a default; an unknown or ill-typed key, or a key given twice, is an error
+naming the key and the file (agent/configfile.py, the agent's reader too). Command-line
+flags win over EDGE_FLEET_<KEY> variables (EDGE_FLEET_BROKER__URL, EDGE_FLEET_HTTP__PORT:
+double underscore for nesting), which win over the file, the file over the defaults.
+EDGE_FLEET_STATE_DIR and EDGE_FLEET_ARTIFACT_DIR only fill in what the file leaves out.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
-import yaml
 
 from agent.brokerurl import DEFAULT_BROKER_URL
+from agent.configfile import ConfigError, env_overrides, merge, read_yaml_mapping, to_struct
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE
-from fleet.artifacts import default_artifact_dir
+from fleet.artifacts import ARTIFACT_DIR_ENV, default_artifact_dir
 from fleet.registry import DEFAULT_MAX_EVENTS
 
+ENV_PREFIX = "EDGE_FLEET_"
 CONFIG_ENV = "EDGE_FLEET_CONFIG"
+# Every command's --broker default; like the flag, it wins over broker.url.
+BROKER_ENV = "EDGE_FLEET_BROKER"
 STATE_DIR_ENV = "EDGE_FLEET_STATE_DIR"
+# EDGE_FLEET_<KEY> overrides a key of the file, except these, which kept the meaning they
+# had before: the file's name, the --broker default, and the defaults of state_dir and
+# artifact_dir when the file names none (systemd/edge-fleet.service sets both, and must
+# not hide what an operator wrote into /etc/edge-fleet/fleet.yaml).
+NOT_OVERRIDES = frozenset({CONFIG_ENV, BROKER_ENV, STATE_DIR_ENV, ARTIFACT_DIR_ENV})
 REGISTRY_FILE = "registry.sqlite3"
-
-
-class ConfigError(ValueError):
-    """The fleet config cannot be used; the message names the file and the key."""
 
 
 class BrokerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,17 +48,17 @@ class BrokerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The controller keeps a persistent session under this id, so QoS 1 events sent
     # while it restarts wait in the broker. One controller per id.
     client_id: str = "edge-fleet-controller"
-    session_expiry_s: int = 86_400
-    keepalive_s: int = 30
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 86_400
+    keepalive_s: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 30
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 8780
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8780
 
 
 class EventsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    keep: int = DEFAULT_MAX_EVENTS
+    keep: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_EVENTS
 
 
 class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -78,39 +87,26 @@ class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def _check(cfg: FleetConfig, where: str) -> None:
+    """What the field types cannot say; ranges live on the fields themselves."""
     if not DEVICE_ID_RE.match(cfg.broker.client_id):
-        raise ConfigError(f"{where}: broker.client_id must match {DEVICE_ID_RE.pattern}")
-    if cfg.broker.session_expiry_s < 0:
-        raise ConfigError(f"{where}: broker.session_expiry_s must not be negative")
-    if not 0 <= cfg.http.port <= 65535:
-        raise ConfigError(f"{where}: http.port must be 0..65535")
-    if cfg.events.keep < 1:
-        raise ConfigError(f"{where}: events.keep must be at least 1")
+        raise ConfigError(f"{where}: key 'broker.client_id': {cfg.broker.client_id!r} must "
+                          f"match {DEVICE_ID_RE.pattern}")
     if not cfg.prefix.strip("/") or "+" in cfg.prefix or "#" in cfg.prefix:
-        raise ConfigError(f"{where}: prefix {cfg.prefix!r} must be a topic without wildcards")
+        raise ConfigError(f"{where}: key 'prefix': {cfg.prefix!r} must be a topic without wildcards")
 
 
-def load_fleet_config(path: Path | str | None) -> FleetConfig:
-    """The file's config (defaults for what it leaves out); None: all defaults."""
-    if path is None:
-        cfg = FleetConfig()
-        _check(cfg, "defaults")
-        return cfg
-    where = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not YAML: {exc}") from None
-    if doc is None:
-        doc = {}
-    try:
-        cfg = msgspec.convert(doc, FleetConfig)
-    except msgspec.ValidationError as exc:
-        # msgspec names the key path: "Object contains unknown field `x` - at `$.http`".
-        raise ConfigError(f"{where}: {exc}") from None
+def load_fleet_config(path: Path | str | None,
+                      environ: Mapping[str, str] | None = None) -> FleetConfig:
+    """The file's config (defaults for what it leaves out; None: no file), with the
+    EDGE_FLEET_<KEY> environment laid over it; the same reader as the agent's config."""
+    environ = os.environ if environ is None else environ
+    where = str(path) if path is not None else "defaults"
+    data = read_yaml_mapping(Path(path)) if path is not None else {}
+    env_tree = env_overrides(environ, ENV_PREFIX, FleetConfig, skip=NOT_OVERRIDES,
+                             only_keys=True)
+    if env_tree:
+        data = merge(data, env_tree)
+        where += " + EDGE_FLEET_* environment"
+    cfg = to_struct(data, FleetConfig, where)
     _check(cfg, where)
     return cfg

@@ -51,6 +51,19 @@ def test_bad_key_names_key_and_file(tmp_path: Path, text: str, key: str, what: s
     assert what in message
 
 
+def test_key_given_twice_names_the_key_and_both_lines(tmp_path: Path) -> None:
+    p = write(tmp_path, "device_id: gw-1\nbroker:\n  url: mqtt://a:1883\n  keepalive_s: 5\n"
+                        "  url: mqtt://b:1883\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, {})
+    assert str(info.value) == (
+        f"{p}: line 5: key 'url' is given twice (lines 3 and 5); YAML would keep only the last, "
+        "so one of them is a mistake")
+    # A merge key's mapping may be overridden on purpose: not a duplicate.
+    p = write(tmp_path, "broker:\n  <<: {url: 'mqtt://a:1883', keepalive_s: 5}\n  url: mqtt://b:1883\n")
+    assert load_config(p, {}).broker.url == "mqtt://b:1883"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml", {})
