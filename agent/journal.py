@@ -5,7 +5,9 @@ the same transaction that marks it done, together with the outbox row that carri
 answer to the broker. So a crash at any point loses nothing: a job without an answer is
 run again after a restart (no answer had been recorded, so it never ran to completion
 before), and an answer the broker has not acknowledged is sent again. A job seen again
-(QoS 1 redelivery, a client's retry) is answered from its stored answer, not run again.
+(QoS 1 redelivery, a client's retry) is answered from its stored answer, not run again;
+one whose request differs from the first's (`request_digest`) is told apart, not answered
+with the other request's answer.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class StoredJob:
     expiry_s: int | None
     received_wall: float
     attempts: int = 0
+    # Identity of the request (agent/scheduler.py's request_digest), compared when its key
+    # comes again; None: a job whose key cannot come again, never compared.
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,15 @@ class OutMessage:
 class Admission:
     """What `admit` decided for one job."""
 
-    kind: str  # "new" | "duplicate_done" | "duplicate_pending"
+    kind: str  # "new" | "duplicate_done" | "duplicate_pending" | "conflict"
     job: StoredJob
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    topic: str
+    payload: bytes
+    user_props: tuple[tuple[str, str], ...]
 
 
 def _props(text: str) -> tuple[tuple[str, str], ...]:
@@ -122,6 +134,8 @@ class Journal:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
         if "payload_file" not in columns:  # state dirs from before the spool
             self._db.execute("ALTER TABLE jobs ADD COLUMN payload_file TEXT")
+        if "request_digest" not in columns:  # from before: their rows' digests are NULL
+            self._db.execute("ALTER TABLE jobs ADD COLUMN request_digest BLOB")
         self._full = synchronous.upper() == "FULL"
         self._spool = path.with_name(path.name + "." + SPOOL_DIR)
         self._spool.mkdir(exist_ok=True)
@@ -194,7 +208,11 @@ class Journal:
     # --- jobs ----------------------------------------------------------------------------
 
     def admit(self, jobs: Sequence[StoredJob]) -> list[Admission]:
-        """Record new jobs (one transaction for the batch); say which were seen before."""
+        """Record new jobs (one transaction for the batch); say which were seen before.
+
+        A job whose key is known is a "conflict" when both it and the known job have a
+        digest and the two differ (a row from before digests were kept matches anything).
+        """
         out: list[Admission] = []
         # Large payloads go to spool files first, outside the lock; a file whose row does
         # not commit is removed (here, or at the next start after a crash).
@@ -213,21 +231,26 @@ class Journal:
                         # for a new job, the common case.
                         cur = self._db.execute(
                             "INSERT INTO jobs (key, state, topic, payload, response_topic,"
-                            " correlation, user_props, expiry_s, received_wall, payload_file)"
-                            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+                            " correlation, user_props, expiry_s, received_wall, payload_file,"
+                            " request_digest)"
+                            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                            " ON CONFLICT(key) DO NOTHING",
                             (job.key, job.topic, None if spool else job.payload, job.response_topic,
                              job.correlation, json.dumps(job.user_props), job.expiry_s,
-                             job.received_wall, spool),
+                             job.received_wall, spool, job.digest),
                         )
                         if cur.rowcount == 1:
                             out.append(Admission("new", job))
                             continue
                         if spool:
                             unused.append(spool)
-                        row = self._db.execute(
-                            "SELECT state FROM jobs WHERE key = ?", (job.key,)
+                        state, digest = self._db.execute(
+                            "SELECT state, request_digest FROM jobs WHERE key = ?", (job.key,)
                         ).fetchone()
-                        kind = "duplicate_done" if row[0] == "done" else "duplicate_pending"
+                        if digest is not None and job.digest is not None and digest != job.digest:
+                            kind = "conflict"
+                        else:
+                            kind = "duplicate_done" if state == "done" else "duplicate_pending"
                         out.append(Admission(kind, job))
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -271,23 +294,16 @@ class Journal:
             self._spool_unlink([spool[0]])
         return seq
 
-    def resend_stored(self, key: str, correlation: bytes | None) -> int | None:
-        """Queue a done job's stored answer again (for a duplicate); None if none is stored."""
+    def stored_answer(self, key: str) -> StoredAnswer | None:
+        """A done job's answer as it was first sent (for a duplicate); None if none is stored."""
         with self._lock:
             row = self._db.execute(
                 "SELECT result_topic, result, result_props FROM jobs WHERE key = ? AND state = 'done'",
                 (key,),
             ).fetchone()
-            if row is None or row[1] is None:
-                return None
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self._insert_out(row[0], row[1], 1, correlation, row[2], time.time())
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return seq
+        if row is None or row[1] is None:
+            return None
+        return StoredAnswer(row[0], bytes(row[1]), _props(row[2]))
 
     def pending(self) -> list[StoredJob]:
         """Jobs accepted but not answered: what a restart must run."""
@@ -344,7 +360,8 @@ class Journal:
     def enqueue(self, topic: str, payload: bytes, qos: int = 1,
                 correlation: bytes | None = None,
                 user_props: Sequence[tuple[str, str]] = ()) -> int:
-        """Queue a message that is no job's final answer (an event, a refusal, a partial)."""
+        """Queue a message that is no job's final answer (an event, a refusal, a partial, an
+        answer served again)."""
         with self._lock:
             return self._insert_out(topic, payload, qos, correlation,
                                     json.dumps(list(user_props)), time.time())

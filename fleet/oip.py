@@ -51,6 +51,12 @@ class InferResult:
     # The JSON header of the response as received (binary tensor data not included).
     raw: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def replayed(self) -> bool:
+        """The agent answered from its journal: this job id (same request, same reply
+        topic) was answered before within its de-duplication window, and did not run again."""
+        return self.parameters.get("replayed") is True
+
 
 def datatype_of(array: np.ndarray[Any, Any]) -> str:
     """The OIP datatype of an array; raises ValueError for one OIP cannot carry."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,44 @@ def test_spool_files_of_uncommitted_admissions_are_removed_at_start(tmp_path: Pa
     orphan.write_bytes(b"x" * 10)  # as a crash between the file and its row leaves it
     Journal(path).close()
     assert not orphan.exists()
+
+
+def test_a_known_key_with_another_request_digest_is_a_conflict(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    first = StoredJob("k", "t", b"{}", None, None, (), None, 1000.0, digest=b"a" * 32)
+    same = StoredJob("k", "t", b"{}", None, b"retry", (), None, 1001.0, digest=b"a" * 32)
+    other = StoredJob("k", "t", b"{ }", None, None, (), None, 1002.0, digest=b"b" * 32)
+    assert [d.kind for d in journal.admit([first, same, other])] == [
+        "new", "duplicate_pending", "conflict"]
+    journal.complete("k", True, "t", b"answer", None, ())
+    assert [d.kind for d in journal.admit([same, other])] == ["duplicate_done", "conflict"]
+    answer = journal.stored_answer("k")
+    assert answer is not None and answer.payload == b"answer"
+    journal.close()
+
+
+def test_a_journal_from_before_request_digests_is_migrated(tmp_path: Path) -> None:
+    """Its rows have no digest: a repeat of one is answered from it, as before."""
+    path = tmp_path / "journal.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE jobs (key TEXT PRIMARY KEY, state TEXT NOT NULL, topic TEXT NOT NULL,
+            payload BLOB, response_topic TEXT, correlation BLOB, user_props TEXT NOT NULL,
+            expiry_s INTEGER, received_wall REAL NOT NULL, result_topic TEXT, result BLOB,
+            result_props TEXT, executions INTEGER NOT NULL DEFAULT 0, done_wall REAL,
+            payload_file TEXT);
+        INSERT INTO jobs (key, state, topic, user_props, received_wall, result_topic, result,
+            result_props, executions, done_wall)
+            VALUES ('old', 'done', 't', '[]', 1000.0, 'r', x'6f6b', '[]', 1, 1001.0);
+        INSERT INTO jobs (key, state, topic, payload, user_props, received_wall)
+            VALUES ('waiting', 'queued', 't', x'7b7d', '[]', 1000.0);
+    """)
+    db.close()
+    journal = Journal(path)
+    assert [j.key for j in journal.pending()] == ["waiting"]
+    again = [StoredJob(k, "t", b"{}", None, None, (), None, 2000.0, digest=b"x" * 32)
+             for k in ("old", "waiting")]
+    assert [d.kind for d in journal.admit(again)] == ["duplicate_done", "duplicate_pending"]
+    answer = journal.stored_answer("old")
+    assert answer is not None and (answer.topic, answer.payload) == ("r", b"ok")
+    journal.close()
