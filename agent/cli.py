@@ -20,8 +20,15 @@ from agent.config import (
     load_config,
 )
 from agent.extras import missing_for_agent
+from agent.preflight import environment_problems
 
+# A bad config found by --validate-config or doctor (README: "exit 2 naming the key").
 EXIT_CONFIG = 2
+# The daemon (`run`) stops on a config or permission error with EX_CONFIG instead: the unit
+# says RestartPreventExitStatus=78, since no restart mends it.
+EXIT_RUN_CONFIG = os.EX_CONFIG
+
+log = logging.getLogger(__name__)
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -39,9 +46,18 @@ def _load(arg: str | None) -> AgentConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    where = str(_config_path(args.config) or "(defaults)")
+    problems = environment_problems(cfg)
     if args.validate_config:
+        for problem in problems:
+            print(f"edge-agent: config error: {where}: {problem}", file=sys.stderr)
+        if problems:
+            return EXIT_CONFIG
         print(f"config OK: device {cfg.device_id}, broker {cfg.broker.url}, state {cfg.state_dir}")
         return 0
+    lasting = [p for p in problems if p.lasting]
+    if lasting:
+        raise ConfigError(f"{where}: {lasting[0]}")
     missing = missing_for_agent()
     if missing is not None:
         # Not a fault a restart mends: EX_CONFIG, which the unit does not restart on.
@@ -51,11 +67,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         level=cfg.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for problem in problems:  # none lasting: e.g. DNS not up yet at boot
+        log.warning("%s: %s; starting anyway, the broker is tried again", where, problem)
     from agent.lifecycle import run_service
     from agent.service import Agent  # heavy imports (runtimes) only when running
 
+    try:
+        agent = Agent(cfg)  # creates state_dir, the store and the journal
+    except OSError as exc:
+        # The same for systemd as a bad config: restarting does not mend permissions.
+        what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        raise ConfigError(f"{where}: key 'state_dir': cannot set up {cfg.state_dir} ({what})") from None
     # READY=1, WATCHDOG=1, drain on SIGTERM, reload on SIGHUP: agent/lifecycle.py.
-    return run_service(Agent(cfg), _config_path(args.config))
+    return run_service(agent, _config_path(args.config))
 
 
 def _broker_answers(broker: BrokerConfig, timeout: float = 3.0) -> tuple[bool, list[str]]:
@@ -148,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", help="YAML config file (default: $EDGE_AGENT_CONFIG or "
                      f"{DEFAULT_CONFIG_PATH} if present)")
     run.add_argument("--validate-config", action="store_true",
-                     help="check the config and exit (0 when valid, 2 when not)")
+                     help="check the config and what it needs of this machine (state_dir "
+                     "writable, TLS files readable, broker host resolves) and exit: 0 when "
+                     "valid, 2 when not")
     doctor = sub.add_parser("doctor", help="hardware, runtimes, broker reachability, config")
     doctor.add_argument("--config")
     sub.add_parser("version", help="print the version")
@@ -162,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_run(args)
     except ConfigError as exc:
         print(f"edge-agent: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        daemon = args.command == "run" and not args.validate_config
+        return EXIT_RUN_CONFIG if daemon else EXIT_CONFIG
 
 
 if __name__ == "__main__":

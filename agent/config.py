@@ -15,7 +15,11 @@ from typing import Annotated, Any
 import msgspec
 
 from agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
-from agent.configfile import ConfigError, env_overrides, merge, read_yaml_mapping, to_struct
+
+# ConfigError lives with the reader the fleet's config shares; agent.config.ConfigError
+# stays its public name on the agent's side (the alias is mypy's explicit re-export).
+from agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
+from agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
 from agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE
 from agent.trust import TrustConfig, load_trusted_keys
@@ -263,7 +267,8 @@ def _check_transport(broker: BrokerConfig, source: str) -> None:
             )
     for key, value in named.items():
         if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{source}: key '{key}': {value}: no such file")
+            what = "not a file" if Path(value).exists() else "no such file"
+            raise ConfigError(f"{source}: key '{key}': {value}: {what}")
     if tls.key_file and not tls.cert_file:
         raise ConfigError(f"{source}: key 'broker.tls.key_file': needs broker.tls.cert_file")
     if tls.server_name is not None and not tls.server_name.strip():

@@ -95,15 +95,87 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_cli_bad_config_exits_2_from_validate_and_78_from_run(tmp_path: Path) -> None:
     p = write(tmp_path, "jobs:\n  queue_size: lots\n")
     res = run_cli("run", "--config", str(p), "--validate-config")
     assert res.returncode == 2
-    assert "jobs.queue_size" in res.stderr and str(p) in res.stderr
-    assert "Traceback" not in res.stderr
+    line = one_line(res.stderr)
+    assert "jobs.queue_size" in line and str(p) in line
+    # The daemon: EX_CONFIG, which systemd/edge-agent.service does not restart on.
+    res = run_cli("run", "--config", str(p))
+    assert res.returncode == 78
+    assert "jobs.queue_size" in one_line(res.stderr)
     res = run_cli("run", "--config", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 78
+    assert "not found" in one_line(res.stderr)
+
+
+def test_validate_config_refuses_a_state_dir_that_cannot_be_created(tmp_path: Path) -> None:
+    # Root writes anywhere; nobody creates a folder under a regular file.
+    (tmp_path / "file").write_text("")
+    p = write(tmp_path, f"state_dir: {tmp_path}/file/state\n")
+    res = run_cli("run", "--config", str(p), "--validate-config")
     assert res.returncode == 2
-    assert "not found" in res.stderr and "Traceback" not in res.stderr
+    line = one_line(res.stderr)
+    assert f"{p}: key 'state_dir': {tmp_path}/file/state cannot be created" in line
+    assert "not a folder" in line
+    res = run_cli("run", "--config", str(p))
+    assert res.returncode == 78
+    assert "key 'state_dir'" in one_line(res.stderr)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["agent.yaml", "file"]
+
+
+def test_validate_config_refuses_tls_files_it_cannot_read(tmp_path: Path) -> None:
+    p = write(tmp_path, f"state_dir: {tmp_path}/s\nbroker:\n  url: mqtts://127.0.0.1:8883\n"
+                        f"  tls:\n    ca_file: {tmp_path}/ca.pem\n")
+    res = run_cli("run", "--config", str(p), "--validate-config")
+    assert res.returncode == 2
+    assert f"key 'broker.tls.ca_file': {tmp_path}/ca.pem: no such file" in one_line(res.stderr)
+    (tmp_path / "ca.pem").mkdir()  # root reads a 0000 file; nobody reads a folder as one
+    res = run_cli("run", "--config", str(p), "--validate-config")
+    assert "key 'broker.tls.ca_file'" in one_line(res.stderr) and "not a file" in res.stderr
+
+
+def test_environment_checks_open_the_files(tmp_path: Path) -> None:
+    """What load_config's is_file() cannot see: a file that exists and will not open."""
+    import msgspec
+
+    from agent.preflight import environment_problems
+
+    cfg = load_config(None, {"EDGE_AGENT_STATE_DIR": str(tmp_path / "s")})
+    assert environment_problems(cfg) == []
+    tls = msgspec.structs.replace(cfg.broker.tls, ca_file=str(tmp_path))  # a folder
+    cfg = msgspec.structs.replace(cfg, broker=msgspec.structs.replace(cfg.broker, tls=tls))
+    [problem] = environment_problems(cfg)
+    assert problem.lasting and str(problem).startswith(
+        f"key 'broker.tls.ca_file': {tmp_path} cannot be read (")
+
+
+def test_validate_config_refuses_a_broker_host_that_does_not_resolve(tmp_path: Path) -> None:
+    p = write(tmp_path, f"state_dir: {tmp_path}/s\nbroker:\n  url: mqtt://broker.edge.invalid:1883\n")
+    res = run_cli("run", "--config", str(p), "--validate-config")
+    assert res.returncode == 2
+    assert "key 'broker.url': host 'broker.edge.invalid' does not resolve" in one_line(res.stderr)
+
+
+def test_run_turns_a_state_dir_it_cannot_create_into_one_line_and_78(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Past the checks (a race, or what they cannot foresee), start-up's OSError is still 78."""
+    from agent import cli
+
+    (tmp_path / "file").write_text("")
+    p = write(tmp_path, f"state_dir: {tmp_path}/file/state\n")
+    monkeypatch.setattr(cli, "environment_problems", lambda cfg: [])
+    assert cli.main(["run", "--config", str(p)]) == 78
+    line = one_line(capsys.readouterr().err)
+    assert f"key 'state_dir': cannot set up {tmp_path}/file/state (Not a directory" in line
 
 
 def test_cli_validate_config_ok(tmp_path: Path) -> None:
