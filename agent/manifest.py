@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import msgspec
+import rfc8785
 
 from agent.topics import NAME_RE
 from runtimes.datatypes import OIP_DATATYPES
@@ -311,14 +312,22 @@ def decode_manifest(payload: bytes) -> Manifest:
     return decode_published(payload).manifest
 
 
-def canonical_json(obj: object) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the bytes a signature covers.
+def canonical_json(obj: Any) -> bytes:
+    """The bytes a signature covers: RFC 8785, the JSON Canonicalization Scheme (JCS).
 
-    `obj` is a decoded JSON value (dicts, lists, strings, numbers, booleans, None), e.g.
-    the manifest object as published, without `signature`. Numbers are written as msgspec
-    writes them: integers as integers, floats in their shortest round-trip form.
+    The one canonical form, for the agent's verifier and edge-fleet's signer alike, and one
+    a signer in another language reproduces with its own JCS library: keys sorted by their
+    UTF-16 code units, no whitespace, strings in UTF-8 with only the escapes JCS names, and
+    numbers as ECMAScript writes them (integers without ".0", 1e+21, 1e-7). `obj` is a
+    decoded JSON value, e.g. the manifest object as published, without `signature`.
+
+    Raises ManifestError for a value JCS cannot write the same everywhere: NaN, an
+    infinity, or an integer beyond +/-(2**53 - 1), which a JavaScript signer would round.
     """
-    return msgspec.json.encode(obj, order="sorted")
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise ManifestError(f"manifest has no canonical JSON (RFC 8785): {exc}") from None
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

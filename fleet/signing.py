@@ -4,9 +4,10 @@ A key pair is two files named by its key id: `<id>.key`, the private key (PKCS#8
 mode 0600, created exclusively: an existing key is never overwritten), and `<id>.pub`,
 the base64 of the raw 32-byte public key, the text an agent's `trust.keys.<id>` takes.
 
-The signature covers the canonical JSON (agent.manifest.canonical_json) of the manifest
-object exactly as published, without `signature`; the published payload is that same
-object with `signature` added, so every field the agent reads is covered.
+The signature covers the canonical JSON (RFC 8785, agent.manifest.canonical_json: the
+agent verifies over the same function's bytes) of the manifest object exactly as
+published, without `signature`; the published payload is that same object with
+`signature` added, so every field the agent reads is covered.
 """
 
 from __future__ import annotations

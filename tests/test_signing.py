@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import stat
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -34,11 +36,12 @@ def entry(**over: Any) -> dict[str, Any]:
     return e
 
 
-def sign_raw(obj: dict[str, Any], key: Ed25519PrivateKey, key_id: str = "fleet-1") -> bytes:
-    """A signer that is not ours: json.dumps, its own key order, only the fields it knows."""
+def sign_raw(obj: dict[str, Any], key: Ed25519PrivateKey, key_id: str = "fleet-1",
+             canonical: Callable[[Any], bytes] = rfc8785.dumps) -> bytes:
+    """A signer that is not ours: an RFC 8785 library called directly, its own key order,
+    only the fields it knows."""
     body = {k: v for k, v in obj.items() if k != "signature"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    value = base64.b64encode(key.sign(canonical.encode())).decode()
+    value = base64.b64encode(key.sign(canonical(body))).decode()
     signed = dict(obj, signature={"alg": "ed25519", "key_id": key_id, "value": value})
     return json.dumps(signed, indent=2).encode()  # whitespace and order do not matter
 
@@ -80,6 +83,18 @@ def test_signature_covers_the_published_object_not_the_decoded_defaults(keys: di
     full = sign_raw({"revision": 5, "models": [entry(task="tensor", instances=1,
                      batching={"max_batch": 1, "max_delay_ms": 0.0})]}, keys["fleet-1"])
     verifier(keys).check(decode_published(full), applied_revision=3)
+
+
+def test_signatures_made_before_rfc8785_still_verify(keys: dict[str, Any]) -> None:
+    """The canonical form was Python's sorted json.dumps before it was declared RFC 8785;
+    for manifests of integers and ASCII strings (what edge-fleet wrote) the bytes agree."""
+    def old_canonical(body: Any) -> bytes:
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    body = {"revision": 6, "issued_at": "2026-11-23T10:00:00Z",
+            "models": [entry(task="tensor", instances=2, batching={"max_batch": 8})]}
+    verifier(keys).check(decode_published(sign_raw(body, keys["fleet-1"],
+                                                   canonical=old_canonical)), None)
 
 
 def test_our_signer_round_trips(keys: dict[str, Any]) -> None:
