@@ -146,6 +146,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     print(f"edge-agent {__version__}")
     print(f"config: OK (device {cfg.device_id}, state_dir {cfg.state_dir})")
+    problems = environment_problems(cfg)
+    for problem in problems:
+        print(f"  ! {problem}")
     hw = detect()
     print("hardware:")
     for key, value in hw.summary().items():
@@ -162,7 +165,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  {task}: {'ready' if missing is None else 'unavailable: ' + missing}")
     ok, lines = _broker_answers(cfg.broker)
     print("\n".join(lines))
-    return 0 if ok else 1
+    return 0 if ok and not problems else 1
 
 
 def main(argv: list[str] | None = None) -> int:
