@@ -271,3 +271,26 @@ def test_the_base_install_is_the_job_client_and_edge_fleet_without_runtimes(tmp_
     lines = agent.stderr.strip().splitlines()
     assert len(lines) == 1 and "edgeinfer[agent]" in lines[0] and "edgeinfer[agent-gpu]" in lines[0]
     assert not (tmp_path / "state").exists()
+
+
+def test_the_lock_matches_pyproject_and_is_what_this_environment_runs() -> None:
+    import importlib.metadata
+    import re
+
+    check = subprocess.run([str(UV), "lock", "--check", "--offline"], capture_output=True,
+                           text=True, timeout=120, check=False, cwd=REPO)
+    assert check.returncode == 0, check.stdout + check.stderr
+    text = (REPO / "uv.lock").read_text()
+    # Every file the lock can install (a wheel or an sdist, each an inline table with its
+    # url) is pinned by its hash.
+    files = re.findall(r"\{ url = \"[^\"]+\"[^}]*\}", text)
+    assert len(files) > 100
+    assert [f for f in files if 'hash = "sha256:' not in f] == []
+    locked: dict[str, set[str]] = {}
+    for name, version in re.findall(r'^name = "([^"]+)"\nversion = "([^"]+)"$', text, re.MULTILINE):
+        locked.setdefault(name, set()).add(version)
+    # The suite runs on the locked releases (bootstrap syncs .venv from the lock).
+    for name in ("numpy", "onnxruntime", "openvino", "msgspec", "paho-mqtt", "pytest", "rfc8785"):
+        assert importlib.metadata.version(name) in locked.get(name, set()), (name, locked.get(name))
+    # What the overrides keep out: only the model files of these wheels are used.
+    assert not {"torch", "torchaudio", "opencv-python"} & set(locked)
