@@ -67,7 +67,12 @@ def test_model_from_user_properties() -> None:
     ("payload", "needle"),
     [
         (b"{not json", "not valid JSON"),
-        (b'{"inputs": 5}', "malformed"),
+        (b'{"inputs": 5}', "malformed inference request: key 'inputs': expected a list, got 5"),
+        # The key path is ours (runtimes/structcheck), not msgspec's wording.
+        (request(inputs=[{"name": "x", "shape": "1x4", "datatype": "FP32", "data": [0] * 4}]),
+         "malformed inference request: key 'inputs[0].shape': expected a list, got '1x4'"),
+        (request(inputs=[{"name": "x", "shape": [1, 4], "data": [0] * 4}]),
+         "malformed inference request: key 'inputs[0].datatype': required key is missing"),
         (request(model_name=None), "no model named"),
         (request(model_name="../etc"), "model_name must match"),
         (request(id="a/b"), "id must match"),
