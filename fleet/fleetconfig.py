@@ -25,7 +25,10 @@ from typing import Annotated
 import msgspec
 
 from agent.brokerurl import DEFAULT_BROKER_URL
-from agent.configfile import ConfigError, env_overrides, merge, read_yaml_mapping, to_struct
+
+# fleet.fleetconfig.ConfigError stays the fleet's name for it (the alias: an explicit re-export).
+from agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
+from agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE
 from fleet.artifacts import ARTIFACT_DIR_ENV, default_artifact_dir
 from fleet.registry import DEFAULT_MAX_EVENTS
