@@ -258,7 +258,8 @@ def test_settings_and_files_that_do_not_fit(folder: Path, enc: EncoderModel, tmp
         build_pipeline("embedding", {"max_length": 2}, folder, session)
     with pytest.raises(ValueError, match="no input 'ids'"):
         build_pipeline("embedding", {"ids_input": "ids"}, folder, session)
-    with pytest.raises(ValueError, match=r"embedding settings: key 'max_length': expected an integer >= 1 or null, got 0"):
+    with pytest.raises(ValueError, match=r"embedding settings: key 'max_length': "
+                                         r"expected an integer >= 1 or null, got 0"):
         build_pipeline("embedding", {"max_length": 0}, folder, session)
 
 

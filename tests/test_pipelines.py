@@ -134,7 +134,8 @@ def test_unknown_settings_key_is_named() -> None:
     session = _image_session((-1, 3, 4, 4))
     with pytest.raises(ValueError, match=r"key 'mena': unknown key \(known keys: input, output"):
         build_pipeline("image-classification", {"mena": [0.5]}, None, session)
-    with pytest.raises(ValueError, match=r"image-classification settings: key 'top_k': expected an integer >= 1, got 'five'"):
+    with pytest.raises(ValueError, match=r"image-classification settings: key 'top_k': "
+                                         r"expected an integer >= 1, got 'five'"):
         build_pipeline("image-classification", {"top_k": "five"}, None, session)
 
 
