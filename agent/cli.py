@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
 from agent.brokerurl import parse_broker_url
+from agent.cliargs import Parser, version_line
 from agent.config import (
     DEFAULT_CONFIG_PATH,
     AgentConfig,
@@ -29,6 +29,8 @@ EXIT_CONFIG = 2
 EXIT_RUN_CONFIG = os.EX_CONFIG
 
 log = logging.getLogger(__name__)
+
+PROG = "edge-agent"
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -144,7 +146,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from runtimes.selection import explain
 
     cfg = _load(args.config)
-    print(f"edge-agent {__version__}")
+    print(version_line(PROG))
     print(f"config: OK (device {cfg.device_id}, state_dir {cfg.state_dir})")
     problems = environment_problems(cfg)
     for problem in problems:
@@ -169,7 +171,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser = Parser(prog=PROG, description=__doc__)
+    parser.add_version()
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="YAML config file (default: $EDGE_AGENT_CONFIG or "
@@ -180,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                      "valid, 2 when not")
     doctor = sub.add_parser("doctor", help="hardware, runtimes, broker reachability, config")
     doctor.add_argument("--config")
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", help="print the installed version (as --version does)")
     args = parser.parse_args(argv)
     try:
         if args.command == "version":
-            print(f"edge-agent {__version__}")
+            print(version_line(PROG))
             return 0
         if args.command == "doctor":
             return _cmd_doctor(args)
