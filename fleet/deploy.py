@@ -28,6 +28,7 @@ from agent.manifest import (
 )
 from agent.topics import NAME_RE, Topics
 from fleet.artifacts import Artifact, ArtifactStore, artifact_url
+from fleet.models import file_digest
 from fleet.mqtt import BrokerError, Connection
 from fleet.reports import (
     applied_revision,
@@ -71,6 +72,17 @@ def store_artifact(src: Path, store: ArtifactStore) -> Artifact:
     if artifact.size == 0:
         raise ValueError(f"{src} is empty")
     return artifact
+
+
+def plan_artifact(src: Path, store: ArtifactStore) -> Artifact:
+    """What store_artifact(src, store) will store, read without writing anything: a deploy
+    checks its whole manifest entry before the store gets a byte."""
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file: {src}")
+    sha256, size = file_digest(src)
+    if size == 0:
+        raise ValueError(f"{src} is empty")
+    return Artifact(sha256, size, store.path_for(sha256))
 
 
 def artifact_uri(artifact: Artifact, base_url: str | None) -> str:

@@ -35,14 +35,22 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def push_model(registry: Registry, store: ArtifactStore, path: Path, *, name: str,
-               version: str, task: str = "tensor", labels: Path | None = None) -> PushOutcome:
-    """Raises ModelConflict (other bytes under name:version), RegistryError, OSError."""
+def check_push(path: Path, *, name: str, version: str, task: str = "tensor",
+               labels: Path | None = None) -> None:
+    """RegistryError for a push that cannot succeed, found without opening anything: the
+    CLI calls it before it opens (and so maybe creates) the registry."""
     for what, value in (("name", name), ("version", version), ("task", task)):
         if not NAME_RE.match(value):
             raise RegistryError(f"model {what} {value!r} must match {NAME_RE.pattern}")
-    if not path.is_file():
-        raise RegistryError(f"no such file: {path}")
+    for file in (path, labels):
+        if file is not None and not file.is_file():
+            raise RegistryError(f"no such file: {file}")
+
+
+def push_model(registry: Registry, store: ArtifactStore, path: Path, *, name: str,
+               version: str, task: str = "tensor", labels: Path | None = None) -> PushOutcome:
+    """Raises ModelConflict (other bytes under name:version), RegistryError, OSError."""
+    check_push(path, name=name, version=version, task=task, labels=labels)
     sha, size = file_digest(path)
     labels_sha = file_digest(labels)[0] if labels is not None else None
     wanted = ModelVersion(name, version, sha, size, task, "onnx", labels_sha)

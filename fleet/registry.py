@@ -611,13 +611,20 @@ class SqliteRegistry(SqlRegistry):
         body TEXT NOT NULL
     )"""
 
-    def __init__(self, path: Path | str, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+    def __init__(self, path: Path | str, max_events: int = DEFAULT_MAX_EVENTS,
+                 create: bool = True) -> None:
         super().__init__(max_events)
         self.path = Path(path).expanduser()
         self.url = str(self.path)
+        target: Path | str = self.path
+        if not create and not self.path.exists():
+            # A reader of a registry nobody made yet: an empty one in memory answers as a
+            # new file would, and nothing is left on disk (no folder, no file).
+            target = ":memory:"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0,
+            if target == self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(target, isolation_level=None, timeout=10.0,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -734,11 +741,16 @@ def is_postgres_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
 
-def open_registry(target: str | Path, max_events: int = DEFAULT_MAX_EVENTS) -> SqlRegistry:
-    """A `postgresql://` URL (`?schema=NAME` optional), else a SQLite file path."""
+def open_registry(target: str | Path, max_events: int = DEFAULT_MAX_EVENTS,
+                  create: bool = True) -> SqlRegistry:
+    """A `postgresql://` URL (`?schema=NAME` optional), else a SQLite file path.
+
+    `create=False` is for commands that only read: a SQLite file that does not exist yet
+    reads as an empty registry instead of being made.
+    """
     text = str(target)
     if is_postgres_url(text):
         return PostgresRegistry(text, max_events=max_events)
     if text.startswith("sqlite:///"):
         text = text[len("sqlite://"):]
-    return SqliteRegistry(text, max_events=max_events)
+    return SqliteRegistry(text, max_events=max_events, create=create)

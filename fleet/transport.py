@@ -15,8 +15,8 @@ import argparse
 import os
 
 from agent.credentials import DEFAULT_CREDENTIAL, CredentialError, resolve_password
-from agent.tls import TransportSecurity
-from fleet.mqtt import BrokerError
+from agent.tls import TransportError, TransportSecurity
+from fleet.mqtt import BrokerError, Connection
 
 _OPTIONS = (
     # flag, env var, metavar, help
@@ -67,3 +67,13 @@ def security_from_args(args: argparse.Namespace) -> TransportSecurity:
         password=password,
         names=_NAMES,
     )
+
+
+def check_broker(url: str, security: TransportSecurity) -> None:
+    """BrokerError for what connecting would refuse before it tries: a malformed URL, TLS
+    options on plain TCP, TLS files that do not load. Commands check this before they
+    write anything, so a mistyped option leaves nothing behind."""
+    try:
+        Connection(url, security=security)  # a client set up as connect() would; no socket
+    except (ValueError, TransportError) as exc:
+        raise BrokerError(str(exc)) from None
