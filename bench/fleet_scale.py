@@ -46,6 +46,7 @@ import numpy as np
 import psutil
 import yaml
 
+from agent.cliargs import parse_duration
 from agent.topics import Topics
 from fleet.artifacts import ArtifactStore
 from fleet.cli import main as fleet_cli
@@ -53,7 +54,7 @@ from fleet.deploy import artifact_uri, model_spec, next_manifest, publish_desire
 from fleet.localbroker import Broker, free_port, wait_port
 from fleet.mqtt import connect
 from fleet.registry import open_registry
-from fleet.rollout import COMPLETED, TERMINAL, RolloutStore, parse_duration
+from fleet.rollout import COMPLETED, TERMINAL, RolloutStore
 from fleet.simulate import SimConfig, Simulator
 
 PREFIX = "edge/v1"

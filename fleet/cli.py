@@ -23,8 +23,11 @@ from typing import Any
 import numpy as np
 
 from agent.brokerurl import DEFAULT_BROKER_URL
+from agent.cliargs import Parser, UsageError, duration
+from agent.manifest import ModelSpec
+from agent.tls import TransportSecurity
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, has_wildcard
-from fleet.artifacts import ArtifactStore, default_artifact_dir
+from fleet.artifacts import Artifact, ArtifactStore, default_artifact_dir
 from fleet.client import InferenceClient
 from fleet.deploy import (
     DeployError,
@@ -32,30 +35,42 @@ from fleet.deploy import (
     deploy,
     model_spec,
     parse_base_url,
+    plan_artifact,
     store_artifact,
 )
 from fleet.devices import format_table, read_devices
 from fleet.errors import InferenceError
 from fleet.fleetconfig import BROKER_ENV, CONFIG_ENV, ConfigError, FleetConfig, load_fleet_config
-from fleet.models import format_models_table, push_model
+from fleet.models import check_push, format_models_table, push_model
 from fleet.mqtt import BrokerError, connect
 from fleet.oip import InferResult, datatype_of
-from fleet.registry import ModelConflict, RegistryError, SqlRegistry, open_registry
+from fleet.registry import (
+    ModelConflict,
+    RegistryError,
+    SqlRegistry,
+    check_label,
+    open_registry,
+)
 from fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
-from fleet.transport import add_security_args, security_from_args
+from fleet.transport import add_security_args, check_broker, security_from_args
 
 PROG = "edge-fleet"
-
-
-class UsageError(Exception):
-    """The command cannot run as given (exit 2)."""
 
 
 # -- arguments ------------------------------------------------------------------------
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _plain_options() -> Parser:
+    """What every command takes."""
+    plain = Parser(add_help=False)
+    plain.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    return plain
+
+
+def _broker_options(plain: Parser) -> Parser:
+    """What a command that talks to the broker takes besides: where it is, the topic prefix,
+    TLS and credentials. Commands that never connect neither show nor accept them."""
+    common = Parser(add_help=False, parents=[plain])
     common.add_argument(
         "--broker", metavar="URL", default=os.environ.get(BROKER_ENV) or DEFAULT_BROKER_URL,
         help=f"mqtt://host:port or mqtts://host:port (default: ${BROKER_ENV}, "
@@ -63,7 +78,6 @@ def _common() -> argparse.ArgumentParser:
     )
     common.add_argument("--prefix", default=DEFAULT_PREFIX,
                         help=f"topic prefix (default: {DEFAULT_PREFIX})")
-    common.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     add_security_args(common)
     return common
 
@@ -84,11 +98,11 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Operate an edgeinfer fleet over MQTT.",
-    )
+    parser = Parser(prog=PROG, description="Operate an edgeinfer fleet over MQTT.")
+    parser.add_version()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    common = _common()
+    plain = _plain_options()
+    common = _broker_options(plain)
 
     p = sub.add_parser(
         "deploy", parents=[common], help="deploy a model version to a device, or remove one",
@@ -115,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an `edge-fleet serve`) instead of a file:// path; `mqtt://` "
                         "points it at mqtt:///artifacts/sha256/<hex>: chunks over its own "
                         "broker from `edge-fleet serve`'s chunk server")
-    p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="wait until the device serves the model (or fails)")
+    p.add_argument("--wait", type=duration, metavar="DURATION",
+                   help="wait this long for the device to serve the model (or fail), "
+                        "e.g. 60 (seconds), 60s, 2m")
     p.add_argument("--with", dest="with_files", action="append", default=[],
                    metavar="NAME=PATH",
                    help="a file installed beside the model in its version's folder "
@@ -142,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     k = keys_sub.add_parser(
-        "generate", parents=[common], help="make a key pair",
+        "generate", parents=[plain], help="make a key pair",
         description="Write ID.key (the private key, mode 0600, never overwritten) and ID.pub "
                     "(base64 of the raw public key) into DIR and print the public key. An "
                     "agent trusts it with `trust: {keys: {ID: <public key>}}`.",
@@ -160,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
     devices_sub = p.add_subparsers(dest="devices_command", metavar="ACTION")
     d = devices_sub.add_parser(
-        "label", parents=[common], help="set or remove a device's labels (groups are label selectors)",
+        "label", parents=[plain], help="set or remove a device's labels (groups are label selectors)",
         description="Set KEY=VALUE labels on a device, or remove them with KEY-, in the "
                     "registry; with no labels, print the device's labels. Rollouts pick "
                     "devices by selectors over these labels, e.g. site=berlin,tier!=canary.",
@@ -177,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     m = models_sub.add_parser(
-        "push", parents=[common], help="store a model version",
+        "push", parents=[plain], help="store a model version",
         description="Store FILE content-addressed (sha256) and record NAME:VERSION. The same "
                     "bytes again change nothing; other bytes under an existing NAME:VERSION "
                     "are refused (exit 1): a version names one set of bytes forever.",
@@ -191,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_args(m)
     _artifact_dir_arg(m)
     m.set_defaults(func=cmd_models_push)
-    m = models_sub.add_parser("list", parents=[common], help="print the model versions",
+    m = models_sub.add_parser("list", parents=[plain], help="print the model versions",
                               description="A table (or JSON) of every stored model version.")
     m.add_argument("--name", metavar="NAME", help="only this model's versions")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -212,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-name", metavar="NAME", help="the model input a .npy file feeds")
     p.add_argument("--output", action="append", metavar="NAME",
                    help="ask for this output only (repeatable; default: all)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for the answer (default: 10)")
+    p.add_argument("--timeout", type=duration, default=10.0, metavar="DURATION",
+                   help="how long to wait for the answer, e.g. 10 (seconds), 500ms, 1m "
+                        "(default: 10s)")
     p.add_argument("--json", action="store_true", help="print the raw OIP response")
     p.set_defaults(func=cmd_infer)
 
@@ -238,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from fleet.rollout_cli import add_rollout_parser  # it imports this module's helpers
-    add_rollout_parser(sub, common)
+    add_rollout_parser(sub, plain, common)
     from fleet.simulate import add_simulate_parser  # it imports this module's helpers too
     add_simulate_parser(sub, common)
     return parser
@@ -267,52 +283,80 @@ def _artifact_store(args: argparse.Namespace) -> ArtifactStore:
 def cmd_deploy(args: argparse.Namespace) -> int:
     topics = Topics(_prefix(args), _device(args.device))
     if args.wait is not None and args.wait <= 0:
-        raise UsageError("--wait needs a positive number of seconds")
-    if args.remove:
-        given = [f for f in ("model", "version", "file") if getattr(args, f)]
-        if given:
-            raise UsageError(f"--remove cannot be combined with --{', --'.join(given)}")
-        signer = _signer(args)
-        with connect(args.broker, security=security_from_args(args)) as conn:
-            outcome = deploy(conn, topics, remove=args.remove, wait_s=args.wait, signer=signer)
-        print(f"published revision {outcome.manifest.revision} to {outcome.topic}: "
-              f"removed {args.remove}")
-    else:
-        missing = [f"--{f}" for f in ("model", "version", "file") if not getattr(args, f)]
-        if missing:
-            raise UsageError(f"deploy needs {', '.join(missing)} (or --remove NAME)")
-        prefer = [p.strip() for p in args.prefer.split(",")] if args.prefer else None
-        if prefer is not None and not all(prefer):
-            raise UsageError(f"--prefer {args.prefer!r} has an empty entry")
-        try:
-            base_url = parse_base_url(args.artifact_base_url) if args.artifact_base_url else None
-            artifact = store_artifact(args.file, _artifact_store(args))
-            side_files = []
-            for item in args.with_files:
-                name, sep, path = item.partition("=")
-                if not sep or not name or not path:
-                    raise ValueError(f"--with {item!r}: expected NAME=PATH")
-                extra = store_artifact(Path(path), _artifact_store(args))
-                side_files.append((name, extra, artifact_uri(extra, base_url)))
-            spec = model_spec(
-                name=args.model, version=args.version, artifact=artifact,
-                uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
-                max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
-                instances=args.instances, health=_health(args.health),
-                settings=_json_object("--settings", args.settings), files=side_files,
-            )
-        except (ValueError, OSError) as exc:
-            raise UsageError(str(exc)) from None
-        signer = _signer(args)
-        with connect(args.broker, security=security_from_args(args)) as conn:
-            outcome = deploy(conn, topics, upsert=spec, wait_s=args.wait, signer=signer)
-        print(f"published revision {outcome.manifest.revision} to {outcome.topic}: "
-              f"{spec.name}:{spec.version} sha256 {spec.sha256[:12]} ({spec.size} bytes) "
-              f"from {spec.uri}")
+        raise UsageError("--wait needs a positive duration")
+    # All that was given is checked before the artifact store gets a byte.
+    spec, files = _deploy_entry(args)
+    signer = _signer(args)
+    security = _broker_security(args, args.broker)
+    _store_files(files, _artifact_store(args))
+    with connect(args.broker, security=security) as conn:
+        outcome = deploy(conn, topics, upsert=spec, remove=args.remove, wait_s=args.wait,
+                         signer=signer)
+    what = (f"removed {args.remove}" if spec is None else
+            f"{spec.name}:{spec.version} sha256 {spec.sha256[:12]} ({spec.size} bytes) "
+            f"from {spec.uri}")
+    print(f"published revision {outcome.manifest.revision} to {outcome.topic}: {what}")
     if outcome.wait is None:
         return 0
     print(outcome.wait.message, file=sys.stdout if outcome.wait.ok else sys.stderr)
     return 0 if outcome.wait.ok else 1
+
+
+def _deploy_entry(args: argparse.Namespace) -> tuple[ModelSpec | None, list[tuple[Path, Artifact]]]:
+    """The manifest entry to add (None with --remove) and the files it needs stored,
+    checked in full; nothing is written yet."""
+    if args.remove:
+        given = [f for f in ("model", "version", "file") if getattr(args, f)]
+        if given:
+            raise UsageError(f"--remove cannot be combined with --{', --'.join(given)}")
+        return None, []
+    missing = [f"--{f}" for f in ("model", "version", "file") if not getattr(args, f)]
+    if missing:
+        raise UsageError(f"deploy needs {', '.join(missing)} (or --remove NAME)")
+    prefer = [p.strip() for p in args.prefer.split(",")] if args.prefer else None
+    if prefer is not None and not all(prefer):
+        raise UsageError(f"--prefer {args.prefer!r} has an empty entry")
+    store = _artifact_store(args)
+    try:
+        base_url = parse_base_url(args.artifact_base_url) if args.artifact_base_url else None
+        artifact = plan_artifact(args.file, store)
+        files = [(args.file, artifact)]
+        side_files = []
+        for item in args.with_files:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--with {item!r}: expected NAME=PATH")
+            extra = plan_artifact(Path(path), store)
+            files.append((Path(path), extra))
+            side_files.append((name, extra, artifact_uri(extra, base_url)))
+        spec = model_spec(
+            name=args.model, version=args.version, artifact=artifact,
+            uri=artifact_uri(artifact, base_url), task=args.task, prefer=prefer,
+            max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+            instances=args.instances, health=_health(args.health),
+            settings=_json_object("--settings", args.settings), files=side_files,
+        )
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    return spec, files
+
+
+def _store_files(files: list[tuple[Path, Artifact]], store: ArtifactStore) -> None:
+    for src, planned in files:
+        try:
+            stored = store_artifact(src, store)
+        except (ValueError, OSError) as exc:
+            raise UsageError(str(exc)) from None
+        if stored.sha256 != planned.sha256:
+            raise UsageError(f"{src} changed while it was stored: deploy it again")
+
+
+def _broker_security(args: argparse.Namespace, broker: str) -> TransportSecurity:
+    """The broker's TLS and credential options, checked with its URL before a command
+    writes anything (the connection itself comes later)."""
+    security = security_from_args(args)
+    check_broker(broker, security)
+    return security
 
 
 def _signer(args: argparse.Namespace) -> Signer | None:
@@ -476,9 +520,13 @@ def _fleet_config(args: argparse.Namespace) -> FleetConfig:
         raise UsageError(str(exc)) from None
 
 
-def _open_registry(args: argparse.Namespace, cfg: FleetConfig) -> SqlRegistry:
+def _open_registry(args: argparse.Namespace, cfg: FleetConfig, *,
+                   create: bool = True) -> SqlRegistry:
+    """create=False for a command that only reads: a registry not made yet reads as empty
+    and is not made by reading it."""
     try:
-        return open_registry(args.db or cfg.database_target(), max_events=cfg.events.keep)
+        return open_registry(args.db or cfg.database_target(), max_events=cfg.events.keep,
+                             create=create)
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
 
@@ -495,7 +543,12 @@ def cmd_devices_label(args: argparse.Namespace) -> int:
             remove.append(item[:-1])
         else:
             raise UsageError(f"{item!r}: say KEY=VALUE to set a label or KEY- to remove one")
-    registry = _open_registry(args, _fleet_config(args))
+    try:
+        for key, value in [*set_.items(), *((key, "") for key in remove)]:
+            check_label(key, value)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    registry = _open_registry(args, _fleet_config(args), create=bool(set_ or remove))
     try:
         if set_ or remove:
             labels = registry.set_labels(device, set_, remove)
@@ -512,6 +565,11 @@ def cmd_devices_label(args: argparse.Namespace) -> int:
 
 
 def cmd_models_push(args: argparse.Namespace) -> int:
+    try:
+        check_push(args.file, name=args.name, version=args.version, task=args.task,
+                   labels=args.labels)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
     cfg = _fleet_config(args)
     store = ArtifactStore(args.artifact_dir or cfg.artifact_path())
     registry = _open_registry(args, cfg)
@@ -538,7 +596,7 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    registry = _open_registry(args, _fleet_config(args))
+    registry = _open_registry(args, _fleet_config(args), create=False)
     try:
         found = registry.models(args.name)
     except RegistryError as exc:
@@ -587,11 +645,12 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     host = args.host or cfg.http.host
     port = cfg.http.port if args.port is None else args.port
     store = ArtifactStore(args.artifact_dir or cfg.artifact_path())
+    security = _broker_security(args, broker)  # before the registry is opened (or made)
     registry = _open_registry(args, cfg)
     try:
         controller = Controller(
             registry, broker, prefix=prefix, client_id=cfg.broker.client_id,
-            security=security_from_args(args), session_expiry_s=cfg.broker.session_expiry_s,
+            security=security, session_expiry_s=cfg.broker.session_expiry_s,
             keepalive_s=cfg.broker.keepalive_s,
         )
     except (ValueError, TransportError) as exc:
@@ -607,10 +666,9 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
     # mqtt:///artifacts/sha256/<hex>: the same store in chunks over the broker.
     from fleet.artifact_mqtt import ChunkServer
     chunks = ChunkServer(store, broker, prefix=prefix, client_id=f"{cfg.broker.client_id}-artifacts",
-                         security=security_from_args(args)).start()
+                         security=security).start()
     # Rollouts (fleet/rollout.py) are driven here, from the registry: a restart resumes them.
     from fleet.rollout import RolloutRunner
-    security = security_from_args(args)
     rollouts = RolloutRunner(registry, lambda: connect(broker, security=security), prefix=prefix,
                              driver=cfg.broker.client_id, signer=rollout_signer).start()
     try:

@@ -121,18 +121,6 @@ def parse_waves(text: str) -> list[Amount]:
     return waves
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str, what: str = "duration") -> float:
-    """`60s`, `2m`, `1.5` (seconds), `500ms`, `1h`."""
-    m = _DURATION_RE.match(text)
-    if not m:
-        raise RolloutError(f"{what} {text!r}: say e.g. 60s, 2m, 500ms")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 # Health metrics: the error share over every job since each device began serving the
 # version (all touched devices together), and the worst device's latency percentile.
 _METRICS = {"error_rate", "p50_ms", "p95_ms", "p99_ms"}

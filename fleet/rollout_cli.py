@@ -15,16 +15,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
-from agent.tls import TransportError
+from agent.cliargs import UsageError, duration
+from agent.tls import TransportError, TransportSecurity
 from fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from fleet.cli import (
     PROG,
-    UsageError,
     _artifact_dir_arg,
+    _broker_security,
     _fleet_config,
     _open_registry,
     _prefix,
@@ -46,16 +47,17 @@ from fleet.rollout import (
     RolloutRunner,
     RolloutStore,
     parse_amount,
-    parse_duration,
     parse_health,
     parse_waves,
     progress,
 )
-from fleet.signing import SIGNING_KEY_ENV
-from fleet.transport import security_from_args
+from fleet.signing import SIGNING_KEY_ENV, Signer
 
 
-def add_rollout_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
+                       common: argparse.ArgumentParser) -> None:
+    """`plain`: the options of every command; `common`: those plus the broker's, for the
+    actions that may talk to it (--drive)."""
     p = sub.add_parser(
         "rollout", help="roll a model version out to a group of devices in waves",
         description="Roll NAME:VERSION out to the devices of a label selector wave by wave, "
@@ -80,10 +82,11 @@ def add_rollout_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--health", default="", metavar="RULES",
                    help="health gate during the bake, e.g. error_rate<1%%,p95_ms<50 "
                         "(metrics: error_rate, p50_ms, p95_ms, p99_ms)")
-    s.add_argument("--bake", default="60s", metavar="DURATION",
-                   help="how long each wave is watched before the next (default: 60s)")
-    s.add_argument("--install-timeout", default=f"{DEFAULT_INSTALL_TIMEOUT_S:g}s",
-                   metavar="DURATION",
+    s.add_argument("--bake", type=duration, default="60s", metavar="DURATION",
+                   help="how long each wave is watched before the next, e.g. 90 (seconds), "
+                        "60s, 2m (default: 60s)")
+    s.add_argument("--install-timeout", type=duration,
+                   default=f"{DEFAULT_INSTALL_TIMEOUT_S:g}s", metavar="DURATION",
                    help="a device not serving the version after this counts as failed "
                         f"(default: {DEFAULT_INSTALL_TIMEOUT_S:g}s)")
     s.add_argument("--prefer", metavar="LIST", help="runtime preference for the manifest entry")
@@ -95,7 +98,7 @@ def add_rollout_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     _drive_args(s)
     s.set_defaults(func=cmd_rollout_start)
 
-    st = rsub.add_parser("status", parents=[common], help="show rollouts",
+    st = rsub.add_parser("status", parents=[plain], help="show rollouts",
                          description="One rollout with its devices, or every rollout.")
     st.add_argument("id", type=int, nargs="?", help="rollout id (default: list all)")
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -106,7 +109,9 @@ def add_rollout_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     for action, text in (("pause", "stop advancing (devices keep what they have)"),
                          ("resume", "go on (a bake in progress starts over)"),
                          ("abort", "stop and roll every touched device back")):
-        a = rsub.add_parser(action, parents=[common], help=text, description=text.capitalize())
+        # pause never drives, so it never talks to the broker.
+        parents = [plain] if action == "pause" else [common]
+        a = rsub.add_parser(action, parents=parents, help=text, description=text.capitalize())
         a.add_argument("id", type=int)
         _registry_args(a)
         if action != "pause":
@@ -118,7 +123,8 @@ def _drive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="show progress until the rollout ends")
     p.add_argument("--drive", action="store_true",
                    help="drive the rollout from here until it ends (when no controller runs)")
-    p.add_argument("--poll", type=float, default=0.5, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=duration, default=0.5, metavar="DURATION",
+                   help=argparse.SUPPRESS)
     p.add_argument("--sign-key", type=Path, metavar="FILE",
                    default=Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV)
                    else None,
@@ -130,8 +136,10 @@ def _drive_args(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> tuple[FleetConfig, SqlRegistry, RolloutStore]:
+    """Every action needs a registry that holds a model or a rollout already: one not
+    made yet reads as empty (and the action fails) rather than being made."""
     cfg = _fleet_config(args)
-    registry = _open_registry(args, cfg)
+    registry = _open_registry(args, cfg, create=False)
     try:
         return cfg, registry, RolloutStore(registry)
     except RegistryError as exc:
@@ -148,14 +156,14 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
         waves = [str(w) for w in parse_waves(args.waves)]
         parse_amount(args.max_failures, "--max-failures")
         health = ",".join(str(r) for r in parse_health(args.health))
-        bake_s = parse_duration(args.bake, "--bake")
-        install_s = parse_duration(args.install_timeout, "--install-timeout")
         base_url = parse_base_url(args.artifact_base_url) if args.artifact_base_url else None
     except (RolloutError, RegistryError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    bake_s, install_s = args.bake, args.install_timeout
     if install_s <= 0:
         raise UsageError("--install-timeout must be positive")
     prefer = [x.strip() for x in args.prefer.split(",")] if args.prefer else None
+    driving = _driving(args)  # a bad key or broker option is told before anything is recorded
     cfg, registry, store = _store(args)
     try:
         model = registry.model(name, version)
@@ -187,8 +195,8 @@ def cmd_rollout_start(args: argparse.Namespace) -> int:
         print(f"rollout {r.id}: {r.target} to {selector or '(all devices)'} in waves "
               f"{','.join(waves)}, max failures {r.max_failures}, health "
               f"{health or '(none)'}, bake {bake_s:g}s", flush=True)
-        if args.drive:
-            return _drive(args, cfg, registry, store, r.id)
+        if driving is not None:
+            return _drive(args, driving, registry, store, r.id)
         if args.wait:
             return _watch(store, r.id, args.poll)
         print(f"the controller (edge-fleet serve) drives it; follow it with "
@@ -232,12 +240,13 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout_control(args: argparse.Namespace) -> int:
-    cfg, registry, store = _store(args)
+    driving = _driving(args)
+    _cfg, registry, store = _store(args)
     try:
         r = store.control(args.id, args.action)
         print(f"rollout {r.id}: {r.status}")
-        if getattr(args, "drive", False):
-            return _drive(args, cfg, registry, store, r.id)
+        if driving is not None:
+            return _drive(args, driving, registry, store, r.id)
         if getattr(args, "wait", False):
             return _watch(store, r.id, args.poll)
         return 0
@@ -250,12 +259,24 @@ def cmd_rollout_control(args: argparse.Namespace) -> int:
 # -- driving and watching -------------------------------------------------------------------
 
 
-def _drive(args: argparse.Namespace, cfg: FleetConfig, registry: SqlRegistry,
+class _Driving(NamedTuple):
+    """What --drive needs, checked before the rollout is recorded or changed."""
+
+    signer: Signer | None
+    security: TransportSecurity
+    prefix: str
+
+
+def _driving(args: argparse.Namespace) -> _Driving | None:
+    if not getattr(args, "drive", False):  # pause has no --drive
+        return None
+    return _Driving(_signer(args), _broker_security(args, args.broker), _prefix(args))
+
+
+def _drive(args: argparse.Namespace, driving: _Driving, registry: SqlRegistry,
            store: RolloutStore, rollout_id: int) -> int:
     """Run an ingesting controller session and the engine here until the rollout ends."""
-    signer = _signer(args)
-    security = security_from_args(args)
-    prefix = _prefix(args)
+    signer, security, prefix = driving
     driver = f"edge-fleet-rollout-{os.getpid()}"
     try:
         controller = Controller(registry, args.broker, prefix=prefix, client_id=driver,

@@ -52,10 +52,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.brokerurl import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
+from agent.cliargs import UsageError, duration, parse_duration
 from agent.tls import TransportSecurity
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics
-from fleet.cli import UsageError, _prefix
-from fleet.rollout import RolloutError, parse_duration
+from fleet.cli import _prefix
 from fleet.transport import security_from_args
 
 log = logging.getLogger(__name__)
@@ -624,9 +624,9 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, required=True, metavar="N", help="how many devices")
     p.add_argument("--id-prefix", default="sim-", metavar="TEXT",
                    help="device ids are TEXT0000, TEXT0001, ... (default: sim-)")
-    p.add_argument("--report-every", default="10s", metavar="DURATION",
+    p.add_argument("--report-every", type=duration, default="10s", metavar="DURATION",
                    help="telemetry period per device (default: 10s)")
-    p.add_argument("--duration", default=None, metavar="DURATION",
+    p.add_argument("--duration", type=duration, default=None, metavar="DURATION",
                    help="stop after this long (default: until Ctrl-C or SIGTERM)")
     p.add_argument("--install-delay", default="0.5s-1.5s", metavar="MIN[-MAX]",
                    help="how long a simulated install takes (default: 0.5s-1.5s)")
@@ -655,11 +655,12 @@ def _delay_range(text: str) -> tuple[float, float]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    report_s, stop_after_s = args.report_every, args.duration
+    if report_s <= 0:
+        raise UsageError("--report-every must be positive")
     try:
-        report_s = parse_duration(args.report_every, "--report-every")
-        duration = parse_duration(args.duration, "--duration") if args.duration else None
         delays = _delay_range(args.install_delay)
-    except RolloutError as exc:
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
     if not 0 <= args.error_rate <= 1:
         raise UsageError("--error-rate must lie between 0 and 1")
@@ -685,7 +686,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     sim.start()
     try:
         while not stop.is_set():
-            left = None if duration is None else duration - (time.monotonic() - started)
+            left = None if stop_after_s is None else stop_after_s - (time.monotonic() - started)
             if left is not None and left <= 0:
                 break
             stop.wait(min(report_s, left) if left is not None else report_s)

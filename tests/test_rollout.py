@@ -57,7 +57,10 @@ class Fleet:
     def cli(self, *args: str) -> int:
         extra = ["--artifact-dir", str(self.tmp / "artifacts")] if args[1] in ("push", "start") \
             else []
-        return fleet([*args, "--broker", self.broker.url, "--db", self.db, *extra])
+        # Only the commands that may talk to the broker take --broker.
+        if args[1] in ("start", "resume", "abort"):
+            extra += ["--broker", self.broker.url]
+        return fleet([*args, "--db", self.db, *extra])
 
     def push(self, name: str, version: str, model: str) -> None:
         assert self.cli("models", "push", str(self.models[model]), "--name", name,
