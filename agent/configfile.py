@@ -27,7 +27,8 @@ class ConfigError(Exception):
 
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key: object, first: int, again: int) -> None:
-        super().__init__(f"line {again}: key {key!r} is given twice (lines {first} and {again}); "
+        where = f"on line {first}" if first == again else f"(lines {first} and {again})"
+        super().__init__(f"line {again}: key {key!r} is given twice {where}; "
                          "YAML would keep only the last, so one of them is a mistake")
 
 
@@ -40,12 +41,13 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base` then overriding a key of base is meant
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
             except TypeError:
                 continue  # an unhashable key: PyYAML's own error says so below
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
         return super().construct_mapping(node, deep=deep)
 
 
