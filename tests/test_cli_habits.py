@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,31 @@ def test_commands_that_connect_list_every_broker_option(
     text = _help(argv, capsys)
     for option in _BROKER_OPTIONS:
         assert option in text, option
+
+
+# -- the documented examples still parse ----------------------------------------------------
+
+
+def _examples(path: Path, prog: str) -> list[list[str]]:
+    """The indented `prog ...` command lines of a markdown file, continuations joined and
+    trailing comments dropped."""
+    lines, out = path.read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        if not line.strip().startswith(f"{prog} ") or not line.startswith("    "):
+            continue
+        text, after = line, i
+        while text.endswith("\\"):
+            after += 1
+            text = text[:-1] + lines[after]
+        out.append(shlex.split(text.split("  #")[0])[1:])
+    return out
+
+
+def test_the_documented_examples_parse() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    examples = [argv for doc in ("README.md", "docs/pipelines.md")  # whole commands, no synopses
+                for argv in _examples(repo / doc, "edge-fleet")]
+    assert len(examples) > 15
+    parser = build_parser()
+    for argv in examples:
+        assert parser.parse_args(argv).func is not None, argv
