@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
-# Modules the daemon imports whatever its models: the machine's readings and metrics.
-_ALWAYS = ("psutil", "prometheus_client")
+# Modules the daemon imports whatever its models: the machine's readings, metrics, job ids.
+_ALWAYS = ("psutil", "prometheus_client", "xxhash")
 # At least one of these runs the models (runtimes/hardware.py probes both).
 _RUNTIMES = ("onnxruntime", "openvino")
 

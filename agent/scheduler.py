@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import xxhash
 
 from agent import failover
 from agent.batching import Batcher, Prepared, batchable, split_outputs
@@ -116,12 +117,13 @@ def request_digest(inbound: Inbound) -> bytes:
     is part of the key; the correlation data, the expiry and other user properties are
     not (a client's retry may carry new correlation data; the broker lowers the expiry).
 
-    Computed for every job with an id or correlation data, on the intake thread: sha256,
-    not blake2b, because OpenSSL's runs on the CPU's SHA instructions (on the 2-core
-    reference machine, this function: 0.34 ms per 600 KB job, 0.8 us per 200 B job;
-    blake2b alone: 0.64 ms per 600 KB). hashlib lets go of the GIL for large payloads.
+    Computed for every job with an id or correlation data, on the intake thread, so it is
+    XXH3-128 and not a cryptographic hash: measured on the 2-core reference machine, 12 us
+    per 600 KB job against 340-600 us for sha256 (blake2b: 640 us), 0.07 us per 200 B job.
+    Collision resistance against a deliberate attacker buys nothing here: the key holds the
+    reply topic, so a forged match only ever replays an answer to the topic it went to.
     """
-    digest = hashlib.sha256()
+    digest = xxhash.xxh3_128()
     props = sorted(p for p in inbound.user_properties if p[0] in REQUEST_PROPERTIES)
     if props:
         digest.update(_json.encode(props))  # JSON: no two lists give the same bytes
