@@ -5,7 +5,8 @@ from __future__ import annotations
 from enum import Enum
 
 
-class Code(str, Enum):
+# str + Enum and not StrEnum: str(Code.X) stays "Code.X" as every message built with it expects.
+class Code(str, Enum):  # noqa: UP042
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 
 # Modules the daemon imports whatever its models: the machine's readings, metrics, job ids.
-_ALWAYS = ("psutil", "prometheus_client", "xxhash")
+_ALWAYS = ("psutil", "prometheus_client", "xxhash", "mqtt5")
 # At least one of these runs the models (runtimes/hardware.py probes both).
 _RUNTIMES = ("onnxruntime", "openvino")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -148,7 +148,7 @@ def parse_rfc3339(text: str) -> datetime:
         parsed = datetime.fromisoformat(f"{date}T{clock}.{micros}{zone}")
     except ValueError as exc:
         raise ValueError(f"{text!r} is not a valid timestamp: {exc}") from None
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 def _flat_count(data: Any) -> int:

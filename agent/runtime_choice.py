@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -179,5 +179,5 @@ def failover_record(old: ServingModel, new: ServingModel, reason: str) -> dict[s
         "from": f"{old.session.runtime}/{old.session.device}",
         "to": f"{new.session.runtime}/{new.session.device}",
         "reason": reason,
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "mode": "quick" if args.quick else "full",
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "versions": {"onnxruntime": _version("onnxruntime"), "openvino": _version("openvino"),
                      "paho-mqtt": _version("paho-mqtt"), "numpy": _version("numpy"),

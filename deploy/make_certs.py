@@ -39,7 +39,7 @@ _SKEW = dt.timedelta(minutes=5)  # tolerate clocks a little behind
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:

@@ -155,7 +155,7 @@ class AsyncResponseStream(StreamBase):
             raise StopAsyncIteration
         try:
             kind, value = await asyncio.wait_for(self._q.get(), self.timeout + 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._close()
             raise TimeoutError(
                 f"job {self.job_id}: no response within {self.timeout:g}s"

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -423,7 +423,7 @@ def autotune(
             "attempts": [asdict(a) for a in attempts],
             "tuning_s": tuning_s,
             "reference": ref_label,
-            "tuned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tuned_at": datetime.now(UTC).isoformat(timespec="seconds"),
         })
     return tuned
 

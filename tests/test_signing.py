@@ -6,7 +6,7 @@ import base64
 import json
 import stat
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from fleet.signing import Signer, SigningError, generate_key, load_signer
 from tests.broker import Broker
 
 SHA = "ab" * 32
-NOW = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
 
 def entry(**over: Any) -> dict[str, Any]:
