@@ -28,14 +28,33 @@ class ConfigError(Exception):
 class _DuplicateKey(yaml.YAMLError):
     def __init__(self, key: object, first: int, again: int) -> None:
         where = f"on line {first}" if first == again else f"(lines {first} and {again})"
-        super().__init__(f"line {again}: key {key!r} is given twice {where}; "
+        super().__init__(f"line {again}: key '{key}' is given twice {where}; "
                          "YAML would keep only the last, so one of them is a mistake")
 
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a mapping may not give a key twice."""
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Where each mapping sits (`broker.tls`), so a key given twice is named in full.
+        self._paths: dict[int, str] = {}
+        self._note_paths(node, "")
+        return super().construct_document(node)
+
+    def _note_paths(self, node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            if id(node) in self._paths:
+                return  # an alias seen before
+            self._paths[id(node)] = path
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._note_paths(value_node, f"{path}.{name}" if path else str(name))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._note_paths(item, f"{path}[{index}]")
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        parent = getattr(self, "_paths", {}).get(id(node), "")
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -44,7 +63,7 @@ class _StrictLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             try:
                 if key in seen:
-                    raise _DuplicateKey(key, seen[key], line)
+                    raise _DuplicateKey(f"{parent}.{key}" if parent else key, seen[key], line)
                 seen[key] = line
             except TypeError:
                 continue  # an unhashable key: PyYAML's own error says so below

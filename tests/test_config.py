@@ -57,10 +57,10 @@ def test_key_given_twice_names_the_key_and_both_lines(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(p, {})
     assert str(info.value) == (
-        f"{p}: line 5: key 'url' is given twice (lines 3 and 5); YAML would keep only the last, "
+        f"{p}: line 5: key 'broker.url' is given twice (lines 3 and 5); YAML would keep only the last, "
         "so one of them is a mistake")
     p = write(tmp_path, "jobs: {workers: 2, workers: 3}\n")  # twice on one line, too
-    with pytest.raises(ConfigError, match=r"line 1: key 'workers' is given twice on line 1;"):
+    with pytest.raises(ConfigError, match=r"line 1: key 'jobs.workers' is given twice on line 1;"):
         load_config(p, {})
     # A merge key's mapping may be overridden on purpose: not a duplicate.
     p = write(tmp_path, "broker:\n  <<: {url: 'mqtt://a:1883', keepalive_s: 5}\n  url: mqtt://b:1883\n")
