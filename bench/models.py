@@ -277,6 +277,23 @@ def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_lay
     return _save(model, out_dir / (name or f"scaled-{factor:g}.onnx"))
 
 
+def build_reduce_mean(out_dir: Path, name: str = "reduce_mean.onnx", size: int = 150_000) -> Path:
+    """x FP32 [N, size] -> y FP32 [N, 1], the mean of each row: a model whose job is mostly
+    its tensor (600 KB at the default size) and whose runtime cost is tiny, so the agent's own
+    cost per byte of a job shows (issue 11's 600 KB tensor job)."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)]
+    graph = helper.make_graph(
+        nodes,
+        "reduce_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return _save(model, out_dir / name)
+
+
 def build_nan(out_dir: Path, name: str = "nan.onnx") -> Path:
     """x FP32 [N, 64] -> y FP32 [N, 64] = (x - x) / (x - x): NaN for every input, a model
     that loads and runs but must never serve (the deploy health gate's test)."""
