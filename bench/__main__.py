@@ -7,7 +7,7 @@ the performance targets. Figures are only comparable within one run.
     python -m bench                 # the full run (~10 minutes on a 2-core gateway)
     python -m bench --quick         # a short one (~2 minutes)
     python -m bench --models digits mobilenet --out /tmp/bench
-    python -m bench --only preprocess --out /tmp/bench   # one part alone (raw, preprocess, e2e)
+    python -m bench --only preprocess --out /tmp/bench   # one part alone (raw, preprocess, e2e, cpu)
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 
 import psutil
 
-from bench import e2e, preprocess, raw, refmodels, report
+from bench import e2e, jobcpu, preprocess, raw, refmodels, report
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("raw", "preprocess", "e2e")
+PARTS = ("raw", "preprocess", "e2e", "cpu")
 
 
 def say(text: str) -> None:
@@ -105,6 +105,14 @@ def method(quick: bool, budget: raw.Budget, timing: e2e.Timing) -> list[str]:
         "answering with the bytes the agent answered the same request with.",
         "Naive baseline: bench/naive.py, ONNX Runtime inside paho's on_message, JSON with "
         "base64 tensors, QoS 1 answer, TCP_NODELAY set.",
+        f"CPU per job (bench/jobcpu.py): its own mosquitto and edge-agent; at {jobcpu.LEVEL} "
+        "in flight, binary OIP, QoS 1 both ways, the digits job (~200 B) and a 600 KB tensor "
+        "job (ReduceMean over 150,000 floats) go to the agent, then to the paho echo and to "
+        "the codec echo (bench/codec_echo.py: mqtt5 codec, raw socket, one thread), both "
+        "answering with the agent's answer bytes. CPU = utime+stime of the responding process "
+        "(all threads; /proc/<pid>/stat via psutil) over the window / answers in it. The "
+        "runtime's share: the deployed model on the agent's own backend, called directly "
+        "(time.process_time per call over N calls in one thread, nothing else running).",
         "Memory: RSS (psutil) of the agent process; idle = 1.5 s after the only model "
         "(digits) serves; peak = highest 50 ms sample under load. Start-up: from Popen to "
         "the retained `online` state arriving at a subscriber, fresh state dir, no models.",
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the agent, the echo and the naive baseline")
     parser.add_argument("--skip-preprocess", action="store_true",
                         help="leave out the task pipelines' pre-/post-processing per job")
+    parser.add_argument("--skip-cpu", action="store_true",
+                        help="leave out the CPU per job of the agent beside the bare echoes")
     parser.add_argument("--only", nargs="+", metavar="PART", choices=PARTS,
                         help=f"measure only these parts ({', '.join(PARTS)}): the --skip-* "
                              "flags of the others")
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         args.skip_raw = "raw" not in args.only
         args.skip_preprocess = "preprocess" not in args.only
         args.skip_e2e = "e2e" not in args.only
+        args.skip_cpu = "cpu" not in args.only
     if args.render:
         stored: dict[str, Any] = json.loads((args.out / "latest.json").read_text())
         for line in report.ratio_lines(report.write(stored, args.out, say)):
@@ -242,6 +253,19 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 results["e2e"]["error"] = failed
             sections["e2e"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        if not args.skip_cpu:
+            cpu: dict[str, Any] = {}
+            results["cpu"] = cpu
+            try:
+                jobcpu.run(work / "cpu", timing, say, runtime_budget_s=budget.budget_s,
+                           res=cpu)
+            except Exception as exc:
+                failed = (f"{failed}; " if failed else "") + f"cpu part: {type(exc).__name__}: {exc}"
+                cpu["error"] = f"{type(exc).__name__}: {exc}"
+                say(f"cpu part failed: {cpu['error']} (--keep keeps the logs)")
+            cpu["summary"] = jobcpu.summary(cpu)
+            sections["cpu"] = round(time.monotonic() - t0, 1)
     finally:
         results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
         results["meta"]["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]

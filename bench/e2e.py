@@ -123,7 +123,7 @@ class Watched:
         return _cpu_s(self.target), _cpu_s(self.broker), _cpu_s(self.client), busy_cpu_s()
 
 
-def _start_helper(args: list[str], ready: str, log: Path) -> subprocess.Popen[str]:
+def start_helper(args: list[str], ready: str, log: Path) -> subprocess.Popen[str]:
     with log.open("w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
                                 stderr=logf, text=True)
@@ -135,7 +135,7 @@ def _start_helper(args: list[str], ready: str, log: Path) -> subprocess.Popen[st
     return proc
 
 
-def _stop(proc: subprocess.Popen[Any] | None) -> None:
+def stop_process(proc: subprocess.Popen[Any] | None) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
@@ -377,7 +377,7 @@ def _rss_mb(value: int | None) -> float | None:
 
 
 @contextlib.contextmanager
-def _processes(work: Path) -> Iterator[list[Any]]:
+def processes(work: Path) -> Iterator[list[Any]]:
     """Whatever is appended is stopped or closed, in reverse order."""
     started: list[Any] = []
     try:
@@ -386,7 +386,7 @@ def _processes(work: Path) -> Iterator[list[Any]]:
         for item in reversed(started):
             with contextlib.suppress(Exception):
                 if isinstance(item, subprocess.Popen):
-                    _stop(item)
+                    stop_process(item)
                 elif hasattr(item, "stop"):
                     item.stop()
                 else:
@@ -406,7 +406,7 @@ def run(work: Path, models: list[RefModel], timing: Timing, say: Say, *,
     py-spy after its measured points (never during them: sampling costs CPU), and the
     stacks and a summary land in `profile_dir`."""
     res = res if res is not None else E2EResult()
-    with _processes(work) as started:
+    with processes(work) as started:
         broker = Broker(work / "broker")
         broker.start()
         started.append(broker)
@@ -525,7 +525,7 @@ def run(work: Path, models: list[RefModel], timing: Timing, say: Say, *,
                 (folder / f"echo-{name}.body").write_bytes(body)
                 if hlen is not None:
                     (folder / f"echo-{name}.hlen").write_text(str(hlen))
-            echo = _start_helper(["bench.echo", url, str(folder)], ECHO_READY, work / "echo.log")
+            echo = start_helper(["bench.echo", url, str(folder)], ECHO_READY, work / "echo.log")
             started.append(echo)
             watched_echo = Watched(psutil.Process(echo.pid), broker_ps)
             for model in e2e_models:
@@ -548,13 +548,13 @@ def run(work: Path, models: list[RefModel], timing: Timing, say: Say, *,
                     modes[mode] = {"request_bytes": template.size,
                                    "answer_bytes": len(canned[f"{model.name}-{mode}"][0]),
                                    "points": points}
-            _stop(echo)
+            stop_process(echo)
 
         # -- the naive baseline -----------------------------------------------------------
         chosen = next((m for m in e2e_models if m.name == naive_model), None)
         if chosen is not None and chosen.path is not None and chosen.feed is not None:
-            proc = _start_helper(["bench.naive", url, str(chosen.path), "--device", NAIVE_DEVICE],
-                                 NAIVE_READY, work / "naive.log")
+            proc = start_helper(["bench.naive", url, str(chosen.path), "--device", NAIVE_DEVICE],
+                                NAIVE_READY, work / "naive.log")
             started.append(proc)
             body = naive.request_body("bench-" + "0" * 12, chosen.feed(1))
             template = loadgen.split_template(Topics(PREFIX, NAIVE_DEVICE).jobs, body,
@@ -564,5 +564,5 @@ def run(work: Path, models: list[RefModel], timing: Timing, say: Say, *,
             say(_line(f"naive ({chosen.name})", "b64", p))
             res.naive = {"model": chosen.name, "runtime": "onnxruntime CPU in on_message",
                          "payload": "JSON, base64 tensors", "points": [p]}
-            _stop(proc)
+            stop_process(proc)
     return res
