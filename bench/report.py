@@ -12,8 +12,10 @@ from bench.preprocess import markdown_section as _preprocess_section
 from bench.preprocess import plot as _preprocess_plot
 from bench.raw import best_batch1
 
-# The performance targets (the issue's): agent vs raw runtime, vs the bare transport, vs
-# the naive subscriber; its memory and start-up.
+# The performance targets: issue 11's (the agent's CPU per job beside the bare echoes, its
+# throughput and latency against the paho echo, the CNN against the raw runtime, memory and
+# start-up), and issue 4's where issue 11 left them standing (vs the naive subscriber, the
+# auto-tune's pick). Each ratio says which issue set its target.
 CNN = "mobilenet"
 SMALL = "digits"
 LEVEL = 32
@@ -28,6 +30,7 @@ class Ratio:
     target: str
     ok: bool | None
     detail: str
+    issue: str = "11"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -72,8 +75,9 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
     if batched and best:
         detail += (f"; with the agent's batching on (max_batch 8, {CNN}_b8): "
                    f"{batched['throughput']:.1f} jobs/s = {batched['throughput'] / best[0]:.2f}x")
-    out.append(Ratio("e2e_vs_raw", f"e2e / best raw batch-1 throughput ({CNN}, {LEVEL} in flight, "
-                     f"{MODE})", _r(value), ">= 0.9x", _judge(value, 0.9, True), detail))
+    out.append(Ratio("e2e_vs_raw", f"e2e / best raw batch-1 throughput ({CNN} 224x224, auto-tuned, "
+                     f"{LEVEL} in flight, {MODE})", _r(value), ">= 0.85x", _judge(value, 0.85, True),
+                     detail))
 
     # 2. digits e2e / transport echo, same concurrency
     agent_p = _point(results, "agent", SMALL, MODE, LEVEL)
@@ -81,8 +85,8 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
     value = (agent_p["throughput"] / echo_p["throughput"]
              if agent_p and echo_p and echo_p["throughput"] else None)
     out.append(Ratio(
-        "digits_vs_echo", f"{SMALL} e2e / transport echo throughput (QoS 1, {LEVEL} in flight, {MODE})",
-        _r(value), ">= 0.8x", _judge(value, 0.8, True),
+        "digits_vs_echo", f"{SMALL} e2e / paho echo throughput (QoS 1, {LEVEL} in flight, {MODE})",
+        _r(value), ">= 1.0x", _judge(value, 1.0, True),
         f"{agent_p['throughput']:.0f} vs {echo_p['throughput']:.0f} jobs/s"
         if agent_p and echo_p else "not measured"))
 
@@ -93,8 +97,8 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
              if agent_1 and echo_1 and agent_1["p50_ms"] is not None and echo_1["p50_ms"] is not None
              else None)
     out.append(Ratio(
-        "p50_overhead_ms", f"p50 latency over the transport echo ({SMALL}, 1 in flight, {MODE})",
-        _r(value, 3), "<= 0.3 ms", _judge(value, 0.3, False),
+        "p50_overhead_ms", f"p50 latency over the paho echo's ({SMALL}, 1 in flight, {MODE})",
+        _r(value, 3), "<= +0.15 ms", _judge(value, 0.15, False),
         f"agent p50 {agent_1['p50_ms']:.3f} ms vs echo p50 {echo_1['p50_ms']:.3f} ms "
         f"(agent says infer {agent_1.get('agent_infer_ms_p50')} ms, queue "
         f"{agent_1.get('agent_queue_ms_p50')} ms)" if agent_1 and echo_1 else "not measured"))
@@ -108,13 +112,13 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
         "vs_naive", f"agent / naive paho+ONNX Runtime subscriber ({CNN}, {LEVEL} in flight)",
         _r(value), ">= 2x", _judge(value, 2.0, True),
         f"agent {e2e['throughput']:.1f} jobs/s ({MODE}) vs naive {naive_p['throughput']:.1f} jobs/s "
-        "(JSON + base64)" if e2e and naive_p else "not measured"))
+        "(JSON + base64)" if e2e and naive_p else "not measured", issue="4"))
 
     # 5. auto-tune's pick against the best raw runtime, per reference model
     value, detail = _autotune_vs_raw(results)
     out.append(Ratio(
         "autotune_vs_raw", "auto-tune's pick vs the fastest eligible raw runtime, batch-1 p50 (worst model)",
-        _r(value), ">= 0.9x", _judge(value, 0.9, True), detail))
+        _r(value), ">= 0.9x", _judge(value, 0.9, True), detail, issue="4"))
 
     # 6. idle RSS with one small model
     mem = results.get("e2e", {}).get("memory", {})
@@ -123,15 +127,44 @@ def ratios(results: dict[str, Any]) -> list[Ratio]:
                      "<= 150 MB", _judge(value, 150.0, False),
                      f"USS {mem.get('idle_one_small_model_uss_mb')} MB; peak under load "
                      f"{mem.get('peak_under_load_mb')} MB (mobilenet load peak "
-                     f"{mem.get('peak_mobilenet_load_mb')} MB)" if value is not None else "not measured"))
+                     f"{mem.get('peak_mobilenet_load_mb')} MB)" if value is not None else "not measured",
+                     issue="4, 11"))
 
     # 7. process start to retained online, no models
     start = results.get("e2e", {}).get("startup", {})
     value = start.get("median_s")
     out.append(Ratio("start_to_online_s", "process start to retained `online` (no models)", value,
-                     "<= 2 s", _judge(value, 2.0, False),
+                     "<= 1 s", _judge(value, 1.0, False),
                      f"median of {start.get('runs_s')}" if value is not None else "not measured"))
+    out += cpu_ratios(results)
     return out
+
+
+def cpu_ratios(results: dict[str, Any]) -> list[Ratio]:
+    """Issue 11's CPU per job targets, from the cpu part (bench/jobcpu.py)."""
+    cpu = results.get("cpu", {})
+    level = cpu.get("level", LEVEL)
+    tiny = cpu.get("summary", {}).get("tiny", {})
+    tensor = cpu.get("summary", {}).get("tensor", {})
+    agent, paho = tiny.get("agent_cpu_ms"), tiny.get("paho_echo_cpu_ms")
+    seen = (f"agent {agent} ms/job, paho echo {paho}, codec echo {tiny.get('codec_echo_cpu_ms')}"
+            if agent is not None else "not measured")
+    beyond, t_paho = tensor.get("agent_beyond_runtime_ms"), tensor.get("paho_echo_cpu_ms")
+    how = (f"agent {tensor.get('agent_cpu_ms')} ms/job - runtime {tensor.get('runtime_cpu_ms')} "
+           f"ms/call (process CPU of a direct call) = {beyond}; paho echo {t_paho}, codec echo "
+           f"{tensor.get('codec_echo_cpu_ms')} ms/job" if beyond is not None else "not measured")
+    ratio = tiny.get("agent_vs_paho_echo")
+    t_ratio = tensor.get("agent_beyond_runtime_vs_paho_echo")
+    return [
+        Ratio("cpu_tiny_ms", f"agent CPU per {SMALL} job ({level} in flight, binary)", agent,
+              "<= 0.30 ms", _judge(agent, 0.30, False), seen),
+        Ratio("cpu_tiny_vs_echo", f"agent / paho echo CPU per {SMALL} job ({level} in flight)",
+              ratio, "<= 1.6x", _judge(ratio, 1.6, False), seen),
+        Ratio("cpu_600k_ms", f"agent CPU per 600 KB tensor job beyond the runtime's ({level} in "
+              "flight, binary)", beyond, "<= 0.60 ms", _judge(beyond, 0.60, False), how),
+        Ratio("cpu_600k_vs_echo", "agent CPU per 600 KB job beyond the runtime / paho echo CPU "
+              "per job", t_ratio, "<= 0.3x", _judge(t_ratio, 0.3, False), how),
+    ]
 
 
 def _raw_label(runtime: str | None, precision: str | None) -> str | None:
@@ -206,7 +239,8 @@ def ratio_lines(rs: list[Ratio]) -> list[str]:
     for r in rs:
         mark = "n/a" if r.ok is None else ("MET" if r.ok else "MISSED")
         val = "n/a" if r.value is None else f"{r.value:g}"
-        lines.append(f"{r.key:18s} {val:>9s}  target {r.target:10s} {mark:6s}  {r.what}")
+        lines.append(f"{r.key:18s} {val:>9s}  target {r.target:11s} {mark:6s}  {r.what} "
+                     f"(issue {r.issue})")
     return lines
 
 
@@ -232,6 +266,8 @@ def other_work(results: dict[str, Any]) -> tuple[float, float] | None:
             shares += [p["other_cpu_share"] for p in m["points"] if "other_cpu_share" in p]
     shares += [p["other_cpu_share"] for p in e2e.get("naive", {}).get("points", [])
                if "other_cpu_share" in p]
+    shares += [p["other_cpu_share"] for job in results.get("cpu", {}).get("jobs", {}).values()
+               for p in job.get("points", {}).values() if "other_cpu_share" in p]
     if not shares:
         return None
     shares.sort()
@@ -274,13 +310,14 @@ def markdown(results: dict[str, Any], rs: list[Ratio]) -> str:
         "## Ratios against the targets",
         "",
     ]
-    md += _table(["ratio", "value", "target", "", "how"],
+    md += _table(["ratio", "value", "target", "", "issue", "how"],
                  [[r.what, r.value, r.target, "n/a" if r.ok is None else ("met" if r.ok else "**missed**"),
-                   r.detail] for r in rs])
+                   r.issue, r.detail] for r in rs])
     md += ["", "Plots: `raw_batch1.png`, `e2e_throughput.png`, `e2e_latency.png`.", ""]
     md += _raw_section(results)
     md += _preprocess_section(results)
     md += _e2e_section(results)
+    md += cpu_section(results)
     md += _resources_section(results)
     md += _profile_section(results)
     md += _method_section(results)
@@ -390,6 +427,72 @@ def _e2e_section(results: dict[str, Any]) -> list[str]:
         md += _table(["in flight", "jobs/s", "p50 ms", "p99 ms", "answers", "errors",
                       "its CPU ms/job", "client CPU ms/job", "other work"],
                      _e2e_rows(naive["points"], agent=False))
+        md.append("")
+    return md
+
+
+_RESPONDER_TITLES = {"agent": "edge-agent", "paho_echo": "paho echo (bench/echo.py)",
+                     "codec_echo": "codec echo (bench/codec_echo.py, mqtt5 codec)"}
+
+
+def cpu_section(results: dict[str, Any]) -> list[str]:
+    """The cpu part: each responder's CPU per job, the agent's over each echo's."""
+    cpu = results.get("cpu", {})
+    if not cpu:
+        return []
+    level = cpu.get("level", LEVEL)
+    md = ["## CPU per job: the agent beside bare responders", "",
+          f"{level} jobs in flight, binary OIP, QoS 1 both ways; one mosquitto and one load "
+          "generator for all three responders, one after the other. CPU = user+system time of "
+          "the responding process (all its threads) over the window, per answer in it; the "
+          "broker's and the load generator's are beside it, so neither hides in the "
+          "comparison. The echoes answer with the agent's own answer bytes, without decoding "
+          "the job.", ""]
+    if cpu.get("error"):
+        md += [f"**The part failed:** {cpu['error']}", ""]
+    summary = cpu.get("summary", {})
+    for key, job in cpu.get("jobs", {}).items():
+        s = summary.get(key, {})
+        dep = job.get("deploy", {})
+        md += [f"### {job.get('title')}: request {job.get('request_bytes', 0):,} bytes, answer "
+               f"{job.get('answer_bytes', 0):,} bytes ({dep.get('runtime')}/{dep.get('device')} "
+               "in the agent)", ""]
+        rows = []
+        agent_cpu = s.get("agent_cpu_ms")
+        for who, p in job.get("points", {}).items():
+            mine = p.get("target_cpu_ms_per_job")
+            rows.append([_RESPONDER_TITLES.get(who, who), p.get("throughput"), p.get("p50_ms"),
+                         mine, "-" if who == "agent" or not mine or agent_cpu is None
+                         else f"{agent_cpu / mine:.2f}x", p.get("broker_cpu_ms_per_job"),
+                         p.get("client_cpu_ms_per_job"), p.get("errors"),
+                         _pct(p.get("other_cpu_share"))])
+        md += _table(["responder", "jobs/s", "p50 ms", "CPU ms/job", "agent / this",
+                      "broker CPU ms/job", "client CPU ms/job", "errors", "other work"], rows)
+        md.append("")
+        rt = job.get("runtime_cpu") or {}
+        if "error" in rt:
+            md.append(f"- The runtime alone could not be timed: {rt['error']}")
+        elif rt:
+            agent_p = job.get("points", {}).get("agent", {})
+            md.append(f"- The runtime alone ({rt.get('runtime')}/{rt.get('device')} "
+                      f"{rt.get('precision') or ''}, the deployed model called directly on the "
+                      f"agent's backend): {rt.get('cpu_ms_per_call')} ms CPU per call "
+                      f"(time.process_time over {rt.get('calls')} calls in one thread; the "
+                      f"calling thread {rt.get('caller_thread_cpu_ms_per_call')} ms, wall "
+                      f"{rt.get('wall_ms_per_call')} ms). The agent's own `infer_ms` p50 under "
+                      f"this load: {agent_p.get('agent_infer_ms_p50')} ms, wall time with waits "
+                      "for a core in it, so not what is subtracted.")
+            md.append(f"- The agent beyond the runtime: {s.get('agent_beyond_runtime_ms')} ms "
+                      f"CPU per job = {s.get('agent_beyond_runtime_vs_paho_echo')}x the paho "
+                      f"echo's; the agent over the paho echo {s.get('agent_vs_paho_echo')}x, "
+                      f"over the codec echo {s.get('agent_vs_codec_echo')}x.")
+        threads = job.get("points", {}).get("agent", {}).get("target_threads_cpu_ms_per_job")
+        if threads:
+            md.append("- The agent's CPU ms/job by thread: "
+                      + ", ".join(f"{k} {v}" for k, v in threads.items()))
+        errs = {p.get("error_sample") for p in job.get("points", {}).values()
+                if p.get("error_sample")}
+        md += [f"- error seen: {e}" for e in sorted(errs)]
         md.append("")
     return md
 
