@@ -1,7 +1,7 @@
 """The MQTT transport alone, on the `mqtt5` codec: the echo of bench/echo.py without paho.
 
 One thread, one blocking TCP socket (TCP_NODELAY), packets encoded and decoded by the
-`mqtt5` package (Rust). It connects with a clean start, subscribes to
+`mqtt5` package (Rust). It connects (clean start, no keep-alive asked), subscribes to
 `{prefix}/dev/<device>/jobs` for each canned device at QoS 1 and, for each QoS 1 PUBLISH,
 sends its PUBACK and answers on its Response Topic (else `{prefix}/dev/<device>/results`)
 with its Correlation Data and the canned body and user properties, at QoS 1, as the paho
@@ -21,6 +21,7 @@ import itertools
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,7 +33,6 @@ from bench.echo import load_canned
 
 READY = "codec echo ready"
 _READ_SIZE = 1 << 20
-_KEEP_ALIVE_S = 60
 
 
 class _Stop(Exception):
@@ -62,8 +62,10 @@ class CodecEcho:
     """The answering loop; `sock` is connected and the session is up (see `open_session`)."""
 
     def __init__(self, sock: socket.socket, prefix: str,
-                 canned: dict[str, tuple[bytes, list[tuple[str, str]]]], receive_max: int) -> None:
+                 canned: dict[str, tuple[bytes, list[tuple[str, str]]]], receive_max: int,
+                 keep_alive_s: int = 0) -> None:
         self._sock = sock
+        self._ping_after = keep_alive_s / 2 if keep_alive_s else None
         self._prefix = prefix
         self._canned = canned
         self._receive_max = max(1, receive_max)
@@ -106,13 +108,10 @@ class CodecEcho:
         """Answer until the broker disconnects or closes the link."""
         buf = bytearray()
         need = 0  # bytes the packet at the head of buf needs; 0 = not known yet
-        self._sock.settimeout(_KEEP_ALIVE_S / 2)
+        last_write = time.monotonic()
         while True:
-            try:
-                data = self._sock.recv(_READ_SIZE)
-            except TimeoutError:
-                self._sock.sendall(mqtt5.PingReqPacket().write())
-                continue
+            # A blocking read, no poll before it: what a responder close to the wire pays.
+            data = self._sock.recv(_READ_SIZE)
             if not data:
                 return
             buf += data
@@ -133,8 +132,11 @@ class CodecEcho:
                 else:
                     need = 0
             del buf[:used]  # need, when set, is the length of the packet now at its head
+            if self._ping_after is not None and time.monotonic() - last_write > self._ping_after:
+                out.append(mqtt5.PingReqPacket().write())
             if out:
                 self._sock.sendall(b"".join(out))
+                last_write = time.monotonic()
             if not going:
                 return
 
@@ -155,13 +157,19 @@ def _read_packet(sock: socket.socket, buf: bytearray) -> mqtt5.Packet:
         return packet
 
 
-def open_session(broker: str, client_id: str, topics: list[str]) -> tuple[socket.socket, int]:
-    """Connect, subscribe at QoS 1 to `topics`; the socket and the broker's Receive Maximum."""
+def open_session(broker: str, client_id: str, topics: list[str]
+                 ) -> tuple[socket.socket, mqtt5.ConnAckPacket]:
+    """Connect, subscribe at QoS 1 to `topics`; the socket and the broker's CONNACK.
+
+    No keep-alive is asked for (the reads block, with no timer beside them); a keep-alive
+    the broker imposes (CONNACK's Server Keep Alive; mosquitto's is 65535 s) is kept by a
+    PINGREQ with the first write after half of it: enough for a bench helper, never idle
+    for long."""
     address = parse_broker_url(broker)
     sock = socket.create_connection((address.host, address.port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray()
-    sock.sendall(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=_KEEP_ALIVE_S,
+    sock.sendall(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=0,
                                      receive_max=64).write())  # as the agent's session has it
     connack = _read_packet(sock, buf)
     if not isinstance(connack, mqtt5.ConnAckPacket) or connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
@@ -174,7 +182,7 @@ def open_session(broker: str, client_id: str, topics: list[str]) -> tuple[socket
     if buf:  # nothing is published to us before the SUBACK; keep to the simple loop
         raise ConnectionError(f"unexpected bytes after the SUBACK: {bytes(buf[:20])!r}")
     sock.settimeout(None)
-    return sock, connack.receive_max
+    return sock, connack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     canned = load_canned(args.canned)
     topics = [f"{args.prefix}/dev/{device}/jobs" for device in canned]
     try:
-        sock, receive_max = open_session(args.broker, f"bench-codec-echo-{id(canned):x}", topics)
+        sock, connack = open_session(args.broker, f"bench-codec-echo-{id(canned):x}", topics)
     except (OSError, ConnectionError, ValueError) as exc:
         print(f"codec echo: {exc}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _stop)
     print(READY, flush=True)
-    echo = CodecEcho(sock, args.prefix, canned, receive_max)
+    echo = CodecEcho(sock, args.prefix, canned, connack.receive_max,
+                     connack.server_keep_alive or 0)
     try:
         echo.run()
     except (_Stop, KeyboardInterrupt):
