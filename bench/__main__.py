@@ -112,7 +112,9 @@ def method(quick: bool, budget: raw.Budget, timing: e2e.Timing) -> list[str]:
         "answering with the agent's answer bytes. CPU = utime+stime of the responding process "
         "(all threads; /proc/<pid>/stat via psutil) over the window / answers in it. The "
         "runtime's share: the deployed model on the agent's own backend, called directly "
-        "(time.process_time per call over N calls in one thread, nothing else running).",
+        "(time.process_time per call over N calls in one thread, nothing else running, "
+        "taking turns over copies of the input so that it is not all in cache): CPU, like "
+        "the rest; not the agent's infer_ms, which is wall time under load, waits included.",
         "Memory: RSS (psutil) of the agent process; idle = 1.5 s after the only model "
         "(digits) serves; peak = highest 50 ms sample under load. Start-up: from Popen to "
         "the retained `online` state arriving at a subscriber, fresh state dir, no models.",
