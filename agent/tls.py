@@ -1,6 +1,8 @@
 """Transport security for every MQTT client of the project: TLS, client certificates, password.
 
-`TransportSecurity` says how to reach a broker safely and applies that to a paho client.
+`TransportSecurity` says how to reach a broker safely and applies that to a paho client
+(`apply`, the fleet tools) or hands a socket of our own its context and credentials
+(`for_socket`, the agent's session).
 The agent builds one from `broker.*` of its config (`security_from_config`), the fleet
 tools from their command-line options. The same object serves `edge-agent doctor`, so the
 check goes through exactly what the daemon uses.
@@ -9,8 +11,8 @@ check goes through exactly what the daemon uses.
   the system CA store) and carry the host name of the URL (or `server_name`). There is
   no switch to turn verification off.
 - TLS options with a plain `mqtt://` URL are an error, never ignored.
-- The password travels only inside `Secret` and the paho client; `describe()` names where
-  it came from, never what it is.
+- The password travels only inside `Secret`, the paho client and `SocketParams`;
+  `describe()` names where it came from, never what it is.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import paho.mqtt.client as mqtt
+from typing import TYPE_CHECKING
 
 from agent.brokerurl import BrokerAddress
 from agent.config import BrokerConfig, ConfigError
 from agent.credentials import CredentialError, Secret, resolve_password
+
+if TYPE_CHECKING:  # the agent's own session needs no paho; the fleet tools' clients do
+    import paho.mqtt.client as mqtt
 
 
 class TransportError(ConfigError):
@@ -55,6 +59,15 @@ class _NamedContext(ssl.SSLContext):
             server_hostname=self.expected_name or server_hostname,
             session=session,
         )
+
+
+@dataclass(frozen=True)
+class SocketParams:
+    """TLS context and credentials for a socket of our own (never printed: repr hides them)."""
+
+    context: ssl.SSLContext | None = field(repr=False)
+    username: str | None
+    password: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -105,8 +118,7 @@ class TransportSecurity:
                 ) from None
         return ctx
 
-    def apply(self, client: mqtt.Client, addr: BrokerAddress) -> None:
-        """Configure `client` for `addr`; raises TransportError on unusable options."""
+    def _check(self, addr: BrokerAddress) -> None:
         if not addr.tls and self.tls_options:
             names = ", ".join(self._name(k) for k in self.tls_options)
             raise TransportError(
@@ -115,12 +127,24 @@ class TransportSecurity:
             )
         if self.key_file and not self.cert_file:
             raise TransportError(f"{self._name('key_file')} needs {self._name('cert_file')}")
+
+    def apply(self, client: mqtt.Client, addr: BrokerAddress) -> None:
+        """Configure a paho `client` for `addr`; raises TransportError on unusable options."""
+        self._check(addr)
         if addr.tls:
             client.tls_set_context(self.ssl_context())
         if self.username is not None:
             client.username_pw_set(
                 self.username, self.password.reveal() if self.password is not None else None
             )
+
+    def for_socket(self, addr: BrokerAddress) -> SocketParams:
+        """What a client that opens its own socket needs for `addr` (the agent's session,
+        agent/mqtt_session.py): the verifying SSL context (None for mqtt://), the user name
+        and the password bytes for CONNECT. Raises TransportError on unusable options."""
+        self._check(addr)
+        password = self.password.reveal().encode() if self.password is not None else None
+        return SocketParams(self.ssl_context() if addr.tls else None, self.username, password)
 
     def describe(self, addr: BrokerAddress) -> str:
         """One line for logs and `doctor`: what is used, never a secret."""
