@@ -47,6 +47,9 @@ class Inbound:
     received: float  # time.monotonic()
     received_wall: float = 0.0  # time.time(), for deadlines that outlive the process
     mid: int = 0  # for the manual PUBACK once the job is journaled
+    # Set when the MQTT packet could not be read in full (agent/mqtt_wire.py): why. The
+    # fields above hold what could be read; a job route answers it INVALID_ARGUMENT.
+    unreadable: str | None = None
 
     def user_property(self, name: str) -> str | None:
         for key, value in self.user_properties:
@@ -63,6 +66,9 @@ class Route:
     subscription: str  # what we subscribe to (may be $share/...)
     qos: int
     handler: Handler
+    # Also hand over messages whose packet could not be read in full (Inbound.unreadable
+    # says why); other routes never see them (they are acknowledged and logged).
+    takes_unreadable: bool = False
 
     @property
     def match_filter(self) -> str:
