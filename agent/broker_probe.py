@@ -44,8 +44,10 @@ PROBE_LEAF = "doctor"
 # `set_tcp_nodelay true`. Half the smallest timer leaves room for jitter on either side.
 STALL_EXCESS_MS = 20.0
 
+# mosquitto.conf(5): set_tcp_nodelay "applies globally", whatever listener it sits under.
+# A reload (SIGHUP) did not apply it on mosquitto 2.0.11 here, not even to new connections.
 FIX = ("the broker delays small packets (Nagle): set `set_tcp_nodelay true` in "
-       "mosquitto.conf (listener section) and restart it")
+       "mosquitto.conf (a global option) and restart it")
 
 
 class ProbeError(Exception):
@@ -203,3 +205,22 @@ def measure_round_trips(broker: BrokerConfig, prefix: str, device_id: str, count
     finally:
         requester.close()
         echo.close()
+
+
+def doctor_lines(broker: BrokerConfig, prefix: str, device_id: str,
+                 count: int = 10) -> tuple[bool, list[str]]:
+    """What `edge-agent doctor` prints about the round trip, and False on a stall.
+
+    A round trip that cannot be measured (an ACL without the probe's topic, say) is said
+    but is not a failure: the broker answered, which doctor has already checked."""
+    addr = parse_broker_url(broker.url)
+    try:
+        trips = measure_round_trips(broker, prefix, device_id, count)
+    except ProbeError as exc:
+        return True, [f"broker {addr}: round trip not measured: {exc}"]
+    line = (f"broker {addr}: job round trip p50 {trips.job_p50:.1f} ms "
+            f"(QoS 1 both ways, {len(trips.job_ms)} jobs, one in flight; "
+            f"QoS 0 ping p50 {trips.ping_p50:.1f} ms)")
+    if trips.stalled:
+        return False, [line, f"  ! {FIX}"]
+    return True, [line]

@@ -167,6 +167,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  {task}: {'ready' if missing is None else 'unavailable: ' + missing}")
     ok, lines = _broker_answers(cfg.broker)
     print("\n".join(lines))
+    if ok:
+        # Jobs through the broker, one in flight: a stall on small packets (Nagle) fails.
+        from agent.broker_probe import doctor_lines
+
+        ok, lines = doctor_lines(cfg.broker, cfg.topic_prefix, cfg.device_id)
+        print("\n".join(lines))
     return 0 if ok and not problems else 1
 
 
@@ -181,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="check the config and what it needs of this machine (state_dir "
                      "writable, TLS files readable, broker host resolves) and exit: 0 when "
                      "valid, 2 when not")
-    doctor = sub.add_parser("doctor", help="hardware, runtimes, broker reachability, config")
+    doctor = sub.add_parser(
+        "doctor", help="hardware, runtimes, config, broker reachability and job round trip",
+        description="Print what this machine and config give the agent. Exit 1 when the "
+        "config does not suit this machine, the broker does not answer, or jobs through it "
+        "stall on small packets (a broker with Nagle on: set_tcp_nodelay true fixes it); "
+        "2 on a config error.")
     doctor.add_argument("--config")
     sub.add_parser("version", help="print the installed version (as --version does)")
     args = parser.parse_args(argv)

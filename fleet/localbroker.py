@@ -34,7 +34,9 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """One mosquitto process; `restart()` keeps the port and the persistence file."""
 
-    def __init__(self, workdir: Path, persistence: bool = False, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, persistence: bool = False, extra_conf: str = "",
+                 nodelay: bool = True) -> None:
+        """`nodelay=False` leaves Nagle on, as a stock mosquitto does (its default)."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(exe):
             raise RuntimeError("mosquitto is not installed (scripts/bootstrap.sh installs it)")
@@ -51,7 +53,7 @@ class Broker:
             # Started as root, mosquitto would drop to the `mosquitto` user and could then
             # not write its persistence file into our work folder: keep the current user.
             f"user {getpass.getuser()}",
-            "set_tcp_nodelay true",
+            f"set_tcp_nodelay {'true' if nodelay else 'false'}",
             "max_queued_messages 100000",
             "max_inflight_messages 64",
             f"persistence {'true' if persistence else 'false'}",
