@@ -34,7 +34,7 @@ PACKET_OVERHEAD = 512
 ACK_BATCH = 32
 ACK_LINGER_S = 0.002
 
-PublishFn = Callable[[OutMessage], Any]  # returns paho's MQTTMessageInfo
+PublishFn = Callable[[OutMessage], Any]  # returns agent.mqtt_session.PublishInfo (.mid)
 
 
 class OutboxPublisher:

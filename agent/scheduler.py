@@ -524,6 +524,8 @@ class Scheduler:
         try:
             if reply.refusal is not None:
                 raise JobError(Code.INVALID_ARGUMENT, reply.refusal)
+            if inbound.unreadable is not None:  # its MQTT packet could not be read in full
+                raise JobError(Code.INVALID_ARGUMENT, inbound.unreadable)
             if len(inbound.payload) > self._cfg.max_payload_bytes:
                 raise JobError(
                     Code.INVALID_ARGUMENT,

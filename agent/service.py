@@ -57,8 +57,11 @@ class Agent:
         routes = [
             Route(self.topics.desired, 1, self._on_desired),
             Route(self.topics.artifact_chunks, 1, self.artifacts.on_chunk),
-            Route(self.topics.jobs, 1, self._on_job),
-            *(Route(self.topics.pool_subscription(p), 1, self._on_job) for p in cfg.jobs.pools),
+            # Job routes also take a job whose packet could not be read in full: the
+            # scheduler answers it INVALID_ARGUMENT instead of leaving it unacknowledged.
+            Route(self.topics.jobs, 1, self._on_job, takes_unreadable=True),
+            *(Route(self.topics.pool_subscription(p), 1, self._on_job, takes_unreadable=True)
+              for p in cfg.jobs.pools),
         ]
         self.mqtt = MqttSession(
             client_id=cfg.device_id,

@@ -7,20 +7,25 @@ A real mosquitto checks the rest: publish, PUBACK, manual acknowledgement.
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import mqtt5
 import pytest
 
-from agent import mqtt_session_v5 as session_mod
+from agent import mqtt_session as session_mod
 from agent.config import BrokerConfig
 from agent.mqtt_session import Inbound, Retained, Route
 from agent.mqtt_wire import frame_length, salvage_publish
+from agent.topics import Topics
+from bench.models import build_digits_float
 from tests.broker import Broker
+from tests.helpers import PREFIX, deploy, job_body, running_agent
 
 MqttSession = session_mod.MqttSession
 QOS1 = mqtt5.QoS.AT_LEAST_ONCE
@@ -220,7 +225,7 @@ def test_disconnect_reason_is_kept(scripted: Scripted) -> None:
             reason_str="maintenance").write())
         scripted.accept().handshake()
         assert s.last_disconnect is not None
-        assert "administrative action (0x98): maintenance" in s.last_disconnect
+        assert "Administrative action (0x98): maintenance" in s.last_disconnect
     finally:
         s.stop()
 
@@ -299,3 +304,99 @@ def test_publish_ack_and_receive_through_mosquitto(broker: Broker) -> None:
         assert s.publish("t/wire/q0", b"x", qos=0).rc == 0
     finally:
         s.stop()
+
+
+# --- a real agent: jobs whose properties hold U+FEFF ----------------------------------------
+
+
+class RawClient:
+    """A job client on a raw socket: PUBLISH bytes written with mqtt5 (paho refuses U+FEFF
+    in properties), answers read with mqtt5 and acknowledged."""
+
+    def __init__(self, url: str, client_id: str, subscription: str) -> None:
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.link = Link(socket.create_connection((host, int(port)), timeout=5))
+        self.link.send(mqtt5.ConnectPacket(client_id, clean_start=True, keep_alive=60).write())
+        self.link.expect(mqtt5.ConnAckPacket)
+        self.link.send(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(subscription, max_qos=QOS1)])
+                       .write())
+        self.link.expect(mqtt5.SubAckPacket)
+        self.answers: dict[bytes, list[dict[str, object]]] = {}
+        self._cond = threading.Condition()
+        self._write = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def publish(self, topic: str, payload: bytes, pid: int, **props: object) -> None:
+        with self._write:
+            self.link.send(_publish(topic, pid, payload, **props))
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                packet, _ = self.link.packet(timeout=1.0)
+            except TimeoutError:
+                continue
+            except (EOFError, OSError):
+                return
+            if isinstance(packet, mqtt5.PublishPacket):
+                if packet.packet_id:
+                    with self._write:
+                        self.link.send(mqtt5.PubAckPacket(packet.packet_id).write())
+                with self._cond:
+                    key = packet.correlation_data or b""
+                    self.answers.setdefault(key, []).append(json.loads(packet.payload))
+                    self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float) -> dict[bytes, list[dict[str, object]]]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.answers) >= n, timeout), (
+                f"{len(self.answers)} of {n} answered: {sorted(self.answers)}")
+            return dict(self.answers)
+
+    def close(self) -> None:
+        self._closed = True
+        self.link.sock.close()
+
+
+def test_jobs_with_a_bom_in_their_properties_keep_the_agent_connected(tmp_path: Path) -> None:
+    """U+FEFF is legal in MQTT 5 strings. paho dropped the link on such a job, never
+    acknowledged it, and the broker sent it again on every reconnect: the device stayed
+    offline for good. Now each is answered and the session stays up."""
+    model = build_digits_float(tmp_path / "models")
+    device = "gw-bom"
+    topics = Topics(PREFIX, device)
+    reply = f"{PREFIX}/reply/bom"
+    with running_agent(tmp_path, device) as (broker, agent):
+        assert deploy(broker.url, tmp_path, "--model", "digits", "--version", "1",
+                      "--file", str(model.path), "--prefer", "onnxruntime", "--wait", "60",
+                      device=device) == 0
+        client = RawClient(broker.url, "bom-client", f"{reply}/#")
+        try:
+            def body(i: int) -> bytes:
+                return job_body(f"j-{i}", "digits", {"x": model.x_test[i:i + 1]})
+
+            odd: list[dict[str, object]] = [
+                {"user_properties": [("\ufeffnote", "v\ufeff")], "response_topic": f"{reply}/r"},
+                {"response_topic": f"{reply}/\ufeffr"},
+                {"content_type": "\ufeffapplication/json", "response_topic": f"{reply}/r"},
+            ]
+            for i, props in enumerate(odd):
+                client.publish(topics.jobs, body(i), 100 + i, correlation_data=b"c%d" % i,
+                               **props)
+            for i in range(len(odd), len(odd) + 10):
+                client.publish(topics.jobs, body(i), 100 + i, correlation_data=b"c%d" % i,
+                               response_topic=f"{reply}/r")
+            got = client.wait(13, timeout=30)
+            time.sleep(0.5)  # room for a repeat to show up
+            for i in range(13):
+                answers = client.answers[b"c%d" % i]
+                assert len(answers) == 1, answers
+                assert answers[0]["id"] == f"j-{i}" and "outputs" in answers[0], answers[0]
+            assert len(got) == 13
+            log = agent.log_text()
+            assert log.count("connected to") == 1, log
+            assert "lost; reconnecting" not in log
+        finally:
+            client.close()
