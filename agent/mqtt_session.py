@@ -416,6 +416,7 @@ class MqttSession:
         sel.register(sock, selectors.EVENT_READ)
         events = selectors.EVENT_READ
         self._last_read = self._last_write = time.monotonic()
+        pinged = 0.0  # when our last PINGREQ went
         self._established(sock, connack)
         rbuf = rest
         try:
@@ -432,7 +433,11 @@ class MqttSession:
                 if want != events:
                     sel.modify(sock, want)
                     events = want
-                ping_due = last_write + keepalive
+                # A PINGREQ when nothing was sent for keepalive seconds (the broker's rule),
+                # and when nothing came for that long: then the broker owes us an answer, so
+                # silence past 1.5 x keepalive means the link is dead, not just quiet
+                # (telemetry at QoS 0 keeps us writing while nothing comes back).
+                ping_due = min(last_write, max(self._last_read, pinged)) + keepalive
                 timeout = max(0.0, min(LOOP_TICK_S, ping_due - now))
                 ready = sel.select(timeout)
                 now = time.monotonic()
@@ -454,7 +459,8 @@ class MqttSession:
                 if now - self._last_read > 1.5 * keepalive:
                     raise _Dropped(f"nothing from the broker for {now - self._last_read:.1f}s "
                                    f"(keepalive {keepalive:g}s): the link is half-open")
-                if now >= self._last_write + keepalive:
+                if now >= min(self._last_write, max(self._last_read, pinged)) + keepalive:
+                    pinged = now
                     with self._lock:
                         self._out += _PINGREQ
                         self._flush()
