@@ -190,9 +190,13 @@ class MqttSession:
         will: Retained,
         on_connected: Callable[[], None],
         on_published: Callable[[int, bool], None] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self._cfg = cfg
         self._on_published_cb = on_published
+        # What the session saw that operators should hear of beyond the log: a link the
+        # broker ended or refused (with its reason code), a packet skipped as unreadable.
+        self._on_event_cb = on_event
         self._on_connected_cb = on_connected
         # The broker's CONNACK may lower this (MQTT v5 Maximum Packet Size).
         self.max_packet_size = MQTT_MAX_PACKET
@@ -304,6 +308,7 @@ class MqttSession:
                 if self._stop.is_set():
                     return
                 self.last_disconnect = why
+                self._event("broker_disconnected", reason=why)
                 delay = backoff_delay(attempt, self._cfg.reconnect_min_s,
                                       self._cfg.reconnect_max_s)
                 attempt += 1
@@ -313,6 +318,14 @@ class MqttSession:
         except Exception:
             log.exception("the MQTT I/O thread failed")  # loop_age() turns inf: watchdog
             raise
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self._on_event_cb is None:
+            return
+        try:
+            self._on_event_cb(kind, fields)
+        except Exception:
+            log.exception("event handler for %s failed", kind)
 
     def _pause(self, delay: float) -> None:
         """Wait out a reconnect delay in short steps, so the loop beat stays fresh."""
@@ -363,6 +376,7 @@ class MqttSession:
                 why = _reason(packet.reason_code, packet.reason_str)
                 self.last_disconnect = f"CONNACK refused: {why}"
                 log.error("broker %s refused the connection: %s", self._addr, why)
+                self._event("broker_refused", reason=why)
                 sock.close()
                 return sock, None, buf
             sock.setblocking(False)
@@ -574,7 +588,9 @@ class MqttSession:
         self.unreadable += 1
         if kind == 3:
             self._unreadable_publish(raw, why, now, wall, gen)
-        elif kind in (4, 9):
+            return n
+        self._event("mqtt_packet_unreadable", packet=name, bytes=n, reason=why)
+        if kind in (4, 9):
             got = salvage_ack(raw)
             log.warning("unreadable %s (%d bytes) skipped (%s); its packet id: %s", name, n,
                         why, got[0] if got else "unreadable")
@@ -593,6 +609,8 @@ class MqttSession:
         log.warning("unreadable PUBLISH on %s (%d bytes, packet id %d) skipped: %s",
                     s.topic if s.topic is not None else "an unreadable topic", len(raw),
                     s.packet_id, problems)
+        self._event("mqtt_packet_unreadable", packet="PUBLISH", bytes=len(raw), topic=s.topic,
+                    reason=problems)
         mid = gen | s.packet_id if s.packet_id else 0
         route = None
         if s.topic is not None:

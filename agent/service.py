@@ -70,6 +70,7 @@ class Agent:
             will=Retained(self.topics.state, self._state_payload("offline")),
             on_connected=self._on_connected,
             on_published=self._on_published,
+            on_event=lambda kind, fields: self.emit_event(kind, **fields),
         )
         self.artifacts.attach(self.mqtt)
         self.outbox = OutboxPublisher(

@@ -37,11 +37,15 @@ def _cfg(url: str, keepalive: int = 30) -> BrokerConfig:
 
 
 def _session(url: str, routes: list[Route], keepalive: int = 30,
-             published: list[tuple[int, bool]] | None = None) -> session_mod.MqttSession:
+             published: list[tuple[int, bool]] | None = None,
+             events: list[tuple[str, dict[str, object]]] | None = None,
+             ) -> session_mod.MqttSession:
     sink = published if published is not None else []
+    seen = events if events is not None else []
     return MqttSession("wire-test", _cfg(url, keepalive), routes,
                        Retained("t/wire/state", b"offline"), lambda: None,
-                       lambda mid, failed: sink.append((mid, failed)))
+                       lambda mid, failed: sink.append((mid, failed)),
+                       lambda kind, fields: seen.append((kind, fields)))
 
 
 # --- a scripted broker ----------------------------------------------------------------------
@@ -214,7 +218,8 @@ def test_a_half_open_link_is_dropped_and_reconnected(scripted: Scripted) -> None
 
 
 def test_disconnect_reason_is_kept(scripted: Scripted) -> None:
-    s = _session(scripted.url, [Route("t/jobs", 1, lambda m: None)])
+    events: list[tuple[str, dict[str, object]]] = []
+    s = _session(scripted.url, [Route("t/jobs", 1, lambda m: None)], events=events)
     s.start()
     try:
         link = scripted.accept()
@@ -226,6 +231,10 @@ def test_disconnect_reason_is_kept(scripted: Scripted) -> None:
         scripted.accept().handshake()
         assert s.last_disconnect is not None
         assert "Administrative action (0x98): maintenance" in s.last_disconnect
+        # And an event says so, with the broker's reason code and string.
+        disconnects = [f for kind, f in events if kind == "broker_disconnected"]
+        assert len(disconnects) == 1
+        assert "Administrative action (0x98): maintenance" in str(disconnects[0]["reason"])
     finally:
         s.stop()
 
@@ -249,7 +258,9 @@ def test_a_packet_the_codec_refuses_is_skipped_acknowledged_and_handed_over(
         got.put(m)
         sessions[0].ack(m.mid, m.qos)
 
-    s = _session(scripted.url, [Route("t/jobs", 1, handler, takes_unreadable=takes)])
+    events: list[tuple[str, dict[str, object]]] = []
+    s = _session(scripted.url, [Route("t/jobs", 1, handler, takes_unreadable=takes)],
+                 events=events)
     sessions.append(s)
     s.start()
     try:
@@ -268,6 +279,8 @@ def test_a_packet_the_codec_refuses_is_skipped_acknowledged_and_handed_over(
         assert first.payload == b"good" and first.unreadable is None
         assert got.empty() and s.connect_count == 1 and s.connected.is_set()
         assert s.unreadable == 1
+        assert [kind for kind, _ in events] == ["mqtt_packet_unreadable"]
+        assert events[0][1]["packet"] == "PUBLISH" and "UTF-8" in str(events[0][1]["reason"])
     finally:
         s.stop()
 
