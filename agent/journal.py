@@ -106,6 +106,18 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A job's final answer, to be recorded by `Journal.commit`."""
+
+    key: str
+    executed: bool  # the runtime ran it (counted in the row's executions)
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+    user_props: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class StoredAnswer:
     topic: str
     payload: bytes
@@ -118,8 +130,9 @@ def _props(text: str) -> tuple[tuple[str, str], ...]:
 
 class Journal:
     """Thread-safe. Writes go through one connection under one lock, each method one short
-    transaction; the outbox reads on a second connection; run marks go to memory-mapped
-    slots (agent/runslots.py), not to the database."""
+    transaction (`commit`: a whole group, admissions and answers together); the outbox
+    reads on a second connection; run marks go to memory-mapped slots (agent/runslots.py),
+    not to the database."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,54 +226,7 @@ class Journal:
         A job whose key is known is a "conflict" when both it and the known job have a
         digest and the two differ (a row from before digests were kept matches anything).
         """
-        out: list[Admission] = []
-        # Large payloads go to spool files first, outside the lock; a file whose row does
-        # not commit is removed (here, or at the next start after a crash).
-        spooled = {i: self._spool_write(job.payload) for i, job in enumerate(jobs)
-                   if len(job.payload) >= SPOOL_MIN_BYTES}
-        if spooled and self._full:
-            fsync_dir(self._spool)
-        unused: list[str] = []
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for i, job in enumerate(jobs):
-                        spool = spooled.get(i)
-                        # Insert first and look only when the key was there: one statement
-                        # for a new job, the common case.
-                        cur = self._db.execute(
-                            "INSERT INTO jobs (key, state, topic, payload, response_topic,"
-                            " correlation, user_props, expiry_s, received_wall, payload_file,"
-                            " request_digest)"
-                            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                            " ON CONFLICT(key) DO NOTHING",
-                            (job.key, job.topic, None if spool else job.payload, job.response_topic,
-                             job.correlation, json.dumps(job.user_props), job.expiry_s,
-                             job.received_wall, spool, job.digest),
-                        )
-                        if cur.rowcount == 1:
-                            out.append(Admission("new", job))
-                            continue
-                        if spool:
-                            unused.append(spool)
-                        state, digest = self._db.execute(
-                            "SELECT state, request_digest FROM jobs WHERE key = ?", (job.key,)
-                        ).fetchone()
-                        if digest is not None and job.digest is not None and digest != job.digest:
-                            kind = "conflict"
-                        else:
-                            kind = "duplicate_done" if state == "done" else "duplicate_pending"
-                        out.append(Admission(kind, job))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except BaseException:
-            self._spool_unlink(list(spooled.values()))
-            raise
-        self._spool_unlink(unused)
-        return out
+        return self.commit(jobs, ())[0]
 
     def complete(
         self,
@@ -272,27 +238,84 @@ class Journal:
         user_props: Sequence[tuple[str, str]],
     ) -> int:
         """Mark a job done with its answer and queue the answer in the outbox; returns its seq."""
+        answer = Completion(key, executed, topic, payload, correlation, tuple(user_props))
+        return self.commit((), (answer,))[1][0]
+
+    def commit(self, jobs: Sequence[StoredJob], answers: Sequence[Completion]
+               ) -> tuple[list[Admission], list[int]]:
+        """A group commit: admit `jobs` and record `answers` (each job marked done with its
+        answer and the answer's outbox row) in ONE transaction; returns what `admit` decided
+        for each job and each answer's outbox seq. All or nothing: on an error nothing of
+        the group is recorded and the caller may retry each part alone.
+
+        Answers are written before admissions, so a repeat of a job answered in the same
+        group is seen as done (answered from the stored answer).
+        """
+        out: list[Admission] = []
+        seqs: list[int] = []
+        # Large payloads go to spool files first, outside the lock; a file whose row does
+        # not commit is removed (here, or at the next start after a crash).
+        spooled = {i: self._spool_write(job.payload) for i, job in enumerate(jobs)
+                   if len(job.payload) >= SPOOL_MIN_BYTES}
+        if spooled and self._full:
+            fsync_dir(self._spool)
+        unused: list[str] = []
         now = time.time()
-        props = json.dumps(list(user_props))
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self._insert_out(topic, payload, 1, correlation, props, now)
-                # payload_file stays on the done row (unused): RETURNING gives the value
-                # after the update, and the file is removed once the commit is made.
-                spool = self._db.execute(
-                    "UPDATE jobs SET state = 'done', payload = NULL,"
-                    " result_topic = ?, result = ?, result_props = ?, done_wall = ?,"
-                    " executions = executions + ? WHERE key = ? RETURNING payload_file",
-                    (topic, payload, props, now, 1 if executed else 0, key),
-                ).fetchone()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        if spool and spool[0]:
-            self._spool_unlink([spool[0]])
-        return seq
+        answer_props = [json.dumps(list(a.user_props)) for a in answers]
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for answer, props in zip(answers, answer_props, strict=True):
+                        seqs.append(self._insert_out(answer.topic, answer.payload, 1,
+                                                     answer.correlation, props, now))
+                        # payload_file stays on the done row (unused): RETURNING gives the
+                        # value after the update; the file is removed once the commit is made.
+                        spool = self._db.execute(
+                            "UPDATE jobs SET state = 'done', payload = NULL,"
+                            " result_topic = ?, result = ?, result_props = ?, done_wall = ?,"
+                            " executions = executions + ? WHERE key = ? RETURNING payload_file",
+                            (answer.topic, answer.payload, props, now,
+                             1 if answer.executed else 0, answer.key),
+                        ).fetchone()
+                        if spool and spool[0]:
+                            unused.append(spool[0])
+                    for i, job in enumerate(jobs):
+                        out.append(self._admit_one(job, spooled.get(i), unused))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            self._spool_unlink(list(spooled.values()))
+            raise
+        self._spool_unlink(unused)
+        return out, seqs
+
+    def _admit_one(self, job: StoredJob, spool: str | None, unused: list[str]) -> Admission:
+        """Under _lock, in a transaction: one job of `commit`."""
+        # Insert first and look only when the key was there: one statement for a new job,
+        # the common case.
+        cur = self._db.execute(
+            "INSERT INTO jobs (key, state, topic, payload, response_topic,"
+            " correlation, user_props, expiry_s, received_wall, payload_file,"
+            " request_digest)"
+            " VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(key) DO NOTHING",
+            (job.key, job.topic, None if spool else job.payload, job.response_topic,
+             job.correlation, json.dumps(job.user_props), job.expiry_s,
+             job.received_wall, spool, job.digest),
+        )
+        if cur.rowcount == 1:
+            return Admission("new", job)
+        if spool:
+            unused.append(spool)
+        state, digest = self._db.execute(
+            "SELECT state, request_digest FROM jobs WHERE key = ?", (job.key,)
+        ).fetchone()
+        if digest is not None and job.digest is not None and digest != job.digest:
+            return Admission("conflict", job)
+        return Admission("duplicate_done" if state == "done" else "duplicate_pending", job)
 
     def stored_answer(self, key: str) -> StoredAnswer | None:
         """A done job's answer as it was first sent (for a duplicate); None if none is stored."""

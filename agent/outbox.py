@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.errors import Code
@@ -97,12 +97,18 @@ class OutboxPublisher:
     def hand_over(self, msg: OutMessage) -> None:
         """A row just written to the outbox, with its contents (any thread, after the
         commit): sent from here when it is next in line, else by the outbox thread."""
+        self.hand_over_many((msg,))
+
+    def hand_over_many(self, msgs: Sequence[OutMessage]) -> None:
+        """Rows of one commit (a group of answers), in seq order: `hand_over` for each, with
+        one lock round and one pump for the group."""
         keep = self._connected.is_set()
         with self._cond:
-            self.messages += 1
-            self.bytes += len(msg.payload)
-            if keep and len(self._handed) < self._window:
-                self._handed[msg.seq] = msg
+            for msg in msgs:
+                self.messages += 1
+                self.bytes += len(msg.payload)
+                if keep and len(self._handed) < self._window:
+                    self._handed[msg.seq] = msg
         if not keep or not self._pump():
             self.wake()
 
@@ -139,10 +145,16 @@ class OutboxPublisher:
             self._cond.notify()
 
     def on_published(self, mid: int, refused: bool) -> None:
-        """paho's on_publish (network thread): record and return at once."""
+        """The session's PUBACK callback (network thread): record and return at once.
+
+        Wakes this thread for the first PUBACK of a group and for the ACK_BATCH-th: in
+        between it lingers (ACK_LINGER_S) and would only look and sleep again."""
         with self._cond:
             self._acked.append((mid, refused))
-            self._cond.notify()
+            if len(self._acked) == 1 or len(self._acked) >= ACK_BATCH or refused:
+                # All: workers held back in wait_room wait on this condition too, and one
+                # of them must not take the wake-up meant for this thread.
+                self._cond.notify_all()
 
     def drain(self, timeout: float) -> bool:
         """Wait until the outbox is empty (for a clean stop); True when it is."""

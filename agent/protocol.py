@@ -154,8 +154,17 @@ def peek_meta(payload: bytes, user_properties: Sequence[tuple[str, str]]) -> Job
         meta = _meta_decoder.decode(header)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
         return JobMeta(None, None, None, None)
-    job_id = meta.id if isinstance(meta.id, str) and NAME_RE.match(meta.id) else None
-    params = meta.parameters if isinstance(meta.parameters, dict) else {}
+    return _job_meta(meta.id, meta.parameters)
+
+
+def meta_of(req: RawRequest) -> JobMeta:
+    """What `peek_meta` reads, taken from a request decoded in full (no second parse)."""
+    return _job_meta(req.id, req.parameters)
+
+
+def _job_meta(raw_id: Any, parameters: Any) -> JobMeta:
+    job_id = raw_id if isinstance(raw_id, str) and NAME_RE.match(raw_id) else None
+    params = parameters if isinstance(parameters, Mapping) else {}
     priority = params.get("priority")
     if isinstance(priority, bool) or not isinstance(priority, int) or priority <= 0:
         priority = None

@@ -31,20 +31,23 @@ from agent import failover
 from agent.batching import Batcher, Prepared, batchable, split_outputs
 from agent.config import JobsConfig
 from agent.errors import Code, JobError
-from agent.journal import Journal, OutMessage, StoredJob
+from agent.journal import Completion, Journal, OutMessage, StoredJob
 from agent.metrics import Metrics
 from agent.mqtt_session import Inbound
 from agent.outbox import OutboxPublisher
 from agent.protocol import (
+    HEADER_LENGTH_PROPERTY,
     REQUEST_PROPERTIES,
     Encoded,
     JobMeta,
+    RawRequest,
     check_inputs,
     check_outputs,
     decode_request,
     encode_error,
     encode_response,
     mark_replayed,
+    meta_of,
     peek_id,
     peek_meta,
 )
@@ -62,6 +65,15 @@ _json = msgspec.json.Encoder()
 
 INTAKE_BATCH = 256
 PRUNE_EVERY_S = 10.0
+# A job's header is decoded in full by the intake when it is at most this long (a binary
+# job's JSON part; a small JSON job); a longer one (a JSON job carrying its tensors as
+# lists) is only peeked there and decoded by its worker, so that queued jobs are held as
+# bytes and not as Python lists.
+INTAKE_DECODE_MAX = 64 * 1024
+# The intake runs a job itself, instead of handing it to a worker, when nothing else waits
+# and a run of its model has lately taken at most this long (wall time of the whole run:
+# checks, runtime, answer). Jobs that arrive meanwhile wait in the intake queue that long.
+INLINE_MAX_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,40 @@ class Answer:
     payload: bytes
     user_properties: tuple[tuple[str, str], ...]
     executed: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """A journaled job on its way to a worker: what the intake read of it, read once.
+
+    `request` is the decoded OIP header (None when the intake did not decode it: a header
+    over INTAKE_DECODE_MAX, an unreadable packet, a payload over the limit, or a header
+    that does not decode, whose error is `problem`); the worker decodes only when the
+    intake did not and a decode can still succeed.
+    """
+
+    key: str
+    inbound: Inbound
+    reply: Reply
+    meta: JobMeta
+    request: RawRequest | None
+    problem: JobError | None
+    priority: int
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A job's answer waiting for its group commit."""
+
+    key: str
+    size: int  # the job's payload, for the queued-bytes count
+    answer: Answer
+
+    def completion(self) -> Completion:
+        a = self.answer
+        return Completion(self.key, a.executed, a.reply.topic, a.payload,
+                          a.reply.correlation_data, a.user_properties)
 
 
 def route_reply(inbound: Inbound, results_topic: str, allowed: Sequence[str]) -> Reply:
@@ -206,6 +252,14 @@ class Scheduler:
             weakref.WeakKeyDictionary()
         )
         self._running: dict[str, threading.Event] = {}  # job key -> its cancel switch
+        # Answers waiting for their group commit (_finish). Whoever takes them from the list
+        # commits them: the worker that is `_committing` (it goes on while some are left)
+        # or the intake, with its next batch of arrivals.
+        self._answers: list[_Done] = []
+        self._answers_lock = threading.Lock()
+        self._committing = False
+        # Recent wall time of one run per tensor model name (EWMA), for _may_run_inline.
+        self._run_s: dict[str, float] = {}
         self.executed = 0  # inference runs in this process
         self.duplicates = 0  # jobs answered from a stored answer
         self.rejected = 0  # jobs refused with RESOURCE_EXHAUSTED
@@ -252,7 +306,7 @@ class Scheduler:
                 self._give_up(job)
                 continue
             inbound = revived(job)
-            self._enqueue(job.key, inbound, peek_meta(inbound.payload, inbound.user_properties))
+            self._enqueue(self._job(job.key, inbound, *self._read(inbound)))
             with self._lock:
                 self._first_correlation[job.key] = job.correlation
                 self._queued += 1
@@ -326,58 +380,72 @@ class Scheduler:
                     self._intake.put(None)
                     break
                 batch.append(more)
+            inline: Job | None = None
             try:
                 with self._admitting:
                     if self._draining.is_set():
                         log.info("stopping: %d job(s) left with the broker for the next start",
                                  len(batch))
                         continue
-                    self._admit_each_if_need_be(batch)
+                    inline = self._admit_each_if_need_be(batch)
             except Exception:
                 # Not acknowledged: the broker delivers these again after a reconnect.
                 log.exception("journal write failed for %d job(s)", len(batch))
+            if inline is not None:
+                self._run_job(inline)
             now = time.monotonic()
             if now - last_prune > PRUNE_EVERY_S:
                 last_prune = now
                 self._journal.prune(time.time() - self._cfg.dedup_window_s)
 
-    def _admit_each_if_need_be(self, batch: list[Inbound]) -> None:
+    def _admit_each_if_need_be(self, batch: list[Inbound]) -> Job | None:
         try:
-            self._admit(batch)
-            return
+            return self._admit(batch, may_inline=True)
         except Exception:
             log.exception("admitting %d job(s) failed; taking them one by one", len(batch))
         for inbound in batch:
             try:
-                self._admit([inbound])
+                self._admit([inbound], may_inline=False)
             except Exception as exc:
                 # Answered and acknowledged: a job that cannot even be journaled must not
                 # come back with every reconnect, unanswered.
                 log.exception("job could not be admitted")
                 self._refuse_now(inbound, f"the agent could not accept the job "
                                  f"({type(exc).__name__}: {exc})", Code.INTERNAL)
+        return None
 
-    def _admit(self, batch: list[Inbound]) -> None:
+    def _admit(self, batch: list[Inbound], *, may_inline: bool) -> Job | None:
+        """Journal arriving jobs, together with the answers waiting for a commit (one
+        transaction), then acknowledge them. Returns the one new job when the intake should
+        run it itself (_may_run_inline); the others go to the work queue."""
         with self._lock:
             room = self._cfg.queue_size - self._queued
             room_bytes = self._cfg.max_queued_bytes - self._queued_bytes
-        accepted: list[tuple[str, Inbound, JobMeta]] = []
+        accepted: list[tuple[str, Inbound, JobMeta, RawRequest | None, JobError | None]] = []
         for inbound in batch:
             if len(accepted) >= room or len(inbound.payload) > room_bytes:
                 self._refuse_journaled(inbound)
                 continue
             room_bytes -= len(inbound.payload)
-            meta = peek_meta(inbound.payload, inbound.user_properties)
-            accepted.append((job_key(inbound, self._results_topic, meta.id), inbound, meta))
-        decisions = self._journal.admit([stored(i, k) for k, i, _ in accepted])
-        new = new_bytes = 0
-        for (key, inbound, meta), decision in zip(accepted, decisions, strict=True):
+            meta, req, problem = self._read(inbound)
+            accepted.append((job_key(inbound, self._results_topic, meta.id), inbound, meta, req,
+                             problem))
+        answers = self._take_answers()
+        try:
+            decisions, seqs = self._journal.commit([stored(i, k) for k, i, *_ in accepted],
+                                                   [d.completion() for d in answers])
+        except Exception:
+            self._record_answers(answers)  # on their own, so the failure is the batch's
+            raise
+        self._answered(answers, seqs)
+        fresh: list[Job] = []
+        new_bytes = 0
+        for (key, inbound, meta, req, problem), decision in zip(accepted, decisions, strict=True):
             if decision.kind == "new":
-                new += 1
                 new_bytes += len(inbound.payload)
                 with self._lock:
                     self._first_correlation[key] = inbound.correlation_data
-                self._enqueue(key, inbound, meta)
+                fresh.append(self._job(key, inbound, meta, req, problem))
             elif decision.kind == "conflict":
                 self._refuse_reused_key(inbound, meta)
             elif decision.kind == "duplicate_done":
@@ -393,16 +461,66 @@ class Scheduler:
                 if not running:
                     self._replay(key, inbound.correlation_data)
         with self._lock:
-            self._queued += new
+            self._queued += len(fresh)
             self._queued_bytes += new_bytes
-        for _, inbound, _ in accepted:
+        for _, inbound, *_ in accepted:
             self._ack(inbound.mid, inbound.qos)
-        self._outbox.wake()
+        inline = None
+        if may_inline and len(fresh) == 1 and self._may_run_inline(fresh[0]):
+            inline = fresh.pop()
+        for job in fresh:
+            self._enqueue(job)
+        return inline
 
-    def _enqueue(self, key: str, inbound: Inbound, meta: JobMeta) -> None:
+    def _read(self, inbound: Inbound) -> tuple[JobMeta, RawRequest | None, JobError | None]:
+        """A job's header, parsed once for its whole way: its meta (id, priority, timeout)
+        and the decoded request, or the JobError that decoding it gave. A header over
+        INTAKE_DECODE_MAX, an unreadable packet or a payload over the limit is only peeked."""
+        payload, props = inbound.payload, inbound.user_properties
+        if (inbound.unreadable is None and len(payload) <= self._cfg.max_payload_bytes
+                and _header_length(inbound) <= INTAKE_DECODE_MAX):
+            try:
+                req = decode_request(payload, props)
+                meta = meta_of(req)
+                req.timeout_ms, req.sent_at_ms  # noqa: B018 - their checks raise JobError
+            except JobError as err:
+                return peek_meta(payload, props), None, err
+            except Exception:
+                log.exception("job header could not be read at intake; its worker tries")
+            else:
+                return meta, req, None
+        return peek_meta(payload, props), None, None
+
+    def _job(self, key: str, inbound: Inbound, meta: JobMeta, request: RawRequest | None,
+             problem: JobError | None) -> Job:
         priority = meta.priority if meta.priority is not None else self._cfg.default_priority
-        deadline = _deadline(inbound, meta.timeout_ms, meta.sent_at_ms)
-        self._work_q.put(key, inbound, priority, deadline)
+        return Job(key, inbound, route_reply(inbound, self._results_topic, self._reply_prefixes),
+                   meta, request, problem, priority,
+                   _deadline(inbound, meta.timeout_ms, meta.sent_at_ms))
+
+    def _enqueue(self, job: Job) -> None:
+        self._work_q.put(job)
+
+    def _may_run_inline(self, job: Job) -> bool:
+        """Whether the intake should run `job` itself rather than wake a worker for it: the
+        intake is not the thread that owns the broker's socket (that one only parses and
+        hands over), so a run here never holds up reading, PINGs or PUBACKs; it only holds
+        up the admission of jobs that arrive meanwhile, which is why it is done only for a
+        model whose runs lately took at most INLINE_MAX_S, when no job waits (intake and
+        work queues empty) and no worker is running one (so none of the model's instances
+        is taken), and when the outbox has room (the workers' backpressure)."""
+        req = job.request
+        if req is None or job.problem is not None or job.meta.cancel is not None:
+            return False
+        took = self._run_s.get(req.model_name)
+        if took is None or took > INLINE_MAX_S:
+            return False
+        if not self._intake.empty() or not self._work_q.empty():
+            return False
+        with self._lock:
+            if self._busy_since:
+                return False
+        return self._outbox.has_room()
 
     def _replay(self, key: str, correlation: bytes | None) -> None:
         """Send a done job's stored answer again, marked `replayed`, to `correlation`."""
@@ -454,43 +572,52 @@ class Scheduler:
 
     def _work(self) -> None:
         while True:
-            item = self._work_q.get()
-            if item is None:
+            job = self._work_q.get()
+            if job is None:
                 return
-            key, inbound = item
             # Backpressure: answers wait on disk for the broker; do not pile up more.
             while not self._outbox.wait_room(0.5):
                 if self._stopping.is_set():
                     break
-            name = threading.current_thread().name
-            with self._lock:
-                self._busy_since[name] = time.monotonic()
-            try:
-                self._process(key, inbound)
-            finally:
-                with self._lock:
-                    self._busy_since.pop(name, None)
+            self._run_job(job)
 
-    def _process(self, key: str, inbound: Inbound) -> None:
+    def _run_job(self, job: Job) -> None:
+        """A worker's (or the intake's) turn with one job, seen by longest_job meanwhile."""
+        name = threading.current_thread().name
+        with self._lock:
+            self._busy_since[name] = time.monotonic()
+        try:
+            self._process(job)
+        finally:
+            with self._lock:
+                self._busy_since.pop(name, None)
+
+    def _process(self, job: Job) -> None:
         """Answer one job: at once, or by handing it to its model's batcher."""
-        meta = peek_meta(inbound.payload, inbound.user_properties)
-        if meta.cancel is not None:
-            self._finish(key, inbound, self._cancel(inbound, meta))
+        if job.meta.cancel is not None:
+            self._finish(job.key, job.inbound, self._cancel(job))
             return
         try:
-            prepared = self._prepare(key, inbound)
+            prepared = self._prepare(job)
         except _Answered as done:
-            self._finish(key, inbound, done.answer)
+            self._finish(job.key, job.inbound, done.answer)
             return
         batcher = self._batcher_for(prepared)
         if batcher is None:
+            started = time.monotonic()
             self._run_batch([prepared])
+            if prepared.model.spec.task == "tensor":
+                took = time.monotonic() - started
+                name = prepared.request.model_name
+                before = self._run_s.get(name)
+                self._run_s[name] = took if before is None else 0.8 * before + 0.2 * took
         else:
             batcher.offer(prepared)
 
-    def _cancel(self, inbound: Inbound, meta: JobMeta) -> Answer:
+    def _cancel(self, job: Job) -> Answer:
         """A request to stop a running job of the same client (same reply topic)."""
-        reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
+        inbound, meta, reply = job.inbound, job.meta, job.reply
+        assert meta.cancel is not None
         target = job_key(inbound, self._results_topic, meta.cancel)
         with self._lock:
             event = self._running.get(target)
@@ -516,9 +643,10 @@ class Scheduler:
                 self._batchers[model] = batcher
         return batcher
 
-    def _prepare(self, key: str, inbound: Inbound) -> Prepared:
-        """Decode and check a job against its model; raises _Answered when it will not run."""
-        reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
+    def _prepare(self, job: Job) -> Prepared:
+        """Check a job against its model (decoding it if the intake did not); raises
+        _Answered when it will not run."""
+        key, inbound, reply = job.key, job.inbound, job.reply
         job_id: str | None = None
         model: ServingModel | None = None
         try:
@@ -532,9 +660,14 @@ class Scheduler:
                     f"payload of {len(inbound.payload)} bytes is over the limit of "
                     f"{self._cfg.max_payload_bytes}",
                 )
-            req = decode_request(inbound.payload, inbound.user_properties)
+            if job.problem is not None:
+                raise job.problem
+            if job.request is not None:  # decoded, timeout checked, by the intake
+                req, deadline = job.request, job.deadline
+            else:
+                req = decode_request(inbound.payload, inbound.user_properties)
+                deadline = _deadline(inbound, req.timeout_ms, req.sent_at_ms)
             job_id = req.id
-            deadline = _deadline(inbound, req.timeout_ms, req.sent_at_ms)
             _check_deadline(deadline)
             model = self._registry.acquire(req.model_name, req.model_version)
             session = model.session
@@ -689,27 +822,79 @@ class Scheduler:
         self._finish(job.key, job.inbound, answer)
 
     def _finish(self, key: str, inbound: Inbound, answer: Answer) -> None:
-        """Record the answer (journal and outbox together); answer waiting repeats."""
+        """Record the answer (journal and outbox together) in a group commit; answer
+        waiting repeats. Never waits for company: the first to bring an answer while no
+        commit is under way commits every answer there is, and again while more came
+        meanwhile; one that brings it during a commit leaves it for that committer (or
+        for the intake's next admission) and goes back to work at once."""
+        with self._answers_lock:
+            self._answers.append(_Done(key, len(inbound.payload), answer))
+            if self._committing:
+                return
+            self._committing = True
+        group: list[_Done] = []
         try:
-            seq = self._journal.complete(
-                key, answer.executed, answer.reply.topic, answer.payload,
-                answer.reply.correlation_data, answer.user_properties,
-            )
-            self._outbox.hand_over(OutMessage(seq, answer.reply.topic, answer.payload, 1,
-                                              answer.reply.correlation_data,
-                                              answer.user_properties))
-            with self._lock:
-                self._first_correlation.pop(key, None)
-                repeats = self._repeats.pop(key, [])
-            for correlation in repeats:
-                self._replay(key, correlation)
+            while True:
+                with self._answers_lock:
+                    group, self._answers = self._answers, []
+                    if not group:
+                        self._committing = False
+                        return
+                self._record_answers(group)
+        except BaseException:
+            with self._answers_lock:
+                self._committing = False
+            raise
+
+    def _take_answers(self) -> list[_Done]:
+        with self._answers_lock:
+            group, self._answers = self._answers, []
+        return group
+
+    def _record_answers(self, group: list[_Done]) -> None:
+        """Commit a group of answers in one transaction (one by one if that fails) and hand
+        them to the outbox. Never raises: an answer not recorded leaves its job in the
+        journal, unanswered, to run again after a restart."""
+        if not group:
+            return
+        try:
+            seqs: list[int | None] = list(self._journal.commit((), [d.completion() for d in group])[1])
         except Exception:
-            # The job stays in the journal unanswered and runs again after a restart.
-            log.exception("job %s: could not record its answer", key)
+            log.exception("recording %d answer(s) together failed; one by one", len(group))
+            seqs = []
+            for done in group:
+                try:
+                    seqs.append(self._journal.commit((), [done.completion()])[1][0])
+                except Exception:
+                    log.exception("job %s: could not record its answer", done.key)
+                    seqs.append(None)
+        self._answered(group, seqs)
+
+    def _answered(self, group: Sequence[_Done], seqs: Sequence[int | None]) -> None:
+        """After the commit of `group`: its answers to the outbox, in seq order; repeats
+        that waited for them answered; the jobs no longer counted as queued."""
+        try:
+            msgs = [OutMessage(seq, d.answer.reply.topic, d.answer.payload, 1,
+                               d.answer.reply.correlation_data, d.answer.user_properties)
+                    for d, seq in zip(group, seqs, strict=True) if seq is not None]
+            if msgs:
+                self._outbox.hand_over_many(msgs)
+            for done, seq in zip(group, seqs, strict=True):
+                if seq is None:
+                    continue
+                with self._lock:
+                    self._first_correlation.pop(done.key, None)
+                    repeats = self._repeats.pop(done.key, [])
+                for correlation in repeats:
+                    self._replay(done.key, correlation)
+        except Exception:
+            # Recorded: the outbox thread sends them from the table.
+            log.exception("answers of %d job(s) recorded but not handed over", len(group))
+            self._outbox.wake()
         finally:
             with self._lock:
-                self._queued -= 1
-                self._queued_bytes -= len(inbound.payload)
+                self._queued -= len(group)
+                self._queued_bytes -= sum(d.size for d in group)
 
 
 class WorkQueue:
@@ -718,21 +903,21 @@ class WorkQueue:
     _STOP = 2**62  # after every job: a stop lets the queued jobs run first
 
     def __init__(self) -> None:
-        self._q: queue.PriorityQueue[tuple[int, float, int, str, Inbound | None]] = (
-            queue.PriorityQueue()
-        )
+        self._q: queue.PriorityQueue[tuple[int, float, int, Job | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
 
-    def put(self, key: str, inbound: Inbound, priority: int, deadline: float | None) -> None:
-        self._q.put((priority, math.inf if deadline is None else deadline, next(self._seq),
-                     key, inbound))
+    def put(self, job: Job) -> None:
+        self._q.put((job.priority, math.inf if job.deadline is None else job.deadline,
+                     next(self._seq), job))
 
     def put_stop(self) -> None:
-        self._q.put((self._STOP, math.inf, next(self._seq), "", None))
+        self._q.put((self._STOP, math.inf, next(self._seq), None))
 
-    def get(self) -> tuple[str, Inbound] | None:
-        _, _, _, key, inbound = self._q.get()
-        return None if inbound is None else (key, inbound)
+    def get(self) -> Job | None:
+        return self._q.get()[3]
+
+    def empty(self) -> bool:
+        return self._q.empty()
 
 
 class _Answered(Exception):
@@ -741,6 +926,15 @@ class _Answered(Exception):
     def __init__(self, answer: Answer) -> None:
         super().__init__("answered")
         self.answer = answer
+
+
+def _header_length(inbound: Inbound) -> int:
+    """The length of a job's JSON header: Inference-Header-Content-Length when it is a
+    usable number, else the whole payload."""
+    text = inbound.user_property(HEADER_LENGTH_PROPERTY)
+    if text is not None and text.isascii() and text.isdecimal() and int(text) > 0:
+        return min(int(text), len(inbound.payload))
+    return len(inbound.payload)
 
 
 def _deadline(inbound: Inbound, timeout_ms: float | None, sent_at_ms: float | None) -> float | None:
