@@ -231,7 +231,11 @@ class Scheduler:
         self._results_topic = results_topic
         self._reply_prefixes = tuple(reply_prefixes)
         self._cfg = cfg
-        self._intake: queue.Queue[Inbound | None] = queue.Queue(maxsize=max(cfg.queue_size, 1024))
+        # queue.SimpleQueue (C, one lock) and not queue.Queue (Python, a Condition and a new
+        # lock per wait): the network thread's put and the intake's get are on every job's
+        # path. Bounded by submit(), its only producer besides stop().
+        self._intake: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
+        self._intake_max = max(cfg.queue_size, 1024)
         self._work_q = WorkQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -349,10 +353,10 @@ class Scheduler:
 
     def submit(self, inbound: Inbound) -> None:
         """Network thread: hand over, never block."""
-        try:
-            self._intake.put_nowait(inbound)
-        except queue.Full:
+        if self._intake.qsize() >= self._intake_max:
             self._refuse_now(inbound, "the agent's intake is full")
+            return
+        self._intake.put(inbound)
 
     def _refuse_now(self, inbound: Inbound, why: str,
                     code: Code = Code.RESOURCE_EXHAUSTED) -> None:
