@@ -4,8 +4,9 @@ Up to `window` messages are handed to paho at once; paho resends them itself aft
 reconnect, and the rest wait on disk. After a restart everything still in the outbox is
 sent again.
 
-Messages go out in the order of their outbox rows (`seq`). A worker that has just written
-an answer hands it over (`hand_over`) and, when it is next in line, publishes it itself:
+Messages go out in the order of their outbox rows (`seq`). The thread that has just
+committed answers (a worker, or the intake: agent/scheduler.py's group commit) hands them
+over (`hand_over_many`) and, when they are next in line, publishes them itself:
 the common case costs no read of the table and no wake-up of this thread. Rows that nobody
 handed over (events, partial answers, refusals, what a restart left) and anything that
 arrives out of line are read from the table by the outbox thread.
