@@ -45,7 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mqtt5
 
@@ -60,9 +60,6 @@ from agent.mqtt_wire import (
     salvage_publish,
 )
 from agent.tls import describe_connect_error, security_from_config
-
-if TYPE_CHECKING:
-    from agent.paho_properties import PackedPublishProperties
 
 log = logging.getLogger(__name__)
 
@@ -882,16 +879,7 @@ def _matches(words: tuple[str, ...], topic: str) -> bool:
     return len(levels) == len(words)
 
 
-def __getattr__(name: str) -> Any:
-    # The operator side's paho helper, imported only when asked for: the agent needs no paho.
-    if name == "PackedPublishProperties":
-        from agent.paho_properties import PackedPublishProperties  # noqa: PLC0415
-
-        return PackedPublishProperties
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
-    "Handler", "Inbound", "MqttSession", "PackedPublishProperties", "PublishInfo", "Retained",
+    "Handler", "Inbound", "MqttSession", "PublishInfo", "Retained",
     "Route", "backoff_delay",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from agent.mqtt_session import PackedPublishProperties
+from agent.paho_properties import PackedPublishProperties
 from bench.responder import serve
 from fleet.oip import HEADER_LENGTH_PROPERTY
 

@@ -38,7 +38,7 @@ import paho.mqtt.client as paho
 
 from agent.brokerurl import DEFAULT_BROKER_URL
 from agent.errors import Code
-from agent.mqtt_session import PackedPublishProperties
+from agent.paho_properties import PackedPublishProperties
 from agent.tls import TransportSecurity
 from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
 from fleet.errors import (

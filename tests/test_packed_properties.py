@@ -7,7 +7,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt_session import PackedPublishProperties
+from agent.paho_properties import PackedPublishProperties
 
 CASES = [
     (b"corr-1", ()),
