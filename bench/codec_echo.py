@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import mqtt5
 
 from agent.brokerurl import parse_broker_url
+from agent.mqtt_wire import frame_length
 from bench.echo import load_canned
 
 READY = "codec echo ready"
@@ -41,21 +42,6 @@ class _Stop(Exception):
 
 def _stop(*_: Any) -> NoReturn:
     raise _Stop
-
-
-def packet_length(buf: bytes | bytearray | memoryview) -> int | None:
-    """The whole length of the packet at the start of `buf` (fixed header included), or
-    None while its Remaining Length is not all there."""
-    value, shift = 0, 0
-    for i in range(1, min(len(buf), 5)):
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return 1 + i + value
-        shift += 7
-    if len(buf) >= 5:
-        raise ValueError("malformed Remaining Length")
-    return None
 
 
 class CodecEcho:
@@ -122,7 +108,7 @@ class CodecEcho:
             with memoryview(buf) as view:
                 used = 0
                 while going and used < len(buf):
-                    size = packet_length(view[used:used + 5])
+                    size = frame_length(view, used)
                     if size is None or used + size > len(buf):
                         need = size or 0
                         break

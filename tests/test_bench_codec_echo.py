@@ -14,7 +14,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.codec_echo import READY, packet_length
+from agent.mqtt_wire import frame_length
+from bench.codec_echo import READY
 from fleet.mqtt import connect
 from fleet.oip import HEADER_LENGTH_PROPERTY
 from tests.broker import Broker
@@ -22,13 +23,14 @@ from tests.broker import Broker
 pytest.importorskip("mqtt5", reason="pip install 'edgeinfer[agent]'")
 
 
-def test_packet_length_reads_the_remaining_length() -> None:
-    assert packet_length(b"\x40\x02\x00\x05") == 4
-    assert packet_length(b"\x30\x80\x01") == 3 + 128
-    assert packet_length(b"\x30") is None
-    assert packet_length(b"\x30\x80") is None
+def test_frame_length_reads_the_remaining_length() -> None:
+    # The codec echo frames its reads with the agent's own frame_length.
+    assert frame_length(b"\x40\x02\x00\x05", 0) == 4
+    assert frame_length(b"\x30\x80\x01", 0) == 3 + 128
+    assert frame_length(b"\x30", 0) is None
+    assert frame_length(b"\x30\x80", 0) is None
     with pytest.raises(ValueError):
-        packet_length(b"\x30\xff\xff\xff\xff")
+        frame_length(b"\x30\xff\xff\xff\xff", 0)
 
 
 def test_codec_echo_answers_jobs_with_their_correlation_data(broker: Broker,
