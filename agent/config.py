@@ -21,7 +21,13 @@ from agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
 from agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
 from agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
 from agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
-from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE
+from agent.topics import (
+    DEFAULT_PREFIX,
+    DEVICE_ID_RE,
+    POOL_RE,
+    reply_prefix_problem,
+    topic_prefix_problem,
+)
 from agent.trust import TrustConfig, load_trusted_keys
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -230,15 +236,17 @@ def _check(cfg: AgentConfig, source: str) -> None:
     for pool in cfg.jobs.pools:
         if not POOL_RE.match(pool):
             raise ConfigError(f"{source}: key 'jobs.pools': {pool!r} must match [A-Za-z0-9_-]{{1,64}}")
-    for prefix in cfg.reply_prefixes_resolved():
-        if not prefix or "+" in prefix or "#" in prefix:
-            raise ConfigError(f"{source}: key 'jobs.reply_prefixes': {prefix!r} is not a topic prefix")
+    problem = topic_prefix_problem(cfg.topic_prefix)
+    if problem is not None:
+        raise ConfigError(f"{source}: key 'topic_prefix': {cfg.topic_prefix!r} {problem}")
+    for index, reply in enumerate(cfg.reply_prefixes_resolved()):
+        problem = reply_prefix_problem(reply, cfg.topic_prefix)
+        if problem is not None:
+            raise ConfigError(f"{source}: key 'jobs.reply_prefixes[{index}]': {reply!r} {problem}")
     if cfg.journal.synchronous.upper() not in {"NORMAL", "FULL"}:
         raise ConfigError(f"{source}: key 'journal.synchronous': must be NORMAL or FULL")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: key 'log.level': {cfg.log.level!r} is not a log level")
-    if not cfg.topic_prefix or "+" in cfg.topic_prefix or "#" in cfg.topic_prefix:
-        raise ConfigError(f"{source}: key 'topic_prefix': {cfg.topic_prefix!r} is not a topic prefix")
 
 
 def _refuse_inline_password(data: Mapping[str, Any], source: str) -> None:

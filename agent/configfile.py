@@ -83,6 +83,10 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except yaml.reader.ReaderError as exc:
+        # Its str() spans lines; say it in one.
+        raise ConfigError(f"{path}: not valid YAML: character {exc.character!r} at offset "
+                          f"{exc.position} is not allowed in YAML text") from None
     except yaml.MarkedYAMLError as exc:
         where = f"line {exc.problem_mark.line + 1}: " if exc.problem_mark is not None else ""
         raise ConfigError(f"{path}: {where}not valid YAML: {exc.problem}") from None
@@ -93,6 +97,29 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return loaded
+
+
+def check_text(tree: Any, source: str, path: str = "") -> None:
+    """Refuse a key or value that is not text a topic, a file name or a host can hold: a
+    lone surrogate (a `"\\udcff"` escape in YAML, or an environment variable holding bytes
+    that are not UTF-8, which Python decodes to surrogates) or a NUL. Left in, they fail
+    far from the config: in the IDNA codec while connecting, or in the MQTT encoder."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            name = f"{path}.{key}" if path else str(key)
+            check_text(key, source, path or "(top level)")
+            check_text(value, source, name)
+    elif isinstance(tree, list):
+        for index, item in enumerate(tree):
+            check_text(item, source, f"{path}[{index}]")
+    elif isinstance(tree, str):
+        try:
+            tree.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{source}: key '{path}': not valid text (it holds bytes that "
+                              "are not UTF-8, or a lone surrogate escape)") from None
+        if "\0" in tree:
+            raise ConfigError(f"{source}: key '{path}': must not hold a NUL character")
 
 
 def env_overrides(environ: Mapping[str, str], prefix: str, cls: type[Any], *,
@@ -147,6 +174,7 @@ def to_struct(data: Mapping[str, Any], cls: type[T], source: str) -> T:
 
     Lax (runtimes/structcheck.py): YAML and the environment write "4" for 4 at times.
     """
+    check_text(data, source)
     try:
         return convert(dict(data), cls, lax=True)
     except StructError as exc:

@@ -22,6 +22,47 @@ def has_wildcard(topic: str) -> bool:
     return "+" in topic or "#" in topic
 
 
+def topic_prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot root the topic tree, or None.
+
+    Topics starting with `$` are the broker's own (`$SYS/...`, MQTT 5 section 4.7.2): a
+    broker does not let clients publish there, and `#` subscriptions do not match them. An
+    empty level (`a//b`, a leading or trailing `/`) is legal MQTT but never what was meant.
+    """
+    if not prefix:
+        return "must not be empty"
+    if prefix.startswith("$"):
+        return "must not start with '$' (topics starting with '$' belong to the broker)"
+    if has_wildcard(prefix):
+        return "must not hold the wildcards '+' or '#'"
+    if "\0" in prefix:
+        return "must not hold a NUL character"
+    if "" in prefix.split("/"):
+        return "must not have an empty level (a leading, trailing or doubled '/')"
+    return None
+
+
+def reply_prefix_problem(reply: str, prefix: str) -> str | None:
+    """Why `reply` (a resolved `jobs.reply_prefixes` entry) cannot bound Response Topics
+    under the tree rooted at `prefix`, or None.
+
+    A reply prefix is matched as the start of a string: without its trailing `/`,
+    `edge/v1/reply` would also admit `edge/v1/replyX/...`, and one that covers the device
+    or pool tree (`edge/v1/`) would let any client have answers published onto other
+    devices' job topics.
+    """
+    if not reply.endswith("/"):
+        return "must end with '/' (it is matched as the start of a topic)"
+    problem = topic_prefix_problem(reply[:-1])
+    if problem is not None:
+        return problem
+    for tree in (f"{prefix}/dev/", f"{prefix}/pool/", f"{prefix}/artifacts/"):
+        if tree.startswith(reply):
+            return (f"covers {tree}... : a job could then have its answer published on another "
+                    "device's topics")
+    return None
+
+
 @dataclass(frozen=True)
 class Topics:
     """Topics of one device under one prefix."""

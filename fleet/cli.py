@@ -26,7 +26,7 @@ from agent.brokerurl import DEFAULT_BROKER_URL
 from agent.cliargs import Parser, UsageError, duration
 from agent.manifest import ModelSpec
 from agent.tls import TransportSecurity
-from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, has_wildcard
+from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, topic_prefix_problem
 from fleet.artifacts import Artifact, ArtifactStore, default_artifact_dir
 from fleet.client import InferenceClient
 from fleet.deploy import (
@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prefix(args: argparse.Namespace) -> str:
     prefix = str(args.prefix).strip("/")
-    if not prefix or has_wildcard(prefix):
-        raise UsageError(f"--prefix {args.prefix!r} must be a topic without wildcards")
+    problem = topic_prefix_problem(prefix)
+    if problem is not None:
+        raise UsageError(f"--prefix {args.prefix!r} {problem}")
     return prefix
 
 

@@ -29,7 +29,7 @@ from agent.brokerurl import DEFAULT_BROKER_URL
 # fleet.fleetconfig.ConfigError stays the fleet's name for it (the alias: an explicit re-export).
 from agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
 from agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
-from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE
+from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, topic_prefix_problem
 from fleet.artifacts import ARTIFACT_DIR_ENV, default_artifact_dir
 from fleet.registry import DEFAULT_MAX_EVENTS
 
@@ -94,8 +94,9 @@ def _check(cfg: FleetConfig, where: str) -> None:
     if not DEVICE_ID_RE.match(cfg.broker.client_id):
         raise ConfigError(f"{where}: key 'broker.client_id': {cfg.broker.client_id!r} must "
                           f"match {DEVICE_ID_RE.pattern}")
-    if not cfg.prefix.strip("/") or "+" in cfg.prefix or "#" in cfg.prefix:
-        raise ConfigError(f"{where}: key 'prefix': {cfg.prefix!r} must be a topic without wildcards")
+    problem = topic_prefix_problem(cfg.prefix.strip("/"))
+    if problem is not None:
+        raise ConfigError(f"{where}: key 'prefix': {cfg.prefix!r} {problem}")
 
 
 def load_fleet_config(path: Path | str | None,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,53 @@ def test_cli_validate_config_ok(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "config OK" in res.stdout
     assert not (tmp_path / "s").exists()  # validation writes nothing
+
+
+# Issue 12, point 8: what a config may hold that would otherwise fail far from the file
+# (in the IDNA codec while connecting, in a topic) or open the topic tree to clients.
+@pytest.mark.parametrize(
+    ("content", "env", "key", "what"),
+    [
+        # Bytes that are not UTF-8: the whole file is refused, naming it.
+        (b"device_id: gw\xff\xfe1\n", {}, None, "not UTF-8 text"),
+        # A YAML escape of a lone surrogate, and an environment variable holding such bytes.
+        (b'broker:\n  url: "mqtt://\\udcff:1883"\n', {}, "broker.url", "not valid text"),
+        (b"device_id: gw-1\n", {"EDGE_AGENT_TOPIC_PREFIX": "a\udcffb"}, "topic_prefix",
+         "not valid text"),
+        (b"device_id: gw-1\x00\n", {}, None, "not allowed in YAML text"),
+        (b"topic_prefix: $SYS/x\n", {}, "topic_prefix", "must not start with '$'"),
+        (b"topic_prefix: edge//v1\n", {}, "topic_prefix", "empty level"),
+        (b"jobs:\n  reply_prefixes: ['$share/x/']\n", {}, "jobs.reply_prefixes[0]",
+         "must not start with '$'"),
+        (b"jobs:\n  reply_prefixes: [edge/v1/reply]\n", {}, "jobs.reply_prefixes[0]",
+         "must end with '/'"),
+        (b"jobs:\n  reply_prefixes: ['{prefix}/reply/', edge/v1/]\n", {},
+         "jobs.reply_prefixes[1]", "another device's topics"),
+        (b"jobs:\n  reply_prefixes: [edge/]\n", {}, "jobs.reply_prefixes[0]",
+         "another device's topics"),
+    ],
+)
+def test_run_refuses_config_text_that_cannot_work(
+    tmp_path: Path, content: bytes, env: dict[str, str], key: str | None, what: str
+) -> None:
+    p = tmp_path / "agent.yaml"
+    p.write_bytes(content)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    environ["EDGE_AGENT_STATE_DIR"] = str(tmp_path / "state")
+    # subprocess writes a lone surrogate escape as its byte (0xff here): the child sees
+    # what a variable that is not UTF-8 gives Python.
+    environ.update(env)
+    res = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(p)],
+                         capture_output=True, text=True, timeout=60, env=environ,
+                         errors="backslashreplace")
+    assert res.returncode == 78, res.stderr
+    line = one_line(res.stderr)
+    assert str(p) in line
+    if key is not None:
+        assert f"key '{key}'" in line
+    assert what in line
+
+
+def test_a_reply_prefix_beside_the_device_tree_is_accepted(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "jobs:\n  reply_prefixes: ['{prefix}/reply/', apps/replies/]\n"), {})
+    assert cfg.reply_prefixes_resolved() == ("edge/v1/reply/", "apps/replies/")

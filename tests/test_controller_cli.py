@@ -223,3 +223,15 @@ def test_example_config_loads() -> None:
     cfg = load_fleet_config(REPO / "deploy" / "fleet.example.yaml")
     assert cfg.broker.client_id == "edge-fleet-controller"
     assert cfg.database_target() == "/var/lib/edge-fleet/registry.sqlite3"
+
+
+def test_config_refuses_a_broker_topic_prefix_and_text_that_is_not_text(tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text("prefix: $SYS/edge\n")
+    with pytest.raises(ConfigError, match=r"key 'prefix': '\$SYS/edge' must not start with '\$'"):
+        load_fleet_config(cfg, {})
+    cfg.write_bytes(b"http: {host: '\xff'}\n")
+    with pytest.raises(ConfigError, match=r"fleet.yaml: cannot read config file: not UTF-8 text"):
+        load_fleet_config(cfg, {})
+    with pytest.raises(ConfigError, match=r"key 'http.host': not valid text"):
+        load_fleet_config(None, {"EDGE_FLEET_HTTP__HOST": "\udcff"})

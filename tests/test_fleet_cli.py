@@ -204,6 +204,8 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["infer", "--model", "m", "--input", "x.npy"]) == 2  # argparse's own message
     assert "one of the arguments --device --pool is required" in capsys.readouterr().err
     assert main(["devices", "--prefix", "edge/+"]) == 2
+    assert main(["devices", "--prefix", "$SYS/edge"]) == 2
+    assert "must not start with '$'" in capsys.readouterr().err
     assert main(["deploy", "--device", "a/b", "--remove", "m"]) == 2
 
 
