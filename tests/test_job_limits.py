@@ -216,3 +216,16 @@ def test_onnxruntime_invalid_argument_is_bad_input(tmp_path: Path) -> None:
     session.inputs = [TensorSpec("x", "FP32", ())]
     with pytest.raises(BadInput):
         session.infer({"x": np.ones((2, 3, 5), np.float32)})
+
+
+def test_the_old_key_is_read_as_max_message_bytes(tmp_path: Path) -> None:
+    from agent.config import ConfigError, deprecations, load_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("jobs:\n  max_payload_bytes: 4096\n")
+    assert load_config(old, environ={}).jobs.max_message_bytes == 4096
+    assert "jobs.max_message_bytes" in deprecations(old)[0]
+    both = tmp_path / "both.yaml"
+    both.write_text("jobs:\n  max_payload_bytes: 4096\n  max_message_bytes: 8192\n")
+    with pytest.raises(ConfigError, match=r"keep only jobs\.max_message_bytes"):
+        load_config(both, environ={})
