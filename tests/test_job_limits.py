@@ -140,7 +140,7 @@ def varint(n: int) -> bytes:
 def read_packet(sock: socket.socket, buf: bytes) -> tuple[Any, bytes]:
     while True:
         try:
-            packet, n = mqtt5.read(buf)
+            packet, n = mqtt5.read(memoryview(buf))
             return packet, buf[n:]
         except IndexError:
             data = sock.recv(65536)
