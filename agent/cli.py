@@ -17,6 +17,7 @@ from agent.config import (
     AgentConfig,
     BrokerConfig,
     ConfigError,
+    deprecations,
     load_config,
 )
 from agent.extras import missing_for_agent
@@ -69,6 +70,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         level=cfg.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for line in deprecations(_config_path(args.config)):
+        log.warning("%s", line)
     for problem in problems:  # none lasting: e.g. DNS not up yet at boot
         log.warning("%s: %s; starting anyway, the broker is tried again", where, problem)
     from agent.lifecycle import run_service

@@ -80,7 +80,14 @@ class BrokerConfig(_Section):
 class JobsConfig(_Section):
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 256
-    max_payload_bytes: PositiveInt = 16 * 1024 * 1024
+    # A job's MQTT payload (the OIP request: JSON header and binary tensors) over this is
+    # refused INVALID_ARGUMENT by the session's reader before it is held whole, journaled or
+    # acknowledged: its payload bytes are dropped as they stream in (agent/mqtt_session.py).
+    # A broker's max_packet_size should be this plus PUBLISH_HEAD_MAX (docs/deploy.md).
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    # Deprecated name of max_message_bytes (same meaning), read so that a gateway's existing
+    # config still starts after an upgrade; giving both is an error (_check).
+    max_payload_bytes: PositiveInt | None = None
     max_tensor_elements: PositiveInt = 16 * 1024 * 1024
     # Response Topics must lie under one of these; "{prefix}" is the topic prefix.
     reply_prefixes: list[str] = msgspec.field(default_factory=lambda: ["{prefix}/reply/"])
@@ -203,6 +210,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     _refuse_inline_password(data, source)
     cfg = to_struct(data, AgentConfig, source)
     _check(cfg, source)
+    _take_old_message_limit(cfg, data, source)
     return cfg
 
 
@@ -247,6 +255,32 @@ def _check(cfg: AgentConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'journal.synchronous': must be NORMAL or FULL")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: key 'log.level': {cfg.log.level!r} is not a log level")
+
+
+def _take_old_message_limit(cfg: AgentConfig, data: Mapping[str, Any], source: str) -> None:
+    """jobs.max_payload_bytes (its old name) is taken as jobs.max_message_bytes."""
+    jobs = cfg.jobs
+    old = jobs.max_payload_bytes
+    if old is None:
+        return
+    given = data.get("jobs")
+    if isinstance(given, Mapping) and "max_message_bytes" in given:
+        raise ConfigError(
+            f"{source}: key 'jobs.max_payload_bytes': it is the old name of "
+            "jobs.max_message_bytes, which is also given; keep only jobs.max_message_bytes"
+        )
+    jobs.max_message_bytes = old
+    jobs.max_payload_bytes = None
+
+
+def deprecations(cfg_path: Path | None) -> list[str]:
+    """Deprecated keys in the config file, as lines to log at start (the config is valid)."""
+    data = read_yaml_mapping(cfg_path) if cfg_path is not None else {}
+    jobs = data.get("jobs")
+    if isinstance(jobs, Mapping) and "max_payload_bytes" in jobs:
+        return [f"{cfg_path}: key 'jobs.max_payload_bytes' is deprecated: it is read as "
+                "jobs.max_message_bytes; rename it"]
+    return []
 
 
 def _refuse_inline_password(data: Mapping[str, Any], source: str) -> None:

@@ -30,6 +30,15 @@ session the broker forgot is not sent on the next one (it could name another mes
 A packet the codec refuses is skipped by its fixed-header length and never drops the
 link: a QoS 1 PUBLISH is acknowledged (or handed to a route that takes unreadable jobs,
 which answers it INVALID_ARGUMENT and acknowledges it once journaled).
+
+A PUBLISH whose payload is over its route's `max_payload` is never held whole: once its
+fixed header says it is longer than the smallest such limit, the reader waits for its
+variable header (topic and properties, at most PUBLISH_HEAD_MAX bytes), and when the
+payload is over the limit it hands the route an Inbound with `oversize` set and an empty
+payload, and drops the payload's bytes as they arrive (`_discard`). The link's memory for
+it stays under PUBLISH_HEAD_MAX + 2 x READ_CHUNK. Not advertised as our CONNECT's Maximum
+Packet Size: a broker drops larger messages for such a client without telling their
+sender, where this way the sender is answered.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mqtt5
@@ -53,9 +62,11 @@ from agent.brokerurl import parse_broker_url
 from agent.config import BrokerConfig
 from agent.mqtt_wire import (
     PACKET_NAMES,
+    PUBLISH_HEAD_MAX,
     FrameError,
     frame_length,
     open_socket,
+    publish_head,
     salvage_ack,
     salvage_publish,
 )
@@ -100,6 +111,10 @@ class Inbound:
     # Set when the MQTT packet could not be read in full (agent/mqtt_wire.py): why. The
     # fields above hold what could be read; a job route answers it INVALID_ARGUMENT.
     unreadable: str | None = None
+    # Set when the payload was over its route's max_payload: its length in bytes. The
+    # payload was dropped unread (`payload` is empty); the fields above are what the
+    # variable header said. A job route answers it INVALID_ARGUMENT.
+    oversize: int = 0
 
     def user_property(self, name: str) -> str | None:
         for key, value in self.user_properties:
@@ -119,6 +134,10 @@ class Route:
     # Also hand over messages whose packet could not be read in full (Inbound.unreadable
     # says why); other routes never see them (they are acknowledged and logged).
     takes_unreadable: bool = False
+    # A payload over this many bytes is not read: the message reaches the handler with
+    # `Inbound.oversize` set when the route takes unreadable ones, else it is acknowledged
+    # and dropped (logged). None: no limit beyond MQTT's own.
+    max_payload: int | None = None
 
     @property
     def match_filter(self) -> str:
@@ -217,6 +236,12 @@ class MqttSession:
         ).write()
         self._routes = tuple(routes)
         self._exact, self._wild = _route_table(self._routes)
+        # A PUBLISH longer than this (fixed header included) may be over a route's limit;
+        # a shorter one cannot be, and is never looked at before the codec reads it.
+        limits = [r.max_payload for r in self._routes if r.max_payload is not None]
+        self._look_over = min(limits) if limits else None
+        self._discard = 0  # I/O thread: bytes of a refused PUBLISH still to drop unread
+        self._front_ok = False  # I/O thread: the partial packet at rbuf's front passed
         self._subscribe_filters = [
             mqtt5.TopicFilter(r.subscription, max_qos=_QOS[r.qos]) for r in self._routes
         ]
@@ -430,6 +455,8 @@ class MqttSession:
         pinged = 0.0  # when our last PINGREQ went
         self._established(sock, connack)
         rbuf = rest
+        self._discard = 0
+        self._front_ok = False
         try:
             if rbuf:
                 self._parse(rbuf, time.monotonic())
@@ -502,9 +529,15 @@ class MqttSession:
                 raise _Dropped("the broker closed the connection")
             now = time.monotonic()
             self._last_read = now
-            rbuf += data
-            self._parse(rbuf, now)
-            if len(data) < READ_CHUNK and not (
+            got = len(data)
+            if self._discard:  # the payload of a PUBLISH refused as over its limit
+                cut = min(self._discard, got)
+                self._discard -= cut
+                data = data[cut:]
+            if data:
+                rbuf += data
+                self._parse(rbuf, now)
+            if got < READ_CHUNK and not (
                 tls and isinstance(sock, ssl.SSLSocket) and sock.pending()
             ):
                 return
@@ -521,7 +554,14 @@ class MqttSession:
                 try:
                     packet, n = mqtt5.read(view[pos:])
                 except IndexError:
-                    break  # the rest has not arrived yet
+                    # The rest has not arrived yet: unless it is a PUBLISH over its limit.
+                    if (self._look_over is not None and not self._front_ok
+                            and view[pos] >> 4 == 3):
+                        taken = self._over_limit(view, pos, now, wall, gen)
+                        if taken:
+                            pos += taken
+                            continue
+                    break
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:  # pyo3 panics are BaseExceptions
@@ -546,7 +586,9 @@ class MqttSession:
                     self._control(packet)
         finally:
             view.release()
-        del rbuf[:pos]
+        if pos:
+            del rbuf[:pos]
+            self._front_ok = False
 
     def _deliver(self, inbound: Inbound) -> None:
         """Hand a message to its route's handler (I/O thread: never block, never raise)."""
@@ -564,10 +606,69 @@ class MqttSession:
                 log.warning("message on unhandled topic %s dropped", inbound.topic)
                 self.ack(inbound.mid, inbound.qos)
                 return
+            limit = route.max_payload
+            if limit is not None and len(inbound.payload) > limit and not inbound.oversize:
+                # Whole already (it came in one read): bounded by READ_CHUNK, not the limit.
+                inbound = replace(inbound, payload=b"", oversize=len(inbound.payload))
+            if inbound.oversize and not route.takes_unreadable:
+                log.warning("message on %s dropped: its payload of %d bytes is over the "
+                            "limit of %s", inbound.topic, inbound.oversize, limit)
+                self.ack(inbound.mid, inbound.qos)
+                return
             route.handler(inbound)
         except Exception:
             log.exception("handler for %s failed", inbound.topic)
             self.ack(inbound.mid, inbound.qos)
+
+    def _over_limit(self, view: memoryview, pos: int, now: float, wall: float,
+                    gen: int) -> int:
+        """A partial PUBLISH at `pos` that may be over its route's max_payload. Returns the
+        bytes to take off the buffer: all it holds from `pos` when the PUBLISH is refused
+        (the rest of it is dropped as it arrives), else 0 and the loop waits for more."""
+        end = len(view)
+        try:
+            n = frame_length(view, pos)
+        except FrameError:
+            return 0  # the codec raises on it when it has all arrived: _unreadable's case
+        limit = self._look_over
+        if n is None or limit is None or n <= limit:
+            self._front_ok = n is not None
+            return 0
+        got = publish_head(bytes(view[pos:pos + min(end - pos, PUBLISH_HEAD_MAX)]))
+        if got is None:
+            if end - pos < PUBLISH_HEAD_MAX:
+                return 0  # its variable header has not all arrived
+            # Topic and properties longer than PUBLISH_HEAD_MAX: refused for that alone.
+            head = salvage_publish(bytes(view[pos:pos + PUBLISH_HEAD_MAX]))
+            head.payload = None
+            size = n
+        else:
+            head, start = got
+            size = n - start
+        route = None
+        if head.topic is not None:
+            route = self._exact.get(head.topic) or next(
+                (r for words, r in self._wild if _matches(words, head.topic)), None)
+            if route is None or route.max_payload is None or (
+                    got is not None and size <= route.max_payload):
+                self._front_ok = True  # read whole, as any packet: within its bounds
+                return 0
+        self._discard = n - (end - pos)
+        mid = gen | head.packet_id if head.packet_id else 0
+        log.warning("PUBLISH on %s (%d bytes, packet id %d): its payload of %d bytes is over "
+                    "the limit of %s; dropping it unread", head.topic, n, head.packet_id,
+                    size, route.max_payload if route is not None else "its route")
+        if route is not None and head.topic is not None:
+            self._deliver(Inbound(
+                head.topic, b"", head.qos, head.retain, head.response_topic,
+                head.correlation_data, head.user_properties, head.expiry_s, now, wall, mid,
+                oversize=max(1, size),
+            ))
+        elif head.qos == 2 and mid:
+            self._write(b"\x50\x02" + head.packet_id.to_bytes(2, "big"))
+        else:
+            self.ack(mid, head.qos)
+        return end - pos
 
     def _unreadable(self, view: memoryview, pos: int, exc: BaseException, now: float,
                     wall: float, gen: int) -> int | None:

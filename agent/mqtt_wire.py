@@ -10,6 +10,9 @@ a BaseException, for invalid UTF-8) when it cannot read one. What it leaves to u
 - `salvage_publish` reads what it can of a refused PUBLISH (QoS, packet id, topic,
   Response Topic, Correlation Data, User Properties, payload), each field on its own, so the
   session can still acknowledge it and the job can be answered;
+- `publish_head` reads a PUBLISH's variable header (topic, packet id, properties) from its
+  first bytes, so that the session can refuse a PUBLISH over its route's size limit without
+  holding its payload;
 - `salvage_ack` reads the packet id and reason code of a refused PUBACK or SUBACK;
 - `open_socket` dials the broker, sets TCP_NODELAY and does the TLS handshake.
 
@@ -165,6 +168,39 @@ def salvage_publish(packet: bytes) -> Salvaged:
         problems.append(str(exc))
     out.problems = tuple(problems)
     return out
+
+
+# The most bytes of a PUBLISH held to read its variable header (topic and properties) when
+# its payload may be over a route's limit: a topic is at most 65,537 bytes on the wire, and
+# a job's properties (Response Topic, Correlation Data, a few User Properties) are small.
+# Also the room a broker's max_packet_size leaves beside jobs.max_message_bytes.
+PUBLISH_HEAD_MAX = 128 * 1024
+
+
+def publish_head(data: bytes) -> tuple[Salvaged, int] | None:
+    """The variable header of the PUBLISH that `data` starts with (fixed header included),
+    and where its payload starts; None while `data` does not hold all of it yet. Fields
+    that cannot be read are in `problems`, as `salvage_publish` gives them; `payload` is
+    None. A variable header that cannot be framed ends at len(data)."""
+    qos = (data[0] >> 1) & 0x03
+    try:
+        _, i = _varint(data, 1)
+        if i + 2 > len(data):
+            return None
+        i += 2 + int.from_bytes(data[i:i + 2], "big") + (2 if qos else 0)
+        if i >= len(data):
+            return None
+        props_len, i = _varint(data, i)
+        end = i + props_len
+    except IndexError:
+        return None
+    except ValueError:
+        end = len(data)
+    if end > len(data):
+        return None
+    head = salvage_publish(bytes(data[:end]))
+    head.payload = None
+    return head, end
 
 
 def salvage_ack(packet: bytes) -> tuple[int, int] | None:

@@ -298,6 +298,15 @@ def check_inputs(
                 Code.INVALID_ARGUMENT,
                 f"input {tensor.name!r} has a negative dimension in shape {list(shape)}",
             )
+        if 0 in shape:
+            # An empty batch (or any empty dimension): nothing to run. Refused here, as the
+            # client's error, before a runtime fails on it and the failure counts against
+            # the runtime (agent/failover.py).
+            raise JobError(
+                Code.INVALID_ARGUMENT,
+                f"input {tensor.name!r} has shape {list(shape)}: a dimension of 0 (an empty "
+                "batch) leaves nothing to run",
+            )
         # A spec of shape () means the runtime does not know the rank: it judges the shape.
         if (spec.shape and len(shape) != len(spec.shape)) or any(
             d < 0 or (want >= 0 and d != want) for d, want in zip(shape, spec.shape, strict=False)

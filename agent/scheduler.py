@@ -86,7 +86,7 @@ from agent.protocol import (
 )
 from agent.registry import ModelRegistry, ServingModel
 from agent.topics import has_wildcard
-from runtimes.base import TensorSpec
+from runtimes.base import BadInput, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,12 @@ def route_reply(inbound: Inbound, results_topic: str, allowed: Sequence[str]) ->
 
 
 _ANON = "anon:"  # the key of a job that can never come again
+
+
+def oversize_text(size: int, limit: int) -> str:
+    """INVALID_ARGUMENT's text for a job over jobs.max_message_bytes."""
+    return (f"the job's payload of {size} bytes is over this agent's limit of {limit} bytes "
+            "(jobs.max_message_bytes); send it in smaller jobs")
 
 
 def job_key(inbound: Inbound, results_topic: str, job_id: str | None) -> str:
@@ -460,6 +466,9 @@ class Scheduler:
             room_bytes = self._cfg.max_queued_bytes - self._queued_bytes
         accepted: list[tuple[str, Inbound, JobMeta, RawRequest | None, JobError | None]] = []
         for inbound in batch:
+            if inbound.oversize:  # never journaled: its payload was dropped unread
+                self._refuse_oversize(inbound)
+                continue
             if len(accepted) >= room or len(inbound.payload) > room_bytes:
                 self._refuse_journaled(inbound)
                 continue
@@ -514,7 +523,7 @@ class Scheduler:
         and the decoded request, or the JobError that decoding it gave. A header over
         INTAKE_DECODE_MAX, an unreadable packet or a payload over the limit is only peeked."""
         payload, props = inbound.payload, inbound.user_properties
-        if (inbound.unreadable is None and len(payload) <= self._cfg.max_payload_bytes
+        if (inbound.unreadable is None and len(payload) <= self._cfg.max_message_bytes
                 and _header_length(inbound) <= INTAKE_DECODE_MAX):
             try:
                 req = decode_request(payload, props)
@@ -589,6 +598,18 @@ class Scheduler:
         payload = encode_error(meta.id, Code.INVALID_ARGUMENT, text)
         self._journal.enqueue(reply.topic, payload, 1, reply.correlation_data)
         self._outbox.added(len(payload))
+
+    def _refuse_oversize(self, inbound: Inbound) -> None:
+        """A job over jobs.max_message_bytes, its payload dropped unread by the session
+        (Inbound.oversize): refused through the outbox, acknowledged, never journaled."""
+        reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
+        payload = encode_error(None, Code.INVALID_ARGUMENT, oversize_text(
+            inbound.oversize, self._cfg.max_message_bytes))
+        self.rejected += 1
+        self._metrics.record_error(None, Code.INVALID_ARGUMENT.value)
+        self._journal.enqueue(reply.topic, payload, 1, reply.correlation_data)
+        self._outbox.added(len(payload))
+        self._ack(inbound.mid, inbound.qos)
 
     def _refuse_journaled(self, inbound: Inbound) -> None:
         """Queue full: the refusal goes through the outbox, and the job is not kept."""
@@ -691,12 +712,11 @@ class Scheduler:
                 raise JobError(Code.INVALID_ARGUMENT, reply.refusal)
             if inbound.unreadable is not None:  # its MQTT packet could not be read in full
                 raise JobError(Code.INVALID_ARGUMENT, inbound.unreadable)
-            if len(inbound.payload) > self._cfg.max_payload_bytes:
-                raise JobError(
-                    Code.INVALID_ARGUMENT,
-                    f"payload of {len(inbound.payload)} bytes is over the limit of "
-                    f"{self._cfg.max_payload_bytes}",
-                )
+            if len(inbound.payload) > self._cfg.max_message_bytes:
+                # Journaled under a larger limit before a restart (the session refuses
+                # the others before they are held whole: _refuse_oversize).
+                raise JobError(Code.INVALID_ARGUMENT, oversize_text(
+                    len(inbound.payload), self._cfg.max_message_bytes))
             if job.problem is not None:
                 raise job.problem
             if job.request is not None:  # decoded, timeout checked, by the intake
@@ -719,7 +739,7 @@ class Scheduler:
         except Exception as exc:
             if model is not None:
                 model.release()
-            if job_id is None and len(inbound.payload) <= self._cfg.max_payload_bytes:
+            if job_id is None and len(inbound.payload) <= self._cfg.max_message_bytes:
                 job_id = peek_id(inbound.payload)  # the request failed before its id was read
             label = model.label if model is not None else None
             raise _Answered(self._error_answer(reply, job_id, label, exc, False)) from None
@@ -758,8 +778,10 @@ class Scheduler:
                 started = time.monotonic()  # queue time includes the wait for an instance
                 results = self._infer(model, pipeline, live)
         except Exception as exc:
-            if pipeline is not None and isinstance(exc, ValueError):
-                # The pipeline's word on bad media (a truncated JPEG, not audio, ...).
+            if isinstance(exc, BadInput) or (pipeline is not None and isinstance(exc, ValueError)):
+                # Inputs the model cannot take (by the runtime's exception type, past what
+                # check_inputs saw), or the pipeline's word on bad media (a truncated JPEG,
+                # not audio, ...): the client's error, never counted toward a failover.
                 failure = JobError(Code.INVALID_ARGUMENT, f"{model.label}: {exc}")
             else:
                 failover.note_failure(model, exc)  # demoted after K in a row (failover.py)

@@ -57,10 +57,13 @@ class Agent:
         routes = [
             Route(self.topics.desired, 1, self._on_desired),
             Route(self.topics.artifact_chunks, 1, self.artifacts.on_chunk),
-            # Job routes also take a job whose packet could not be read in full: the
-            # scheduler answers it INVALID_ARGUMENT instead of leaving it unacknowledged.
-            Route(self.topics.jobs, 1, self._on_job, takes_unreadable=True),
-            *(Route(self.topics.pool_subscription(p), 1, self._on_job, takes_unreadable=True)
+            # Job routes also take a job whose packet could not be read in full, or whose
+            # payload is over jobs.max_message_bytes (dropped unread): the scheduler
+            # answers it INVALID_ARGUMENT instead of leaving it unacknowledged.
+            Route(self.topics.jobs, 1, self._on_job, takes_unreadable=True,
+                  max_payload=cfg.jobs.max_message_bytes),
+            *(Route(self.topics.pool_subscription(p), 1, self._on_job, takes_unreadable=True,
+                    max_payload=cfg.jobs.max_message_bytes)
               for p in cfg.jobs.pools),
         ]
         self.mqtt = MqttSession(

@@ -75,6 +75,13 @@ def threads_per_instance(options: LoadOptions) -> int:
     return max(1, usable_cores() // max(1, options.instances))
 
 
+class BadInput(ValueError):
+    """Inputs the model cannot take: the caller's error, never the runtime's fault. Raised by
+    `check_request` and by a runtime for its library's own such exception type (ONNX
+    Runtime's InvalidArgument), so that it is answered INVALID_ARGUMENT and does not count
+    toward a failover (agent/failover.py)."""
+
+
 class RuntimeLoadError(Exception):
     """A model that a runtime cannot load on a device; the message is a reason a person can read."""
 
@@ -155,7 +162,7 @@ def check_request(
 ) -> list[str]:
     """Validate names, datatypes and shapes the same way for every runtime.
 
-    Raises ValueError with a message fit for an INVALID_ARGUMENT answer; returns the output
+    Raises BadInput (a ValueError) with a message fit for an INVALID_ARGUMENT answer; returns the output
     names to produce (all of them when `outputs` is None). Runtimes' own messages for
     these mistakes differ wildly, and some (OpenVINO) convert types silently.
     """
@@ -168,15 +175,15 @@ def check_request(
             parts.append(f"missing input(s) {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown input(s) {', '.join(unknown)}")
-        raise ValueError(f"{'; '.join(parts)}; the model takes {', '.join(expected)}")
+        raise BadInput(f"{'; '.join(parts)}; the model takes {', '.join(expected)}")
     for name, spec in expected.items():
         arr = inputs[name]
         if not isinstance(arr, np.ndarray):
-            raise ValueError(f"input {name} must be a numpy array, got {type(arr).__name__}")
+            raise BadInput(f"input {name} must be a numpy array, got {type(arr).__name__}")
         if not _dtype_ok(spec.datatype, arr):
-            raise ValueError(f"input {name} must be {spec.datatype}, got numpy {arr.dtype}")
+            raise BadInput(f"input {name} must be {spec.datatype}, got numpy {arr.dtype}")
         if not _shape_ok(spec.shape, arr.shape):
-            raise ValueError(
+            raise BadInput(
                 f"input {name} has shape {list(arr.shape)}, the model expects "
                 f"{list(spec.shape)} (-1 = any)"
             )
@@ -185,5 +192,5 @@ def check_request(
         return names
     bad = [n for n in outputs if n not in names]
     if bad:
-        raise ValueError(f"unknown output(s) {', '.join(bad)}; the model has {', '.join(names)}")
+        raise BadInput(f"unknown output(s) {', '.join(bad)}; the model has {', '.join(names)}")
     return list(outputs)

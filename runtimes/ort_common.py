@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from runtimes.base import (
+    BadInput,
     LoadOptions,
     RuntimeLoadError,
     TensorSpec,
@@ -65,7 +67,12 @@ class OrtSession:
         # RunOptions per call (they are cheap): nothing shared between threads.
         run_options = ort.RunOptions()
         run_options.log_severity_level = _LOG_SEVERITY_FATAL
-        results = session.run(names, dict(inputs), run_options)
+        try:
+            results = session.run(names, dict(inputs), run_options)
+        except InvalidArgument as exc:
+            # ORT's word that these inputs do not fit the graph (a dimension a node cannot
+            # take, ...): the caller's error, past what check_request can see.
+            raise BadInput(one_line(exc)) from exc
         return {n: np.asarray(r) for n, r in zip(names, results, strict=True)}
 
     def close(self) -> None:
