@@ -463,7 +463,8 @@ class Scheduler:
                 if more is None:
                     self._intake.put(None)
                     break
-                batch.append(more)
+                if more is not _RETRY:
+                    batch.append(more)
             inline: Job | None = None
             try:
                 with self._admitting:
@@ -1097,6 +1098,7 @@ class Scheduler:
             self._answers[:0] = group
             self._answers_blocked = True
             self._answers_flow.clear()
+        self._intake.put(_RETRY)  # the intake may be waiting for a job that never comes
 
     def _answered(self, group: Sequence[_Done], seqs: Sequence[int | None]) -> None:
         """After the commit of `group`: its answers to the outbox, in seq order; repeats

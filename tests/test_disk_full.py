@@ -11,20 +11,22 @@ after a restart on a full disk.
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.journal import SPOOL_MIN_BYTES
+from agent.journal import SPOOL_MIN_BYTES, DiskFull
 from agent.topics import Topics
 from bench.probes.disk_full import fill, journal_keys, mount_tmpfs, unmount
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import Replies, Watch, build_slow, deploy, wait_state
+from tests.test_job_path import FakeSession, Stack, check_durable_order, job
 
 DEVICE = "gw-disk"
 
@@ -122,7 +124,7 @@ def test_full_state_disk_loses_nothing(tmp_path: Path, state_disk: Path) -> None
             send(job_id)
         wait_until(lambda: set(after) <= set(refusals(replies)), 15,
                    f"not told after the restart: {replies.by_correlation()}")
-        for job_id, answer in refusals(replies).items():
+        for answer in refusals(replies).values():
             assert answer["parameters"] == {"code": "UNAVAILABLE", "held": True}, answer
             assert "state disk is full" in answer["error"], answer
             assert str(state_disk) in answer["error"]
@@ -148,3 +150,60 @@ def test_full_state_disk_loses_nothing(tmp_path: Path, state_disk: Path) -> None
             replies.close()
         agent.stop()
         broker.stop()
+
+
+# --- the scheduler alone (tests/test_job_path.py's stack): a journal that says "full" -----
+
+
+def full_journal(s: Any, full: threading.Event, *, jobs: bool, answers: bool) -> None:
+    """Make `s.journal` refuse commits with jobs and/or answers while `full` is set."""
+    real = s.journal.commit
+
+    def commit(js: Sequence[Any], ans: Sequence[Any]) -> Any:
+        if full.is_set() and ((jobs and js) or (answers and ans)):
+            raise DiskFull(s.journal.path.parent, "SQLITE_FULL")
+        return real(js, ans)
+
+    s.journal.commit = commit
+
+
+def test_an_answer_with_no_room_waits_in_memory_and_goes_out_without_new_jobs(
+        tmp_path: Path) -> None:
+    s = Stack(tmp_path, FakeSession())
+    full = threading.Event()
+    full.set()
+    full_journal(s, full, jobs=False, answers=True)
+    try:
+        s.scheduler.start()
+        s.scheduler.submit(job(1))
+        wait_until(lambda: ("ack", 1) in s.log, 5, "not acknowledged")
+        time.sleep(0.3)
+        assert not s.published, "an answer went out before its commit"
+        full.clear()  # no job arrives from now on: the retry alone must bring it out
+        assert [a["id"] for a in s.wait_answers(1)] == ["j1"]
+        check_durable_order(s.log)
+    finally:
+        s.close()
+
+
+def test_a_job_with_no_room_is_held_unacknowledged_then_admitted(tmp_path: Path) -> None:
+    s = Stack(tmp_path, FakeSession())
+    full = threading.Event()
+    full.set()
+    full_journal(s, full, jobs=True, answers=False)
+    try:
+        s.scheduler.start()
+        s.scheduler.submit(job(2))
+        wait_until(lambda: any(k == "send_now" for k, _ in s.log), 5, "not told")
+        told = json.loads(next(p for k, p in s.log if k == "send_now"))
+        assert told["id"] == "j2"
+        assert told["parameters"] == {"code": "UNAVAILABLE", "held": True}
+        assert "state disk is full" in told["error"]
+        time.sleep(0.3)
+        assert ("ack", 2) not in s.log
+        full.clear()
+        assert [a["id"] for a in s.wait_answers(1)] == ["j2"]
+        assert [k for k, _ in s.log].count("send_now") == 1, "told more than once"
+        check_durable_order(s.log)
+    finally:
+        s.close()
