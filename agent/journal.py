@@ -13,6 +13,7 @@ with the other request's answer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,45 @@ RUNNING_FILE = "running"  # <database file name>.running: agent/runslots.py
 # done; as a file it is one write and one unlink.
 SPOOL_DIR = "spool"
 SPOOL_MIN_BYTES = 64 * 1024
+
+
+# SQLite's I/O errors that mean a full disk when the disk has no room left (SQLite reports
+# ENOSPC as SQLITE_FULL on most writes, but as one of these where it grows or maps a file).
+_IOERR_WRITES = frozenset({sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_SHMSIZE,
+                           sqlite3.SQLITE_IOERR_TRUNCATE, sqlite3.SQLITE_IOERR_FSYNC})
+
+
+class DiskFull(Exception):
+    """A write to the state disk failed for lack of space (the journal's database, its
+    WAL, or a spool file). Nothing of the failed write is recorded: the caller keeps what
+    it meant to write and tries again later. `cause` is the error's name (SQLITE_FULL,
+    ENOSPC, ...), never SQLite's or the OS's text."""
+
+    def __init__(self, state_dir: Path, cause: str) -> None:
+        super().__init__(f"the state disk is full (state_dir {state_dir}; {cause})")
+        self.state_dir = state_dir
+        self.cause = cause
+
+
+def disk_full_cause(exc: BaseException, where: Path) -> str | None:
+    """The name of `exc` when it says the disk under `where` is full, else None. By error
+    code, never by message: SQLITE_FULL, ENOSPC or EDQUOT, or one of SQLite's write
+    I/O errors while the disk has no room left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errno.errorcode[exc.errno]
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)  # absent on errors sqlite3 makes itself
+    if code is None:
+        return None
+    name = str(getattr(exc, "sqlite_errorname", code))
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return name
+    if code in _IOERR_WRITES:
+        with contextlib.suppress(OSError):
+            if os.statvfs(where).f_bavail == 0:
+                return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -161,6 +201,25 @@ class Journal:
         self._slots = RunSlots(self._running_path)
         self._remove_orphan_spool_files()
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write: an error that says the disk is full comes out as DiskFull."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            cause = disk_full_cause(exc, self.path.parent)
+            if cause is None:
+                raise
+            raise DiskFull(self.path.parent, cause) from exc
+
+    def _rollback(self) -> None:
+        """Under _lock, after a failed statement: end the transaction if SQLite has not
+        already (it rolls back by itself after some errors, SQLITE_FULL among them, and a
+        second ROLLBACK would raise an error of its own over the one that matters)."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
     def _remove_orphan_spool_files(self) -> None:
         """Spool files written for jobs whose admission never committed (a crash between
         the two), or whose job is done but the unlink did not happen."""
@@ -180,8 +239,12 @@ class Journal:
                 view = view[os.write(fd, view):]
             if self._full:
                 os.fsync(fd)
-        finally:
+        except BaseException:
+            # A part written (the disk filled up) would hold its space until the next start.
             os.close(fd)
+            self._spool_unlink([name])
+            raise
+        os.close(fd)
         return name
 
     def _spool_unlink(self, names: Sequence[str]) -> None:
@@ -194,6 +257,15 @@ class Journal:
         """Charge a run to each unanswered job that was running when the agent stopped, and
         forget the counts of jobs that are answered (before the slots are cleared)."""
         running = read_running(self._running_path)
+        try:
+            with self._writing():
+                self._count_runs(running)
+        except DiskFull as exc:
+            # Counting guards against a job that crashes the agent every time; starting on
+            # a full disk must not fail for it: these runs go uncounted.
+            log.error("interrupted runs not counted: %s", exc)
+
+    def _count_runs(self, running: Sequence[bytes]) -> None:
         with self._lock:
             queued = self._db.execute(
                 "SELECT key, received_wall FROM jobs WHERE state = 'queued'").fetchall()
@@ -209,7 +281,7 @@ class Journal:
                 self._db.executemany("DELETE FROM attempts WHERE key = ?", [(k,) for k in stale])
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def close(self) -> None:
@@ -246,7 +318,8 @@ class Journal:
         """A group commit: admit `jobs` and record `answers` (each job marked done with its
         answer and the answer's outbox row) in ONE transaction; returns what `admit` decided
         for each job and each answer's outbox seq. All or nothing: on an error nothing of
-        the group is recorded and the caller may retry each part alone.
+        the group is recorded and the caller may retry each part alone. Raises DiskFull
+        when the disk had no room for the group (its spool files or its rows).
 
         Answers are written before admissions, so a repeat of a job answered in the same
         group is seen as done (answered from the stored answer).
@@ -255,42 +328,51 @@ class Journal:
         seqs: list[int] = []
         # Large payloads go to spool files first, outside the lock; a file whose row does
         # not commit is removed (here, or at the next start after a crash).
-        spooled = {i: self._spool_write(job.payload) for i, job in enumerate(jobs)
-                   if len(job.payload) >= SPOOL_MIN_BYTES}
-        if spooled and self._full:
-            fsync_dir(self._spool)
+        spooled: dict[int, str] = {}
         unused: list[str] = []
         now = time.time()
         answer_props = [json.dumps(list(a.user_props)) for a in answers]
         try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for answer, props in zip(answers, answer_props, strict=True):
-                        seqs.append(self._insert_out(answer.topic, answer.payload, 1,
-                                                     answer.correlation, props, now))
-                        # payload_file stays on the done row (unused): RETURNING gives the
-                        # value after the update; the file is removed once the commit is made.
-                        spool = self._db.execute(
-                            "UPDATE jobs SET state = 'done', payload = NULL,"
-                            " result_topic = ?, result = ?, result_props = ?, done_wall = ?,"
-                            " executions = executions + ? WHERE key = ? RETURNING payload_file",
-                            (answer.topic, answer.payload, props, now,
-                             1 if answer.executed else 0, answer.key),
-                        ).fetchone()
-                        if spool and spool[0]:
-                            unused.append(spool[0])
-                    for i, job in enumerate(jobs):
-                        out.append(self._admit_one(job, spooled.get(i), unused))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+            with self._writing():
+                for i, job in enumerate(jobs):
+                    if len(job.payload) >= SPOOL_MIN_BYTES:
+                        spooled[i] = self._spool_write(job.payload)
+                if spooled and self._full:
+                    fsync_dir(self._spool)
+                self._commit_rows(jobs, answers, answer_props, spooled, unused, out, seqs, now)
         except BaseException:
             self._spool_unlink(list(spooled.values()))
             raise
         self._spool_unlink(unused)
         return out, seqs
+
+    def _commit_rows(self, jobs: Sequence[StoredJob], answers: Sequence[Completion],
+                     answer_props: Sequence[str], spooled: dict[int, str], unused: list[str],
+                     out: list[Admission], seqs: list[int], now: float) -> None:
+        """`commit`'s transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for answer, props in zip(answers, answer_props, strict=True):
+                    seqs.append(self._insert_out(answer.topic, answer.payload, 1,
+                                                 answer.correlation, props, now))
+                    # payload_file stays on the done row (unused): RETURNING gives the
+                    # value after the update; the file is removed once the commit is made.
+                    spool = self._db.execute(
+                        "UPDATE jobs SET state = 'done', payload = NULL,"
+                        " result_topic = ?, result = ?, result_props = ?, done_wall = ?,"
+                        " executions = executions + ? WHERE key = ? RETURNING payload_file",
+                        (answer.topic, answer.payload, props, now,
+                         1 if answer.executed else 0, answer.key),
+                    ).fetchone()
+                    if spool and spool[0]:
+                        unused.append(spool[0])
+                for i, job in enumerate(jobs):
+                    out.append(self._admit_one(job, spooled.get(i), unused))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
 
     def _admit_one(self, job: StoredJob, spool: str | None, unused: list[str]) -> Admission:
         """Under _lock, in a transaction: one job of `commit`."""
@@ -358,17 +440,20 @@ class Journal:
         attempt if the agent stops before `done_running`. No disk write (runslots.py)."""
         rest = self._slots.enter([run_tag(key, wall) for key, wall in jobs])
         if rest:  # more than a slot holds: counted at once, in the table
-            with self._lock:
-                self._db.executemany(
-                    "INSERT INTO attempts (key, n) VALUES (?, 1)"
-                    " ON CONFLICT(key) DO UPDATE SET n = n + 1", [(t.decode(),) for t in rest])
+            try:
+                with self._writing(), self._lock:
+                    self._db.executemany(
+                        "INSERT INTO attempts (key, n) VALUES (?, 1)"
+                        " ON CONFLICT(key) DO UPDATE SET n = n + 1", [(t.decode(),) for t in rest])
+            except DiskFull as exc:  # a guard against crash loops; the run goes on
+                log.warning("%d run(s) not counted: %s", len(rest), exc)
 
     def done_running(self) -> None:
         self._slots.leave()
 
     def prune(self, older_than_wall: float) -> int:
         """Forget answers older than the dedup window."""
-        with self._lock:
+        with self._writing(), self._lock:
             cur = self._db.execute(
                 "DELETE FROM jobs WHERE state = 'done' AND done_wall < ?", (older_than_wall,)
             )
@@ -384,8 +469,8 @@ class Journal:
                 correlation: bytes | None = None,
                 user_props: Sequence[tuple[str, str]] = ()) -> int:
         """Queue a message that is no job's final answer (an event, a refusal, a partial, an
-        answer served again)."""
-        with self._lock:
+        answer served again). Raises DiskFull."""
+        with self._writing(), self._lock:
             return self._insert_out(topic, payload, qos, correlation,
                                     json.dumps(list(user_props)), time.time())
 
@@ -423,11 +508,12 @@ class Journal:
         return int(row[0]) if row else 0
 
     def acked(self, seqs: Sequence[int]) -> None:
-        """Forget messages the broker acknowledged (one statement: autocommit)."""
+        """Forget messages the broker acknowledged (one statement: autocommit). Raises
+        DiskFull (a DELETE writes to the WAL too)."""
         if not seqs:
             return
         marks = ",".join("?" * len(seqs))
-        with self._lock:
+        with self._writing(), self._lock:
             self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", list(seqs))  # noqa: S608 - placeholders only
 
     def outbox_stats(self) -> tuple[int, int]:

@@ -36,6 +36,24 @@ class Metrics:
         self.errors_by_code: dict[str, int] = {}
         self.jobs_ok = 0
         self.jobs_failed = 0
+        # The state disk (agent/diskalarm.py): full now, and how often it filled up.
+        self.disk_full = False
+        self.disk_full_episodes = 0
+        # What waits in memory meanwhile (agent/scheduler.py): jobs neither journaled nor
+        # acknowledged, answers not yet recorded.
+        self.disk_held_jobs = 0
+        self.disk_waiting_answers = 0
+
+    def state_disk(self, *, full: bool) -> None:
+        with self._lock:
+            if full and not self.disk_full:
+                self.disk_full_episodes += 1
+            self.disk_full = full
+
+    def disk_backlog(self, held_jobs: int, waiting_answers: int) -> None:
+        with self._lock:
+            self.disk_held_jobs = held_jobs
+            self.disk_waiting_answers = waiting_answers
 
     def record_ok(self, model: str, queue_ms: float, infer_ms: float, total_ms: float) -> None:
         with self._lock:
@@ -71,4 +89,10 @@ class Metrics:
                 "jobs_failed": self.jobs_failed,
                 "errors_by_code": dict(self.errors_by_code),
                 "models": models,
+                "state_disk": {
+                    "full": self.disk_full,
+                    "full_episodes": self.disk_full_episodes,
+                    "held_jobs": self.disk_held_jobs,
+                    "waiting_answers": self.disk_waiting_answers,
+                },
             }

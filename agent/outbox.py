@@ -22,8 +22,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agent.diskalarm import DiskAlarm
 from agent.errors import Code
-from agent.journal import Journal, OutMessage
+from agent.journal import DiskFull, Journal, OutMessage
 from agent.protocol import encode_error, peek_id
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,14 @@ class OutboxPublisher:
         window: int = 256,
         max_messages: int = 10_000,
         max_bytes: int = 64 * 1024 * 1024,
+        alarm: DiskAlarm | None = None,
     ) -> None:
         self._journal = journal
+        self._alarm = alarm
+        # Acknowledged rows whose DELETE found the disk full: forgotten on a later round
+        # (this thread only). Until then they count as waiting, and a restart sends them
+        # again (a duplicate the client tells by its id), but nothing is lost.
+        self._unforgotten: list[tuple[int, int]] = []
         self._publish = publish
         self._connected = connected
         self._max_packet = max_packet_size
@@ -205,9 +212,18 @@ class OutboxPublisher:
                 if refused:
                     self.refused += 1
                     log.error("broker refused outbox message %d; dropped", sent[0])
+        done, self._unforgotten = self._unforgotten + done, []
         if not done:
             return
-        self._journal.acked([seq for seq, _ in done])
+        try:
+            self._journal.acked([seq for seq, _ in done])
+        except DiskFull as exc:
+            self._unforgotten = done
+            if self._alarm is not None:
+                self._alarm.full("outbox", exc)
+            return
+        if self._alarm is not None:
+            self._alarm.clear("outbox")
         with self._cond:
             self.messages -= len(done)
             self.bytes -= sum(size for _, size in done)

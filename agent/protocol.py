@@ -504,8 +504,13 @@ def encode_response(
     return Encoded(header + b"".join(blobs), ((HEADER_LENGTH_PROPERTY, str(len(header))),))
 
 
-def encode_error(job_id: str | None, code: Code, message: str) -> bytes:
-    body: dict[str, Any] = {"error": message, "parameters": {"code": code.value}}
+def encode_error(job_id: str | None, code: Code, message: str, *, held: bool = False) -> bytes:
+    """An error answer. `held`: not the job's final answer; the job was kept (the state
+    disk was full) and its answer follows once it has run (docs/protocol.md)."""
+    params: dict[str, Any] = {"code": code.value}
+    if held:
+        params["held"] = True
+    body: dict[str, Any] = {"error": message, "parameters": params}
     if job_id is not None:
         body["id"] = job_id
     return _encoder.encode(body)

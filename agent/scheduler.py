@@ -43,6 +43,7 @@ records it has, and the outbox forgets a row only on its PUBACK (docs/protocol.m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -54,7 +55,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -63,8 +64,9 @@ import xxhash
 from agent import failover
 from agent.batching import Batcher, Prepared, batchable, split_outputs
 from agent.config import JobsConfig
+from agent.diskalarm import DiskAlarm
 from agent.errors import Code, JobError
-from agent.journal import Completion, Journal, OutMessage, StoredJob
+from agent.journal import Completion, DiskFull, Journal, OutMessage, StoredJob
 from agent.metrics import Metrics
 from agent.mqtt_session import Inbound
 from agent.outbox import OutboxPublisher
@@ -90,8 +92,14 @@ from runtimes.base import BadInput, TensorSpec
 
 log = logging.getLogger(__name__)
 
-# Direct publish for answers that cannot wait for the journal: topic, payload, correlation.
-SendNow = Callable[[str, bytes, bytes | None], None]
+class SendNow(Protocol):
+    """Direct publish (QoS 1, not kept on disk) for answers that cannot go through the
+    journal: an intake that is full, a state disk that is full."""
+
+    def __call__(self, topic: str, payload: bytes, correlation: bytes | None,
+                 user_properties: Sequence[tuple[str, str]], /) -> None: ...
+
+
 Ack = Callable[[int, int], None]
 
 _json = msgspec.json.Encoder()
@@ -107,6 +115,13 @@ INTAKE_DECODE_MAX = 64 * 1024
 # and a run of its model has lately taken at most this long (wall time of the whole run:
 # checks, runtime, answer). Jobs that arrive meanwhile wait in the intake queue that long.
 INLINE_MAX_S = 0.002
+# While the state disk is full, the intake tries the held jobs and the waiting answers
+# again after this long, doubling up to the maximum (a write that fails fails fast, but
+# hundreds of them every few ms would be a busy loop).
+DISK_RETRY_MIN_S = 0.05
+DISK_RETRY_MAX_S = 1.0
+# A retry round stops trying held jobs one by one after this many in a row found no room.
+DISK_RETRY_TRIES = 4
 
 
 @dataclass(frozen=True)
@@ -260,6 +275,7 @@ class Scheduler:
         results_topic: str,
         reply_prefixes: Sequence[str],
         cfg: JobsConfig,
+        alarm: DiskAlarm | None = None,
     ) -> None:
         self._registry = registry
         self._metrics = metrics
@@ -306,6 +322,27 @@ class Scheduler:
         self.executed = 0  # inference runs in this process
         self.duplicates = 0  # jobs answered from a stored answer
         self.rejected = 0  # jobs refused with RESOURCE_EXHAUSTED
+        # The state disk full (docs/protocol.md, durability). Jobs that could not be
+        # journaled are held here, in arrival order, NOT acknowledged, and journaled,
+        # acknowledged and run once there is room. Kept in memory rather than left to the
+        # broker to send again, because a QoS 1 message the agent has not acknowledged is
+        # sent again only after a reconnect: dropping the link to get them back would also
+        # resend every answer in flight and cut off every client's answers meanwhile, and
+        # a gateway whose disk fills up often would reconnect often. Memory stays bounded
+        # because the broker never has more than our Receive Maximum of unacknowledged
+        # QoS 1 messages out to us (agent/mqtt_session.py RECEIVE_MAXIMUM); past
+        # `max_queued_bytes` of held payloads a job is not held but only told, and the
+        # broker gives it again after the next reconnect or restart. Intake thread only.
+        self._alarm = alarm if alarm is not None else DiskAlarm(
+            journal.path.parent, metrics, lambda kind, **fields: None)
+        self._held: list[Inbound] = []
+        self._held_bytes = 0
+        # Answers that found the disk full wait in `_answers` (in front) with this set, and
+        # workers take no new job meanwhile; the intake commits them when there is room.
+        self._answers_blocked = False
+        self._answers_flow = threading.Event()  # set: answers can be committed
+        self._answers_flow.set()
+        self._commit_went_through = True  # the last journal commit did (for the alarm)
 
     def depth(self) -> int:
         with self._lock:
@@ -345,15 +382,15 @@ class Scheduler:
         """Queue what the journal holds unanswered from before a restart."""
         pending = self._journal.pending()
         for job in pending:
+            with self._lock:
+                self._first_correlation[job.key] = job.correlation
+                self._queued += 1
+                self._queued_bytes += len(job.payload)
             if job.attempts >= self._cfg.max_attempts:
                 self._give_up(job)
                 continue
             inbound = revived(job)
             self._enqueue(self._job(job.key, inbound, *self._read(inbound)))
-            with self._lock:
-                self._first_correlation[job.key] = job.correlation
-                self._queued += 1
-                self._queued_bytes += len(job.payload)
         if pending:
             log.info("recovered %d unanswered job(s) from the journal", len(pending))
         return len(pending)
@@ -367,8 +404,8 @@ class Scheduler:
         log.error("job %s: %s", job.key, text)
         payload = encode_error(peek_meta(job.payload, job.user_props).id, Code.INTERNAL, text)
         self._metrics.record_error(None, Code.INTERNAL.value)
-        self._journal.complete(job.key, False, reply.topic, payload, reply.correlation_data, ())
-        self._outbox.added(len(payload))
+        # As any answer: with the disk full it waits for room instead of failing the start.
+        self._finish(job.key, inbound, Answer(reply, payload, (), False))
 
     def start(self) -> None:
         intake = threading.Thread(target=self._intake_loop, name="job-intake", daemon=True)
@@ -404,16 +441,26 @@ class Scheduler:
         self.rejected += 1
         self._metrics.record_error(None, code.value)
         text = f"{why}; retry later" if code is Code.RESOURCE_EXHAUSTED else why
-        self._send_now(reply.topic, encode_error(job_id, code, text), reply.correlation_data)
+        self._send_now(reply.topic, encode_error(job_id, code, text), reply.correlation_data, ())
         self._ack(inbound.mid, inbound.qos)
 
     def _intake_loop(self) -> None:
         last_prune = 0.0
+        retry_s = DISK_RETRY_MIN_S
         while True:
-            first = self._intake.get()
+            if self._held or self._answers_blocked:
+                # The disk was full: try again after a while even if no job comes.
+                try:
+                    first = self._intake.get(timeout=retry_s)
+                except queue.Empty:
+                    first = _RETRY
+                retry_s = min(retry_s * 2, DISK_RETRY_MAX_S)
+            else:
+                first = self._intake.get()
+                retry_s = DISK_RETRY_MIN_S
             if first is None:
                 return
-            batch = [first]
+            batch = [] if first is _RETRY else [first]
             while len(batch) < INTAKE_BATCH:
                 try:
                     more = self._intake.get_nowait()
@@ -422,7 +469,8 @@ class Scheduler:
                 if more is None:
                     self._intake.put(None)
                     break
-                batch.append(more)
+                if more is not _RETRY:
+                    batch.append(more)
             inline: Job | None = None
             try:
                 with self._admitting:
@@ -431,6 +479,8 @@ class Scheduler:
                                  len(batch))
                         continue
                     inline = self._admit_each_if_need_be(batch)
+                self._commit_waiting()
+                self._disk_status()
             except Exception:
                 # Not acknowledged: the broker delivers these again after a reconnect.
                 log.exception("journal write failed for %d job(s)", len(batch))
@@ -439,23 +489,81 @@ class Scheduler:
             now = time.monotonic()
             if now - last_prune > PRUNE_EVERY_S:
                 last_prune = now
-                self._journal.prune(time.time() - self._cfg.dedup_window_s)
+                # A DELETE needs room in the WAL too: with the disk full, pruned later.
+                with contextlib.suppress(DiskFull):
+                    self._journal.prune(time.time() - self._cfg.dedup_window_s)
 
     def _admit_each_if_need_be(self, batch: list[Inbound]) -> Job | None:
+        """Admit the held jobs (the disk was full) and then `batch`, in arrival order."""
+        told = {id(i) for i in self._held}
+        jobs, self._held, self._held_bytes = self._held + batch, [], 0
+        if not jobs:
+            return None
         try:
-            return self._admit(batch, may_inline=True)
+            return self._admit(jobs, may_inline=True)
+        except DiskFull as exc:
+            self._no_room(exc)
         except Exception:
-            log.exception("admitting %d job(s) failed; taking them one by one", len(batch))
-        for inbound in batch:
+            log.exception("admitting %d job(s) failed; taking them one by one", len(jobs))
+        no_room = 0  # in a row
+        for inbound in jobs:
+            if no_room >= DISK_RETRY_TRIES:
+                self._hold(inbound, None, told=id(inbound) in told)
+                continue
             try:
                 self._admit([inbound], may_inline=False)
+                no_room = 0
+            except DiskFull as exc:
+                no_room += 1
+                self._hold(inbound, exc, told=id(inbound) in told)
             except Exception as exc:
                 # Answered and acknowledged: a job that cannot even be journaled must not
-                # come back with every reconnect, unanswered.
+                # come back with every reconnect, unanswered. The error's type and code
+                # only: its text (SQLite's) is not for clients.
                 log.exception("job could not be admitted")
-                self._refuse_now(inbound, f"the agent could not accept the job "
-                                 f"({type(exc).__name__}: {exc})", Code.INTERNAL)
+                code = getattr(exc, "sqlite_errorname", None)
+                self._refuse_now(inbound, "the agent could not journal the job ("
+                                 + (code or type(exc).__name__) + ")", Code.INTERNAL)
         return None
+
+    def _hold(self, inbound: Inbound, exc: DiskFull | None, *, told: bool) -> None:
+        """A job the full disk would not take: told so (once), kept unacknowledged."""
+        if exc is not None:
+            self._no_room(exc)
+        if not told:
+            reply = route_reply(inbound, self._results_topic, self._reply_prefixes)
+            job_id = peek_meta(inbound.payload, inbound.user_properties).id
+            where = exc.state_dir if exc is not None else self._journal.path.parent
+            text = (f"the agent's state disk is full (state_dir {where}): the job was not "
+                    "accepted; retry later, with the same id to be answered only once (the "
+                    "broker keeps this delivery and the agent runs it when there is room)")
+            self._metrics.record_error(None, Code.UNAVAILABLE.value)
+            # Directly: the outbox is on the full disk. `held` says an answer follows.
+            self._send_now(reply.topic, encode_error(job_id, Code.UNAVAILABLE, text,
+                                                     held=True),
+                           reply.correlation_data, ())
+        size = len(inbound.payload)
+        if self._held_bytes + size > self._cfg.max_queued_bytes:
+            log.warning("job not held in memory (%d bytes held): the broker delivers it "
+                        "again after the next reconnect", self._held_bytes)
+            return
+        self._held.append(inbound)
+        self._held_bytes += size
+
+    def _disk_status(self) -> None:
+        """After an intake round: clear the alarm once nothing waits for room; figures."""
+        waiting = self._answers_waiting()
+        self._metrics.disk_backlog(len(self._held), waiting)
+        if not self._held and not self._answers_blocked and self._commit_went_through:
+            self._alarm.clear("journal")
+
+    def _no_room(self, exc: DiskFull) -> None:
+        self._commit_went_through = False
+        self._alarm.full("journal", exc)
+
+    def _answers_waiting(self) -> int:
+        with self._answers_lock:
+            return len(self._answers) if self._answers_blocked else 0
 
     def _admit(self, batch: list[Inbound], *, may_inline: bool) -> Job | None:
         """Journal arriving jobs, together with the answers waiting for a commit (one
@@ -483,6 +591,7 @@ class Scheduler:
         except Exception:
             self._record_answers(answers)  # on their own, so the failure is the batch's
             raise
+        self._commit_went_through = True
         self._answered(answers, seqs)
         fresh: list[Job] = []
         new_bytes = 0
@@ -566,7 +675,7 @@ class Scheduler:
         with self._lock:
             if self._busy_since:
                 return False
-        return self._outbox.has_room()
+        return self._outbox.has_room() and self._answers_flow.is_set()
 
     def _replay(self, key: str, correlation: bytes | None) -> None:
         """Send a done job's stored answer again, marked `replayed`, to `correlation`."""
@@ -579,9 +688,7 @@ class Scheduler:
             # Every stored answer is one of ours, so this is a bug; the answer still goes.
             log.exception("job %s: stored answer could not be marked replayed", key)
             marked = Encoded(answer.payload, answer.user_props)
-        self._journal.enqueue(answer.topic, marked.payload, 1, correlation,
-                              marked.user_properties)
-        self._outbox.added(len(marked.payload))
+        self._send_out(answer.topic, marked.payload, correlation, marked.user_properties)
 
     def _refuse_reused_key(self, inbound: Inbound, meta: JobMeta) -> None:
         """A job under the key of an earlier, different request: refused, never answered
@@ -595,9 +702,8 @@ class Scheduler:
             text = ("this correlation data was already used for a different request within "
                     f"the last {window} s; use new correlation data or give the job an id")
         self._metrics.record_error(None, Code.INVALID_ARGUMENT.value)
-        payload = encode_error(meta.id, Code.INVALID_ARGUMENT, text)
-        self._journal.enqueue(reply.topic, payload, 1, reply.correlation_data)
-        self._outbox.added(len(payload))
+        self._send_out(reply.topic, encode_error(meta.id, Code.INVALID_ARGUMENT, text),
+                       reply.correlation_data, ())
 
     def _refuse_oversize(self, inbound: Inbound) -> None:
         """A job over jobs.max_message_bytes, its payload dropped unread by the session
@@ -622,9 +728,22 @@ class Scheduler:
         )
         self.rejected += 1
         self._metrics.record_error(None, Code.RESOURCE_EXHAUSTED.value)
-        self._journal.enqueue(reply.topic, payload, 1, reply.correlation_data)
-        self._outbox.added(len(payload))
+        self._send_out(reply.topic, payload, reply.correlation_data, ())
         self._ack(inbound.mid, inbound.qos)
+
+    def _send_out(self, topic: str, payload: bytes, correlation: bytes | None,
+                  user_properties: Sequence[tuple[str, str]]) -> None:
+        """A message that is no job's final answer, through the outbox; directly when the
+        disk is full (it is then lost if the link drops before its PUBACK: a refusal, a
+        replay or a partial answer, which the client's retry or the final answer covers)."""
+        try:
+            self._journal.enqueue(topic, payload, 1, correlation, user_properties)
+        except DiskFull as exc:
+            # No alarm from here: only the journal's commits raise and clear it.
+            log.warning("sent without the outbox: %s", exc)
+            self._send_now(topic, payload, correlation, user_properties)
+            return
+        self._outbox.added(len(payload))
 
     # --- workers -------------------------------------------------------------------------
 
@@ -633,8 +752,9 @@ class Scheduler:
             job = self._work_q.get()
             if job is None:
                 return
-            # Backpressure: answers wait on disk for the broker; do not pile up more.
-            while not self._outbox.wait_room(0.5):
+            # Backpressure: answers wait on disk for the broker; do not pile up more. Nor
+            # in memory, while answers wait for room on a full disk.
+            while not self._outbox.wait_room(0.5) or not self._answers_flow.wait(0.5):
                 if self._stopping.is_set():
                     break
             self._run_job(job)
@@ -860,9 +980,8 @@ class Scheduler:
         encoded = encode_response(job.request, model.spec.name, model.spec.version, outputs,
                                   {"sequence_end": False, "runtime": model.session.runtime,
                                    "device": model.session.device})
-        self._journal.enqueue(job.reply.topic, encoded.payload, 1, job.reply.correlation_data,
-                              encoded.user_properties)
-        self._outbox.added(len(encoded.payload))
+        self._send_out(job.reply.topic, encoded.payload, job.reply.correlation_data,
+                       encoded.user_properties)
 
     def _error_answer(self, reply: Reply, job_id: str | None, model_label: str | None,
                       exc: Exception, executed: bool) -> Answer:
@@ -888,10 +1007,14 @@ class Scheduler:
         for the intake's next admission) and goes back to work at once."""
         with self._answers_lock:
             self._answers.append(_Done(key, len(inbound.payload), answer))
-            if self._committing:
+            if self._committing or self._answers_blocked:  # blocked: the intake retries
                 return
             self._committing = True
-        group: list[_Done] = []
+        self._commit_loop()
+
+    def _commit_loop(self) -> None:
+        """The committer's loop (its caller set `_committing`): commit what waits until
+        nothing does, or until the disk has no room for it."""
         try:
             while True:
                 with self._answers_lock:
@@ -899,35 +1022,105 @@ class Scheduler:
                     if not group:
                         self._committing = False
                         return
-                self._record_answers(group)
+                if not self._record_answers(group):
+                    with self._answers_lock:
+                        self._committing = False
+                    return
         except BaseException:
             with self._answers_lock:
                 self._committing = False
             raise
 
-    def _take_answers(self) -> list[_Done]:
+    def _commit_waiting(self) -> None:
+        """The intake's turn, while answers wait for room on the disk: try them again."""
         with self._answers_lock:
+            if not self._answers_blocked or self._committing:
+                return
+            self._committing = True
+        if self._commit_loop_once():
+            self._unblock_answers()
+
+    def _commit_loop_once(self) -> bool:
+        """Under `_committing`: one try at what waits; True when it was recorded."""
+        try:
+            with self._answers_lock:
+                group, self._answers = self._answers, []
+            return self._record_answers(group)
+        finally:
+            with self._answers_lock:
+                self._committing = False
+
+    def _unblock_answers(self) -> None:
+        """An answer commit went through: if answers were held back by a full disk, let
+        them flow, and commit those that came meanwhile (nobody else would: a worker that
+        brought one while blocked left it)."""
+        with self._answers_lock:
+            if not self._answers_blocked:
+                return
+            self._answers_blocked = False
+            self._answers_flow.set()
+            if self._committing or not self._answers:
+                return
+            self._committing = True
+        self._commit_loop()
+
+    def _take_answers(self) -> list[_Done]:
+        """For the intake's admission: the answers there are, unless they wait for room on
+        the disk (then `_commit_waiting` tries them alone, and the jobs go in without)."""
+        with self._answers_lock:
+            if self._answers_blocked:
+                return []
             group, self._answers = self._answers, []
         return group
 
-    def _record_answers(self, group: list[_Done]) -> None:
+    def _record_answers(self, group: list[_Done]) -> bool:
         """Commit a group of answers in one transaction (one by one if that fails) and hand
-        them to the outbox. Never raises: an answer not recorded leaves its job in the
-        journal, unanswered, to run again after a restart."""
+        them to the outbox. Never raises. When the disk has no room, the group goes back in
+        front of the waiting answers, marked blocked, and False is returned: the intake
+        tries again (with backoff) until it is recorded; no answer is dropped. Any other
+        failure leaves an answer's job in the journal, unanswered, to run again after a
+        restart."""
         if not group:
-            return
+            return True
         try:
             seqs: list[int | None] = list(self._journal.commit((), [d.completion() for d in group])[1])
+        except DiskFull as exc:
+            self._keep_for_room(group, exc)
+            return False
         except Exception:
             log.exception("recording %d answer(s) together failed; one by one", len(group))
             seqs = []
+            kept: list[_Done] = []
+            full: DiskFull | None = None
             for done in group:
                 try:
                     seqs.append(self._journal.commit((), [done.completion()])[1][0])
+                except DiskFull as exc:
+                    full = exc
+                    kept.append(done)
+                    seqs.append(None)
                 except Exception:
                     log.exception("job %s: could not record its answer", done.key)
                     seqs.append(None)
+            if full is not None:
+                recorded = [(d, q) for d, q in zip(group, seqs, strict=True)
+                            if not any(d is k for k in kept)]
+                self._answered([d for d, _ in recorded], [q for _, q in recorded])
+                self._keep_for_room(kept, full)
+                return False
+        else:
+            self._commit_went_through = True
         self._answered(group, seqs)
+        return True
+
+    def _keep_for_room(self, group: list[_Done], exc: DiskFull) -> None:
+        """Answers the disk had no room for: back in front of those waiting, blocked."""
+        self._no_room(exc)
+        with self._answers_lock:
+            self._answers[:0] = group
+            self._answers_blocked = True
+            self._answers_flow.clear()
+        self._intake.put(_RETRY)  # the intake may be waiting for a job that never comes
 
     def _answered(self, group: Sequence[_Done], seqs: Sequence[int | None]) -> None:
         """After the commit of `group`: its answers to the outbox, in seq order; repeats
@@ -954,6 +1147,9 @@ class Scheduler:
             with self._lock:
                 self._queued -= len(group)
                 self._queued_bytes -= sum(d.size for d in group)
+
+
+_RETRY = Inbound("", b"", 0, False, None, None, (), None, 0.0, 0.0)  # the intake's wake-up
 
 
 class WorkQueue:

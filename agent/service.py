@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +14,8 @@ import msgspec
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.journal import Journal, OutMessage
+from agent.diskalarm import DiskAlarm
+from agent.journal import DiskFull, Journal, OutMessage
 from agent.metrics import Metrics
 from agent.mqtt_artifacts import MqttArtifacts
 from agent.mqtt_session import Inbound, MqttSession, Retained, Route
@@ -48,6 +50,7 @@ class Agent:
         self.metrics = Metrics()
         self.journal = Journal(cfg.state_path / "journal.sqlite3", cfg.journal.synchronous)
         self.events_dropped = 0
+        self.disk = DiskAlarm(cfg.state_path, self.metrics, self.emit_event)
         self.reconciler = Reconciler(
             cfg, self.store, self.registry, self.hardware, self.emit_event, self.publish_reported
         )
@@ -84,6 +87,7 @@ class Agent:
             window=cfg.outbox.window,
             max_messages=cfg.outbox.max_messages,
             max_bytes=cfg.outbox.max_bytes,
+            alarm=self.disk,
         )
         self.scheduler = Scheduler(
             registry=self.registry,
@@ -95,6 +99,7 @@ class Agent:
             results_topic=self.topics.results,
             reply_prefixes=cfg.reply_prefixes_resolved(),
             cfg=cfg.jobs,
+            alarm=self.disk,
         )
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,
@@ -163,8 +168,10 @@ class Agent:
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         return self.mqtt.publish(topic, payload, qos=qos, retain=retain)
 
-    def _send_now(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
-        self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation)
+    def _send_now(self, topic: str, payload: bytes, correlation: bytes | None,
+                  user_properties: Sequence[tuple[str, str]]) -> None:
+        self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation,
+                          user_properties=user_properties)
 
     def _publish_out(self, msg: OutMessage) -> Any:
         return self.mqtt.publish(
@@ -243,5 +250,11 @@ class Agent:
             self.events_dropped += 1  # answers have the outbox's room; events give way
             return
         payload = _json.encode(event)
-        self.journal.enqueue(self.topics.events, payload)
+        try:
+            self.journal.enqueue(self.topics.events, payload)
+        except DiskFull:
+            # The outbox is on the full disk (`disk_full` itself comes this way): sent
+            # directly, kept by the session until its PUBACK but not across a restart.
+            self._publish(self.topics.events, payload)
+            return
         self.outbox.added(len(payload))

@@ -133,6 +133,19 @@ def start_prometheus(
             )
             yield GaugeMetricFamily("edge_disk_free_bytes", "Free bytes on the state disk",
                                     value=health["disk"]["free"])
+            disk = snap["state_disk"]
+            yield GaugeMetricFamily("edge_state_disk_full",
+                                    "1 while the state disk refuses writes for lack of space",
+                                    value=1 if disk["full"] else 0)
+            yield CounterMetricFamily("edge_state_disk_full_episodes",
+                                      "Times the state disk was found full",
+                                      value=disk["full_episodes"])
+            yield GaugeMetricFamily("edge_disk_held_jobs",
+                                    "Jobs held unacknowledged while the state disk is full",
+                                    value=disk["held_jobs"])
+            yield GaugeMetricFamily("edge_disk_waiting_answers",
+                                    "Answers waiting in memory for room on the state disk",
+                                    value=disk["waiting_answers"])
 
     registry = CollectorRegistry()
     registry.register(_Collector())

@@ -98,7 +98,7 @@ class Stack:
         self.scheduler = Scheduler(
             registry=registry, metrics=Metrics(), journal=self.journal, outbox=self.outbox,
             ack=lambda mid, qos: self.log.append(("ack", mid)),
-            send_now=lambda topic, payload, corr: self.log.append(("send_now", payload)),
+            send_now=lambda topic, payload, corr, props: self.log.append(("send_now", payload)),
             results_topic="edge/v1/dev/gw/results", reply_prefixes=["edge/v1/reply/"],
             cfg=JobsConfig(workers=workers),
         )

@@ -1,0 +1,1 @@
+"""Probes: scripts that reproduce a field finding and print its figures (not tests)."""
