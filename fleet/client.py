@@ -58,7 +58,7 @@ from fleet.oip import (
     result_from_response,
     split_response,
 )
-from fleet.streams import ResponseStream, StreamBase, is_final
+from fleet.streams import ResponseStream, StreamBase, is_final, is_held
 
 if TYPE_CHECKING:
     from fleet.aio import AsyncInferenceClient
@@ -444,6 +444,18 @@ class InferenceClient:
             _fail(p.future, Internal(
                 Code.INTERNAL, f"malformed response to job {p.job_id}: {exc}", job_id=p.job_id,
             ))
+            return
+        if is_held(doc):
+            # Not the job's answer: the agent holds the job until its disk has room. Wait
+            # on, under the job's own deadline (its entry in _deadlines still stands).
+            log.warning("job %s: %s (held by the agent; its answer follows)", p.job_id,
+                        doc.get("error"))
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._pending[corr] = p
+            if closed:
+                _fail(p.future, BrokerError(f"client closed before job {p.job_id} was answered"))
             return
         if p.raw:
             p.future.set_result(doc)

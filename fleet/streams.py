@@ -28,10 +28,18 @@ __all__ = ["AsyncResponseStream", "ResponseStream", "StreamBase", "is_final"]
 _Item = tuple[str, Any]
 
 
+def is_held(doc: dict[str, Any]) -> bool:
+    """An UNAVAILABLE with `parameters.held: true`: the agent could not accept the job yet
+    (its state disk was full) but holds it, and its real answer follows (docs/protocol.md)."""
+    params = doc.get("parameters")
+    return "error" in doc and isinstance(params, dict) and params.get("held") is True
+
+
 def is_final(doc: dict[str, Any]) -> bool:
-    """Whether a response ends its job: an error, or anything but `sequence_end: false`."""
+    """Whether a response ends its job: an error that is not `held`, or anything but
+    `sequence_end: false`."""
     if "error" in doc:
-        return True
+        return not is_held(doc)
     params = doc.get("parameters")
     return not (isinstance(params, dict) and params.get("sequence_end") is False)
 

@@ -33,6 +33,7 @@ ERRORS = {
     "busy": ("RESOURCE_EXHAUSTED", "queue full"),
 }
 SILENT = "slow"  # never answered
+HELD = "held"  # first a `held` UNAVAILABLE, then the answer
 
 
 class Responder:
@@ -94,6 +95,11 @@ class Responder:
             return
         reply_props: Any = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         reply_props.CorrelationData = props.CorrelationData
+        if model == HELD:  # as an agent whose state disk was full: told, then answered
+            told = {"id": job.get("id"), "error": "the agent's state disk is full",
+                    "parameters": {"code": "UNAVAILABLE", "held": True}}
+            self.client.publish(props.ResponseTopic, msgspec.json.encode(told), qos=1,
+                                properties=reply_props)
         if model is None:
             body: dict[str, Any] = {"id": job.get("id"), "error": "not an OIP request",
                                     "parameters": {"code": "INVALID_ARGUMENT"}}
@@ -192,6 +198,14 @@ def test_error_responses_are_typed(responder: Responder, client: InferenceClient
     exc = fut.exception(5)
     assert isinstance(exc, ResourceExhausted)
     assert isinstance(exc, InferenceError)
+
+
+def test_a_held_answer_is_not_the_final_one(responder: Responder, client: InferenceClient) -> None:
+    result = client.infer(HELD, {"x": np.arange(3, dtype=np.float32)}, device="gw-1",
+                          job_id="j-held", timeout=5)
+    assert result.id == "j-held"
+    np.testing.assert_array_equal(result.outputs["x"], np.arange(3, dtype=np.float32))
+    assert client.in_flight == 0
 
 
 def test_timeout_names_the_job(responder: Responder, client: InferenceClient) -> None:
