@@ -135,6 +135,11 @@ class Connection:
         self._subs: dict[str, int] = {}  # filter -> qos, renewed on reconnect
         self._connack: Future[None] = Future()
         self._closed = False
+        # The broker's Maximum Packet Size (CONNACK), when it announces one. A PUBLISH
+        # over it is refused here: sent, the broker would end the connection (0x95 Packet
+        # too large) and paho would send it again after every reconnect, while the caller
+        # only ever saw a timeout.
+        self.max_packet_size: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -188,6 +193,16 @@ class Connection:
         properties: Properties | None = None,
     ) -> Future[None]:
         """Resolves on PUBACK (QoS 1) or once written (QoS 0); fails if refused."""
+        limit = self.max_packet_size
+        if limit is not None:
+            size = publish_packet_size(topic, len(payload), qos, properties)
+            if size > limit:
+                too_large: Future[None] = Future()
+                too_large.set_exception(BrokerError(
+                    f"cannot publish to {topic}: the message is {size} bytes, over the "
+                    f"broker's Maximum Packet Size of {limit} bytes (max_packet_size in its "
+                    "config); send less per message"))
+                return too_large
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         fut: Future[None] = self._pub_acks.expect(info.mid)
         # NO_CONN still queues a QoS>0 message for the next connection: not a failure.
@@ -301,6 +316,8 @@ class Connection:
                     BrokerError(f"broker refused the connection: {reason_code}")
                 )
             return
+        limit = getattr(_properties, "MaximumPacketSize", None)
+        self.max_packet_size = limit if isinstance(limit, int) and limit > 0 else None
         if not self._connack.done():
             self._connack.set_result(None)
             return
@@ -369,6 +386,18 @@ class Connection:
         _properties: Properties | None,
     ) -> None:
         self._sub_acks.resolve(mid, None)
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int,
+                        properties: Properties | None) -> int:
+    """The bytes of a PUBLISH packet as MQTT v5 frames it (section 3.3): fixed header,
+    topic, packet id (QoS > 0), properties (with their length) and payload."""
+    packed = properties.pack() if properties is not None else b"\x00"  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + len(packed) + payload_len
+    length_bytes = 1
+    while remaining >= 128 ** length_bytes:
+        length_bytes += 1
+    return 1 + length_bytes + remaining
 
 
 def _guarded(topic_filter: str, handler: MessageHandler) -> Callable[..., None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,7 +24,7 @@ from paho.mqtt.properties import Properties
 from agent.errors import Code
 from agent.topics import DEFAULT_PREFIX
 from fleet.client import InferenceClient, InferenceError, NotFound, ResourceExhausted
-from fleet.mqtt import BrokerError
+from fleet.mqtt import BrokerError, connect, publish_packet_size
 from fleet.oip import HEADER_LENGTH_PROPERTY, split_response
 from tests.broker import Broker
 
@@ -286,3 +287,32 @@ def test_publish_raw_to_a_bad_topic_raises_at_once(client: InferenceClient) -> N
     with pytest.raises(ValueError):
         client.publish_raw("edge/v1/dev/+/jobs", b"{}")
     assert client.in_flight == 0
+
+
+def test_a_message_over_the_brokers_max_packet_size_fails_at_once(tmp_path: Path) -> None:
+    """The broker's CONNACK announces its max_packet_size; a PUBLISH over it fails at once,
+    naming the limit, instead of being sent, refused (0x95) and sent again after every
+    reconnect while the caller waits for a timeout."""
+    limit = 100_000
+    broker = Broker(tmp_path / "broker", extra_conf=f"max_packet_size {limit}\n")
+    broker.start()
+    try:
+        with connect(broker.url) as conn:
+            assert conn.max_packet_size == limit
+            topic = "edge/v1/pool/p/jobs"
+            fits = limit - publish_packet_size(topic, 0, 1, None)
+            fits -= publish_packet_size(topic, fits, 1, None) - limit  # a longer length field
+            assert publish_packet_size(topic, fits, 1, None) == limit
+            # Exactly at the limit: the broker takes it (so the size is counted as it counts).
+            conn.publish(topic, b"x" * fits).result(5)
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=f"over the broker's Maximum Packet Size of {limit}"):
+                conn.publish(topic, b"x" * (fits + 1)).result(5)
+            assert time.monotonic() - started < 1
+            conn.publish(topic, b"small").result(5)  # the connection is still good
+        with InferenceClient(broker.url) as client:
+            with pytest.raises(BrokerError, match="Maximum Packet Size"):
+                client.infer("m", {"x": np.zeros(limit, np.uint8)}, device="gw-1", timeout=5)
+            assert client.in_flight == 0
+    finally:
+        broker.stop()
