@@ -444,6 +444,8 @@ class Reconciler:
                     self._wake.wait(0.5)
                 payload, self._mailbox = (
                     (self._mailbox, None) if applying else (None, self._mailbox))
+            if self._stop and not cut.fired:
+                cut.fire("the agent is stopping")  # the download ends; stop() joins us
             if payload is not None:
                 newer = self._screen(payload)
                 # The same manifest delivered again (a reconnect) lets the download go on.
