@@ -161,6 +161,8 @@ def test_expiry(keys: dict[str, Any]) -> None:
     open_door = ManifestVerifier({}, clock=lambda: NOW)
     assert refused(open_door, expired, applied=2).reason == "expired"
     open_door.check(decode_published(json.dumps({"revision": 6, "models": [entry()]}).encode()), 5)
+    with pytest.raises(ManifestError, match="RFC 3339"):
+        decode_published(json.dumps({"revision": 1, "models": [], "expires_at": "tomorrow"}).encode())
 
 
 def test_revisions_only_move_forward(keys: dict[str, Any]) -> None:
@@ -200,8 +202,6 @@ def refused_at(v: ManifestVerifier, payload: bytes, applied: int,
     with pytest.raises(ManifestError) as info:
         v.check(decode_published(payload), applied, digest)
     return info.value
-    with pytest.raises(ManifestError, match="RFC 3339"):
-        decode_published(json.dumps({"revision": 1, "models": [], "expires_at": "tomorrow"}).encode())
 
 
 # --- keys and config -----------------------------------------------------------------------
