@@ -381,6 +381,7 @@ def _opener(cut: DownloadCut) -> urllib.request.OpenerDirector:
             return self.do_open(http_class(_CutHTTPConnection), req)
 
     class Https(urllib.request.HTTPSHandler):
+        # No context given: the connection makes Python's default one, as urlopen does.
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
             return self.do_open(http_class(_CutHTTPSConnection), req)
 
