@@ -87,6 +87,8 @@ class Applied(msgspec.Struct, forbid_unknown_fields=True):
     # Published.digest of the applied revision's manifest (None in files written before
     # it was kept): the same revision with other content is then told apart.
     digest: str | None = None
+    # The applied revision's manifest said `"rollback": true` (in `reported`).
+    rollback: bool = False
 
 
 class _Superseded(Exception):
@@ -155,6 +157,7 @@ class Reconciler:
         self._statuses: dict[tuple[str, str], ModelStatus] = {}
         self.applied_revision: int | None = None
         self.applied_digest: str | None = None
+        self.applied_rollback = False
         self.last_error: str | None = None
         # A failed (name, version) is not retried until the manifest changes its files
         # (by version_dir_name: the artifact's sha256 and those of its files).
@@ -332,6 +335,7 @@ class Reconciler:
             chosen,
             manifest.revision if not failures else self.applied_revision,
             digest if not failures else self.applied_digest,
+            manifest.rollback if not failures else self.applied_rollback,
             before_replace=(lambda: self._crash.reached("swap")) if changed else None,
         )
         if changed:
@@ -342,6 +346,7 @@ class Reconciler:
         else:
             self.applied_revision = manifest.revision
             self.applied_digest = digest
+            self.applied_rollback = manifest.rollback
             self.last_error = None
         self._last_manifest = manifest
         self._emit(
@@ -607,9 +612,10 @@ class Reconciler:
 
     def _persist(
         self, serving: list[ServingModel], revision: int | None, digest: str | None,
-        before_replace: Callable[[], None] | None = None,
+        rollback: bool, before_replace: Callable[[], None] | None = None,
     ) -> None:
-        applied = Applied(revision=revision, models=[m.spec for m in serving], digest=digest)
+        applied = Applied(revision=revision, models=[m.spec for m in serving], digest=digest,
+                          rollback=rollback)
         atomic_write(self._applied_path, msgspec.json.encode(applied), before_replace)
 
     def restore(self) -> int:
@@ -642,5 +648,6 @@ class Reconciler:
         self._registry.replace(chosen)
         self.applied_revision = applied.revision
         self.applied_digest = applied.digest
+        self.applied_rollback = applied.rollback
         log.info("restored %d model(s) from %s", len(chosen), self._store.root)
         return len(chosen)

@@ -386,6 +386,7 @@ def test_revisions_only_move_forward_without_keys_and_a_rollback_says_so(
         finished = dev.event("deploy_finished", after=mark, revision=rev + 1)
         assert started["rollback"] is True and finished["rollback"] is True
         answers(client, dev.id, "1", 1.0)
+        assert dev.reported()["rollback"] is True
 
         # A files entry that names no file is refused naming its key; v1 keeps serving.
         for name in ("..", "."):
