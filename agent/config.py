@@ -145,6 +145,9 @@ class DeployConfig(_Section):
     mqtt_chunks_in_flight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     mqtt_max_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 0
     mqtt_chunk_timeout_s: PositiveFloat = 10.0
+    # Without trust keys, accept a manifest whose revision is lower than the applied one
+    # (the behaviour before revisions only moved forward). With keys it is always refused.
+    allow_rollback: bool = False
 
 
 class TelemetryConfig(_Section):

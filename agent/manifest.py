@@ -7,6 +7,7 @@ JSON of that same object without `signature`) is exactly what the agent acts on.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -99,20 +100,26 @@ class Signature(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     value: str
 
 
-class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+# omit_defaults: a field left at its default is not written, so an agent that predates a
+# field (`rollback`) still reads what a newer edge-fleet publishes without it.
+class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     revision: Annotated[int, msgspec.Meta(ge=0)]
     models: list[ModelSpec]
     issued_at: str | None = None
     expires_at: str | None = None
+    # Set by `edge-fleet deploy --rollback` and a rollout rolling back: this (higher)
+    # revision brings back older content on purpose. Signed like the rest; reported in
+    # the agent's deploy events.
+    rollback: bool = False
     signature: Signature | None = None
 
 
 class ManifestError(ValueError):
     """A manifest that must be refused; the message says why, `reason` says it in one word.
 
-    Reasons: `invalid` (not a manifest this agent can read), and those of agent.trust:
+    Reasons: `invalid` (not a manifest this agent can read), and those of agent.verifier:
     `unsigned`, `unsupported_algorithm`, `unknown_key`, `bad_signature`, `rollback`,
-    `expired`.
+    `reused_revision`, `expired`.
     """
 
     def __init__(self, message: str, reason: str = "invalid") -> None:
@@ -126,6 +133,12 @@ class Published:
 
     manifest: Manifest
     signed_bytes: bytes
+
+    @property
+    def digest(self) -> str:
+        """What the manifest says, as one value: the sha256 of `signed_bytes` (so the same
+        content signed again, or by another key, has the same digest)."""
+        return hashlib.sha256(self.signed_bytes).hexdigest()
 
 
 _URI_RE = re.compile(r"^(file|https?|mqtt)://", re.IGNORECASE)
@@ -236,11 +249,23 @@ def model_roles(m: ModelSpec) -> list[RoleModel] | None:
     return [by_role[r] for r in (*required, *optional) if r in by_role]
 
 
-def check_model(m: ModelSpec) -> None:
+# File names NAME_RE lets through that are no file's name in a version's folder.
+_NOT_FILE_NAMES = frozenset({".", ".."})
+
+
+def check_model(m: ModelSpec, where: str = "model") -> None:
     """The checks of one manifest entry beyond its types; raises ManifestError (`invalid`).
 
-    Pure: nothing is read or fetched. `edge-fleet deploy` runs them before it publishes.
+    `where` is the entry's key path in the manifest (`models[0]`), named by errors about
+    one of its fields. Pure: nothing is read or fetched. `edge-fleet deploy` runs them
+    before it publishes.
     """
+    for i, f in enumerate(m.files):
+        if f.name in _NOT_FILE_NAMES:
+            raise ManifestError(
+                f"invalid manifest: key '{where}.files[{i}].name': {f.name!r} is not a file "
+                f"name (model {m.name}:{m.version}; a file is stored under its name in the "
+                "version's folder)")
     names = [f.name for f in m.files]
     if len(set(names)) != len(names) or "model.onnx" in names:
         raise ManifestError(f"model {m.name}:{m.version}: file names must be unique and "
@@ -293,11 +318,11 @@ def decode_published(payload: bytes) -> Published:
     except StructError as exc:
         raise ManifestError(f"invalid manifest: {exc}") from None
     seen: set[tuple[str, str]] = set()
-    for m in manifest.models:
+    for i, m in enumerate(manifest.models):
         if m.key in seen:
             raise ManifestError(f"model {m.name} version {m.version} is listed twice")
         seen.add(m.key)
-        check_model(m)
+        check_model(m, f"models[{i}]")
     if manifest.expires_at is not None:
         try:
             parse_rfc3339(manifest.expires_at)

@@ -47,7 +47,7 @@ import msgspec
 from agent.config import DeployConfig
 from agent.manifest import MQTT_URI_RE, ModelSpec
 from agent.mqtt_session import Inbound, MqttSession
-from agent.store import ArtifactError
+from agent.store import ArtifactError, DownloadCut
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class MqttArtifacts:
     # --- the store's source ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def open(self, spec: ModelSpec, timeout_s: float) -> Iterator[BinaryIO]:
+    def open(self, spec: ModelSpec, timeout_s: float, cut: DownloadCut) -> Iterator[BinaryIO]:
         m = MQTT_URI_RE.match(spec.uri)
         if m is None:
             raise ArtifactError(f"not an mqtt:///artifacts/sha256/<hex> URI: {spec.uri!r}")
@@ -138,7 +138,7 @@ class MqttArtifacts:
             self._remove_stale(keep=m.group(1))
             reader = _ChunkReader(
                 spec, m.group(1), self._cfg, self._topics, self._session, inbox, self._dir,
-                time.monotonic() + timeout_s, self._stopping,
+                time.monotonic() + timeout_s, self._stopping, cut,
             )
             completed = False
             try:
@@ -166,9 +166,10 @@ class _ChunkReader:
     def __init__(
         self, spec: ModelSpec, sha256: str, cfg: DeployConfig, topics: Topics,
         session: MqttSession, inbox: queue.Queue[Inbound], directory: Path, deadline: float,
-        stopping: threading.Event,
+        stopping: threading.Event, cut: DownloadCut,
     ) -> None:
         self._stopping = stopping
+        self._cut = cut
         self._spec = spec
         self._sha = sha256
         self._cfg = cfg
@@ -250,6 +251,10 @@ class _ChunkReader:
         if self._stopping.is_set():
             raise OSError(f"the agent is stopping ({self._contig} of {self._size} bytes kept "
                           "for resuming)")
+        if self._cut.fired:  # superseded, or the store's deadline: resumable as well
+            self._checkpoint()
+            raise OSError(f"download cut ({self._cut.cause}; {self._contig} of {self._size} "
+                          "bytes kept for resuming)")
         if now >= self._deadline:
             self._checkpoint()
             raise TimeoutError(

@@ -8,6 +8,12 @@ the set in only then. A version that fails never replaces a serving one. What is
 serving is written to `applied.json` so a restarted agent serves it again from its
 store before the broker answers.
 
+A slow artifact never holds the next manifest back: downloads run on a thread of
+their own while this one watches the mailbox. A newer manifest that this agent
+accepts cuts the download (agent.store.DownloadCut), abandons the manifest being
+applied (`deploy_superseded`; what serves keeps serving) and is applied at once.
+One that is refused is reported and the download goes on.
+
 Crash safety: the artifact store only ever holds complete, verified files; the
 swap in memory is followed by one atomic rename of `applied.json`, so a process
 killed at any moment restarts serving the old set or the new one, and `restore`
@@ -34,6 +40,7 @@ from agent.manifest import (
     Manifest,
     ManifestError,
     ModelSpec,
+    Published,
     RoleModel,
     decode_published,
     model_roles,
@@ -49,6 +56,7 @@ from agent.runtime_choice import (
 )
 from agent.store import (
     ArtifactError,
+    DownloadCut,
     ModelStore,
     atomic_write,
     remove_stale_temps,
@@ -76,6 +84,26 @@ class Applied(msgspec.Struct, forbid_unknown_fields=True):
 
     revision: int | None
     models: list[ModelSpec]
+    # Published.digest of the applied revision's manifest (None in files written before
+    # it was kept): the same revision with other content is then told apart.
+    digest: str | None = None
+    # The applied revision's manifest said `"rollback": true` (in `reported`).
+    rollback: bool = False
+
+
+class _Superseded(Exception):
+    """A newer accepted manifest arrived while this one was being applied."""
+
+    def __init__(self, newer: Published) -> None:
+        super().__init__(f"superseded by revision {newer.manifest.revision}")
+        self.newer = newer
+
+
+# A download that outlives its own deadline by this much (blocked where no cut reaches,
+# e.g. a TLS handshake or a name lookup) is abandoned: its thread is left to end alone.
+_ABANDON_AFTER_S = 2.0
+# How long a cut download gets to end before it is abandoned likewise.
+_CUT_GRACE_S = 5.0
 
 
 @dataclass
@@ -128,6 +156,8 @@ class Reconciler:
         self._lock = threading.Lock()
         self._statuses: dict[tuple[str, str], ModelStatus] = {}
         self.applied_revision: int | None = None
+        self.applied_digest: str | None = None
+        self.applied_rollback = False
         self.last_error: str | None = None
         # A failed (name, version) is not retried until the manifest changes its files
         # (by version_dir_name: the artifact's sha256 and those of its files).
@@ -138,7 +168,10 @@ class Reconciler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.reconcile_count = 0
-        self.verifier = ManifestVerifier(load_trusted_keys(cfg.trust))
+        self.verifier = ManifestVerifier(load_trusted_keys(cfg.trust),
+                                         allow_rollback=cfg.deploy.allow_rollback)
+        # The manifest apply() is applying: a download then watches the mailbox for a newer one.
+        self._applying: Manifest | None = None
         # Test hook only (agent/faults.py): read once, here.
         self._crash = faults.CrashPoint(faults.crash_stage_from_env())
         # Held while a manifest is applied, and by a failover's swap (agent/failover.py).
@@ -197,16 +230,26 @@ class Reconciler:
     # --- reconciling ---------------------------------------------------------------------
 
     def apply_payload(self, payload: bytes) -> None:
+        published = self._screen(payload)
+        while published is not None:
+            try:
+                self.apply(published.manifest, published.digest)
+                return
+            except _Superseded as newer:
+                published = newer.newer
+
+    def _screen(self, payload: bytes) -> Published | None:
+        """The payload as a manifest this agent may apply, or None (refusals reported)."""
         if not payload:
             log.info("desired state is empty (retained message cleared); nothing to do")
-            return
+            return None
         try:
             published = decode_published(payload)
-            self.verifier.check(published, self.applied_revision)
+            self.verifier.check(published, self.applied_revision, self.applied_digest)
         except ManifestError as exc:
             self._reject(exc, payload)
-            return
-        self.apply(published.manifest)
+            return None
+        return published
 
     def _reject(self, exc: ManifestError, payload: bytes) -> None:
         """A refused manifest changes nothing: what serves keeps serving."""
@@ -220,27 +263,47 @@ class Reconciler:
         self._emit("manifest_rejected", reason=exc.reason, message=str(exc), revision=revision)
         self._on_change()
 
-    def apply(self, manifest: Manifest) -> None:
+    def apply(self, manifest: Manifest, digest: str | None = None) -> None:
+        """Apply `manifest` (`digest`: its Published.digest). Raises _Superseded, having
+        changed nothing that serves, when a newer accepted manifest arrives meanwhile."""
         if manifest == self._last_manifest:
             log.debug("manifest revision %s unchanged; nothing to do", manifest.revision)
             return
         self._crash.live = True
+        self._applying = manifest
         try:
             with self.swap_lock:
-                self._apply(manifest)
+                self._apply(manifest, digest)
         finally:
             self._crash.live = False
+            self._applying = None
 
-    def _apply(self, manifest: Manifest) -> None:
+    def _apply(self, manifest: Manifest, digest: str | None) -> None:
         self.reconcile_count += 1
         started = time.monotonic()
-        self._emit("deploy_started", revision=manifest.revision)
+        rollback = {"rollback": True} if manifest.rollback else {}
+        self._emit("deploy_started", revision=manifest.revision, **rollback)
         chosen: list[ServingModel] = []
         failures: list[str] = []
         loaded_names: set[str] = set()
         before = {id(m) for m in self._registry.snapshot()}
         for spec in manifest.models:
-            model, error = self._bring_up(spec)
+            try:
+                model, error = self._bring_up(spec)
+            except _Superseded as exc:
+                for new in chosen:
+                    if id(new) not in before:
+                        new.retire()  # loaded for this manifest, never served
+                self._emit(
+                    "deploy_superseded", revision=manifest.revision,
+                    by=exc.newer.manifest.revision, model=spec.name, version=spec.version,
+                    seconds=round(time.monotonic() - started, 3),
+                    message=(f"revision {manifest.revision} abandoned while fetching "
+                             f"{spec.name}:{spec.version}: revision "
+                             f"{exc.newer.manifest.revision} arrived; what served keeps "
+                             "serving"))
+                self._on_change()
+                raise
             if model is not None:
                 chosen.append(model)
                 loaded_names.add(spec.name)
@@ -271,6 +334,8 @@ class Reconciler:
         self._persist(
             chosen,
             manifest.revision if not failures else self.applied_revision,
+            digest if not failures else self.applied_digest,
+            manifest.rollback if not failures else self.applied_rollback,
             before_replace=(lambda: self._crash.reached("swap")) if changed else None,
         )
         if changed:
@@ -280,6 +345,8 @@ class Reconciler:
             self.last_error = "; ".join(failures)
         else:
             self.applied_revision = manifest.revision
+            self.applied_digest = digest
+            self.applied_rollback = manifest.rollback
             self.last_error = None
         self._last_manifest = manifest
         self._emit(
@@ -287,6 +354,7 @@ class Reconciler:
             revision=manifest.revision,
             seconds=round(time.monotonic() - started, 3),
             message=self.last_error,
+            **rollback,
         )
         self._on_change()
 
@@ -304,15 +372,11 @@ class Reconciler:
         self._on_change()
         label = f"{spec.name}:{spec.version}"
         try:
-            path = self._store.fetch(
-                spec, self._cfg.deploy.download_timeout_s, self._cfg.deploy.max_artifact_bytes,
-                checkpoint=self._crash.reached,
-            )
-            self._store.fetch_files(spec, self._cfg.deploy.download_timeout_s,
-                                    self._cfg.deploy.max_artifact_bytes)
+            path = self._fetch(spec)
             model_dir = self._store.version_dir(spec)
         except (ArtifactError, OSError) as exc:
-            return self._failed_to(spec, "artifact", f"{label}: {exc}")
+            return self._failed_to(spec, "artifact", f"{label}: {exc}",
+                                   cause=exc.cause if isinstance(exc, ArtifactError) else None)
         self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
         try:
             roles = model_roles(spec)  # checked when the manifest was decoded
@@ -346,6 +410,68 @@ class Reconciler:
         self._announce_serving(spec, served, reports[id(session)].latency_ms)
         log.info("%s serving on %s/%s", label, session.runtime, session.device)
         return served.model, None
+
+    def _fetch(self, spec: ModelSpec) -> Path:
+        """The spec's artifact and files, fetched and verified on a thread of their own.
+
+        Meanwhile this thread keeps reading the mailbox: a newer manifest this agent
+        accepts cuts the download and raises _Superseded; a refused one is reported and
+        the download goes on. A download blocked past its deadline where the cut does not
+        reach is abandoned (ArtifactError, cause "deadline").
+        """
+        deploy = self._cfg.deploy
+        cut = DownloadCut()
+        done = threading.Event()
+        outcome: list[Path | BaseException] = []
+
+        def work() -> None:
+            try:
+                got = self._store.fetch(spec, deploy.download_timeout_s,
+                                        deploy.max_artifact_bytes,
+                                        checkpoint=self._crash.reached, cut=cut)
+                self._store.fetch_files(spec, deploy.download_timeout_s,
+                                        deploy.max_artifact_bytes, cut=cut)
+                outcome.append(got)
+            except BaseException as exc:  # handed to the reconciler's thread, raised there
+                outcome.append(exc)
+            finally:
+                done.set()
+                with self._wake:
+                    self._wake.notify_all()
+
+        worker = threading.Thread(target=work, name=f"fetch {spec.name}:{spec.version}",
+                                  daemon=True)
+        worker.start()
+        while not done.is_set():
+            with self._wake:
+                applying = self._applying is not None  # not while restoring
+                if not done.is_set() and (self._mailbox is None or not applying):
+                    self._wake.wait(0.5)
+                payload, self._mailbox = (
+                    (self._mailbox, None) if applying else (None, self._mailbox))
+            if self._stop and not cut.fired:
+                cut.fire("the agent is stopping")  # the download ends; stop() joins us
+            if payload is not None:
+                newer = self._screen(payload)
+                # The same manifest delivered again (a reconnect) lets the download go on.
+                if newer is not None and newer.manifest != self._applying:
+                    cut.fire("superseded")
+                    done.wait(_CUT_GRACE_S)
+                    raise _Superseded(newer)
+            if cut.deadline is not None and not done.is_set() and (
+                    time.monotonic() > cut.deadline + _ABANDON_AFTER_S):
+                cut.fire("deadline")
+                if not done.wait(_CUT_GRACE_S):
+                    log.warning("abandoned the download of %s:%s: it ignored its deadline",
+                                spec.name, spec.version)
+                    raise ArtifactError(
+                        f"download of {spec.name}:{spec.version} from {spec.uri} did not "
+                        f"finish within deploy.download_timeout_s="
+                        f"{deploy.download_timeout_s:g}s", "deadline")
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _announce_serving(self, spec: ModelSpec, served: Serving, latency_ms: float | None,
                           **event: Any) -> None:
@@ -468,25 +594,28 @@ class Reconciler:
         self._on_change()
 
     def _failed_to(
-        self, spec: ModelSpec, stage: str, reason: str, attempts: list[Attempt] | None = None
+        self, spec: ModelSpec, stage: str, reason: str, attempts: list[Attempt] | None = None,
+        cause: str | None = None,
     ) -> tuple[None, str]:
+        """`cause`: an artifact's ArtifactError.cause ("deadline", ...), put in the event."""
         self._failed[spec.key] = version_dir_name(spec)
         self._set_status(
             ModelStatus(spec.name, spec.version, spec.sha256, "failed", error=reason,
                         attempts=attempts or [])
         )
         self._emit("model_failed", model=spec.name, version=spec.version, stage=stage,
-                   message=reason)
+                   message=reason, **({"cause": cause} if cause else {}))
         log.error("%s", reason)
         return None, reason
 
     # --- disk ----------------------------------------------------------------------------
 
     def _persist(
-        self, serving: list[ServingModel], revision: int | None,
-        before_replace: Callable[[], None] | None = None,
+        self, serving: list[ServingModel], revision: int | None, digest: str | None,
+        rollback: bool, before_replace: Callable[[], None] | None = None,
     ) -> None:
-        applied = Applied(revision=revision, models=[m.spec for m in serving])
+        applied = Applied(revision=revision, models=[m.spec for m in serving], digest=digest,
+                          rollback=rollback)
         atomic_write(self._applied_path, msgspec.json.encode(applied), before_replace)
 
     def restore(self) -> int:
@@ -518,5 +647,7 @@ class Reconciler:
                 chosen.append(model)
         self._registry.replace(chosen)
         self.applied_revision = applied.revision
+        self.applied_digest = applied.digest
+        self.applied_rollback = applied.rollback
         log.info("restored %d model(s) from %s", len(chosen), self._store.root)
         return len(chosen)

@@ -227,6 +227,7 @@ class Agent:
             "device_id": self.cfg.device_id,
             "agent_version": __version__,
             "revision": self.reconciler.applied_revision,
+            "rollback": self.reconciler.applied_rollback,
             "models": self.reconciler.statuses(),
             "last_error": self.reconciler.last_error,
             "hardware": self.hardware.summary(),

@@ -3,8 +3,11 @@
 An artifact is downloaded into `tmp/`, hashed and counted while it streams,
 fsynced, and renamed to `models/sha256/<hex>` only when its size and sha256
 match the manifest. A file at its final path is therefore always complete.
-A download has one deadline for the whole of it (`deploy.download_timeout_s`),
-not only a timeout per read: a server that trickles bytes is cut off too.
+A download has one deadline for the whole of it (`deploy.download_timeout_s`), from
+connecting through the response header to the last byte, not only a timeout per read: a
+server that trickles its header or its body is cut off too. A `DownloadCut` also ends a
+download early when someone else decides to (the reconciler, when a newer manifest
+supersedes the one being applied).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -37,8 +40,10 @@ CHUNK = 1 << 20
 # Called with a stage name ("download", "verify", "install") as a fetch reaches it.
 Checkpoint = Callable[[str], None]
 # Opens the source of a spec's artifact for a URI scheme the store does not know itself
-# (mqtt://: agent/mqtt_artifacts.py); given the spec and the whole download's timeout.
-SourceOpener = Callable[[ModelSpec, float], contextlib.AbstractContextManager[BinaryIO]]
+# (mqtt://: agent/mqtt_artifacts.py); given the spec, the whole download's timeout and the
+# cut that, once fired, must end a blocked read soon (the source checks `cut.fired`).
+SourceOpener = Callable[[ModelSpec, float, "DownloadCut"],
+                        contextlib.AbstractContextManager[BinaryIO]]
 
 
 def _no_checkpoint(_stage: str) -> None:
@@ -46,7 +51,73 @@ def _no_checkpoint(_stage: str) -> None:
 
 
 class ArtifactError(Exception):
-    """An artifact that cannot be fetched or does not match its manifest entry."""
+    """An artifact that cannot be fetched or does not match its manifest entry.
+
+    `cause` is "deadline" when deploy.download_timeout_s ran out, "cut" when the download
+    was ended on purpose (DownloadCut.fire), None otherwise.
+    """
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class DownloadCut:
+    """Ends a download from another thread: at its deadline, or when told to.
+
+    A socket timeout bounds each read, not the download: a server that sends one byte of
+    its header every second would hold a download for ever. The HTTP connections a fetch
+    opens register their sockets here as soon as they are connected; `fire` shuts each one
+    down (through a duplicate of its descriptor, so the owner's object is left alone),
+    which ends a read blocked in the kernel at once. Sources without a socket (mqtt://,
+    file://) look at `fired` between reads.
+
+    `deadline` (time.monotonic) is that of the artifact being fetched now, set by
+    `ModelStore.fetch`: whoever waits for the fetch may give up on it then, too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._fired = threading.Event()
+        self.cause: str | None = None
+        self.deadline: float | None = None
+
+    @property
+    def fired(self) -> bool:
+        return self._fired.is_set()
+
+    def fire(self, cause: str) -> None:
+        """Cut every connection now and any opened later; the first cause given sticks."""
+        with self._lock:
+            if self.cause is None:
+                self.cause = cause
+            self._fired.set()
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+    def attach(self, sock: socket.socket) -> None:
+        """Follow a connected socket; raises OSError if the cut has already fired."""
+        with self._lock:
+            if not self._fired.is_set():
+                self._sockets.append(sock)
+                return
+        _shut(sock)
+        raise OSError(f"download cut ({self.cause})")
+
+    def detach(self, sock: socket.socket) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._sockets.remove(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:
+        return  # already closed: nothing to cut
+    with socket.socket(fileno=fd) as dup, contextlib.suppress(OSError):
+        dup.shutdown(socket.SHUT_RDWR)
 
 
 def version_dir_name(spec: ModelSpec) -> str:
@@ -162,20 +233,22 @@ class ModelStore:
                 raise
         return final
 
-    def fetch_files(self, spec: ModelSpec, timeout_s: float, max_bytes: int) -> None:
+    def fetch_files(self, spec: ModelSpec, timeout_s: float, max_bytes: int,
+                    cut: DownloadCut | None = None) -> None:
         """Fetch and verify the version's side files like the model itself."""
         for f in spec.files:
             self.fetch(msgspec.structs.replace(spec, uri=f.uri, sha256=f.sha256, size=f.size),
-                       timeout_s, max_bytes)
+                       timeout_s, max_bytes, cut=cut)
 
     def fetch(
         self, spec: ModelSpec, timeout_s: float, max_bytes: int,
-        checkpoint: Checkpoint = _no_checkpoint,
+        checkpoint: Checkpoint = _no_checkpoint, cut: DownloadCut | None = None,
     ) -> Path:
         """Make the artifact of `spec` present and verified in the store; return its path.
 
-        `timeout_s` bounds the whole download. `checkpoint` is told the stages
-        "download", "verify" and "install" as they are reached (agent.faults).
+        `timeout_s` bounds the whole download, connecting included. `cut`, when given and
+        fired, ends it early (ArtifactError with cause "cut"). `checkpoint` is told the
+        stages "download", "verify" and "install" as they are reached (agent.faults).
         """
         final = self.path_for(spec.sha256)
         if self.has(spec):
@@ -189,7 +262,8 @@ class ModelStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                digest, size = _copy_verified(spec, out, timeout_s, checkpoint, self.sources)
+                digest, size = _copy_verified(spec, out, timeout_s, checkpoint, self.sources,
+                                              cut or DownloadCut())
                 out.flush()
                 os.fsync(out.fileno())
             checkpoint("verify")
@@ -214,92 +288,108 @@ class ModelStore:
 
 def _copy_verified(
     spec: ModelSpec, out: BinaryIO, timeout_s: float, checkpoint: Checkpoint,
-    sources: dict[str, SourceOpener] | None = None,
+    sources: dict[str, SourceOpener], cut: DownloadCut,
 ) -> tuple[str, int]:
     hasher = hashlib.sha256()
     size = 0
     deadline = time.monotonic() + timeout_s
-    finished = False
-    opener = (sources or {}).get(urlsplit(spec.uri).scheme.lower())
-    source = opener(spec, timeout_s) if opener else _open_source(spec.uri, timeout_s)
-    with source as src, _Watchdog(src, deadline) as dog:
-        while time.monotonic() <= deadline:
-            try:
+    cut.deadline = deadline
+    if cut.fired:
+        raise ArtifactError(f"download of {spec.name}:{spec.version} cut ({cut.cause})", "cut")
+    # Started before connecting: the deadline covers connect, response header and body.
+    timer = threading.Timer(timeout_s, cut.fire, args=("deadline",))
+    timer.daemon = True
+    timer.start()
+    try:
+        opener = sources.get(urlsplit(spec.uri).scheme.lower())
+        source = opener(spec, timeout_s, cut) if opener else _open_source(spec.uri, timeout_s, cut)
+        with source as src:
+            while not cut.fired:
                 chunk = src.read(CHUNK)
-            except (OSError, http.client.HTTPException) as exc:
-                if dog.fired:
-                    break  # the watchdog cut the connection: reported below
-                raise ArtifactError(f"download of {spec.uri} failed: {exc}") from None
-            if dog.fired:
-                break  # what the read returned may be cut short
-            if not chunk:
-                finished = True
-                break
-            size += len(chunk)
-            if size > spec.size:
-                # Stop reading at once: a source longer than promised is refused.
-                raise ArtifactError(
-                    f"artifact of {spec.name}:{spec.version} is longer than the "
-                    f"{spec.size} bytes the manifest says"
-                )
-            hasher.update(chunk)
-            out.write(chunk)
-            if size == len(chunk):
-                checkpoint("download")
-    if not finished:
+                if cut.fired:
+                    break  # what the read returned may be cut short
+                if not chunk:
+                    return hasher.hexdigest(), size
+                size += len(chunk)
+                if size > spec.size:
+                    # Stop reading at once: a source longer than promised is refused.
+                    raise ArtifactError(
+                        f"artifact of {spec.name}:{spec.version} is longer than the "
+                        f"{spec.size} bytes the manifest says"
+                    )
+                hasher.update(chunk)
+                out.write(chunk)
+                if size == len(chunk):
+                    checkpoint("download")
+    except (OSError, http.client.HTTPException) as exc:
+        if not cut.fired:
+            raise ArtifactError(f"download of {spec.uri} failed: {exc}") from None
+        # the cut ended the connection (or the source saw it fire): reported below
+    except ArtifactError:
+        if not cut.fired:
+            raise
+    finally:
+        timer.cancel()
+    if cut.cause == "deadline":
         raise ArtifactError(
             f"download of {spec.name}:{spec.version} from {spec.uri} did not finish within "
-            f"deploy.download_timeout_s={timeout_s:g}s ({size} of {spec.size} bytes arrived)"
+            f"deploy.download_timeout_s={timeout_s:g}s ({size} of {spec.size} bytes arrived)",
+            "deadline",
         )
-    return hasher.hexdigest(), size
+    raise ArtifactError(
+        f"download of {spec.name}:{spec.version} from {spec.uri} cut ({cut.cause}) after "
+        f"{size} of {spec.size} bytes", "cut",
+    )
 
 
-class _Watchdog:
-    """Cuts a network source off at the deadline, even while a read blocks in the kernel.
+class _CutHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket a DownloadCut follows from the moment it connects."""
 
-    A socket timeout bounds each read, not the download: a server that sends a byte
-    every few seconds would hold a download for ever. At the deadline this shuts the
-    connection down (through a duplicate of its descriptor, the public way to reach the
-    socket under urllib's response), which ends a blocked read at once.
-    """
+    cut: DownloadCut
 
-    def __init__(self, src: BinaryIO, deadline: float) -> None:
-        self._src = src
-        self._lock = threading.Lock()
-        self._active = True
-        self.fired = False
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
-        self._timer.daemon = True
+    def connect(self) -> None:
+        super().connect()
+        if self.sock is not None:
+            self.cut.attach(self.sock)
 
-    def __enter__(self) -> _Watchdog:
-        self._timer.start()
-        return self
 
-    def __exit__(self, *_exc: object) -> None:
-        with self._lock:
-            self._active = False
-        self._timer.cancel()
+class _CutHTTPSConnection(http.client.HTTPSConnection):
+    """The same for HTTPS; followed once the TLS handshake is done (the socket timeout, the
+    time left, bounds each step of the handshake before that)."""
 
-    def _fire(self) -> None:
-        with self._lock:  # the source stays open while we hold it: the descriptor is its own
-            if not self._active:
-                return
-            self.fired = True
-            try:
-                fd = os.dup(self._src.fileno())
-            except (OSError, ValueError, AttributeError):
-                return  # no descriptor: the check between reads ends it
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                os.close(fd)  # not a socket (a file://): the check between reads ends it
-                return
-            with sock, contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    cut: DownloadCut
+
+    def connect(self) -> None:
+        super().connect()
+        if self.sock is not None:
+            self.cut.attach(self.sock)
+
+
+def _opener(cut: DownloadCut) -> urllib.request.OpenerDirector:
+    """urllib as usual (proxies from the environment, redirects), on connections `cut`
+    follows: each one a redirect or a proxy opens is cut too."""
+
+    def http_class(base: type[Any]) -> Callable[..., Any]:
+        def make(*args: Any, **kwargs: Any) -> Any:
+            conn = base(*args, **kwargs)
+            conn.cut = cut
+            return conn
+        return make
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(http_class(_CutHTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        # No context given: the connection makes Python's default one, as urlopen does.
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(http_class(_CutHTTPSConnection), req)
+
+    return urllib.request.build_opener(Http(), Https())
 
 
 @contextlib.contextmanager
-def _open_source(uri: str, timeout_s: float) -> Iterator[BinaryIO]:
+def _open_source(uri: str, timeout_s: float, cut: DownloadCut) -> Iterator[BinaryIO]:
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
@@ -313,16 +403,16 @@ def _open_source(uri: str, timeout_s: float) -> Iterator[BinaryIO]:
         return
     if scheme in ("http", "https"):
         try:
-            resp = urllib.request.urlopen(uri, timeout=timeout_s)  # noqa: S310 - scheme checked
+            # The socket timeout bounds a connect; the cut bounds everything after it.
+            resp = _opener(cut).open(uri, timeout=timeout_s)
         except urllib.error.HTTPError as exc:
             raise ArtifactError(f"cannot download {uri}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            if cut.fired:
+                raise OSError(f"download cut ({cut.cause})") from None  # said by the caller
             reason = getattr(exc, "reason", exc)
             raise ArtifactError(f"cannot download {uri}: {reason}") from None
         with resp:
-            try:
-                yield resp
-            except TimeoutError:
-                raise ArtifactError(f"download of {uri} stalled for {timeout_s}s") from None
+            yield resp
         return
     raise ArtifactError(f"unsupported artifact URI scheme in {uri!r}")

@@ -1,12 +1,23 @@
-"""Which manifests this agent accepts: ed25519 signatures by trusted keys, no rollback, no expiry.
+"""Which manifests this agent accepts: ed25519 signatures by trusted keys, revisions that only
+move forward, no expiry.
 
 With trusted keys configured (`trust.keys` and/or `trust.key_files`, by key id; several at
 once so that a key can be rotated), a manifest must carry
 `"signature": {"alg": "ed25519", "key_id": <id>, "value": <base64 of 64 bytes>}` made by
-one of them over `Published.signed_bytes`, and its revision must not be lower than the
-revision this agent has applied. A manifest past its `expires_at` is refused whether or
-not keys are configured, unless it is the revision already applied (a retained manifest
-read again after a restart changes nothing).
+one of them over `Published.signed_bytes`.
+
+Revisions only move forward. A manifest whose revision is lower than the one this agent
+has applied is refused (`rollback`): with keys always, without keys unless
+`deploy.allow_rollback` says otherwise. A manifest with the applied revision is the one
+already applied, delivered again (every reconnect does it): with the same content
+(`Published.digest`) it is accepted and changes nothing; with other content it is refused
+(`reused_revision`) when keys are configured, since a signed manifest is only ever
+replaced by a higher revision. A deliberate rollback is the older content under a new,
+higher revision (`edge-fleet deploy --rollback` marks it `"rollback": true`).
+
+A manifest past its `expires_at` is refused whether or not keys are configured, unless it
+is the applied manifest delivered again (a retained manifest read again after a restart
+changes nothing).
 """
 
 from __future__ import annotations
@@ -33,10 +44,13 @@ class ManifestVerifier:
     """Accepts or refuses a published manifest; refusals are ManifestError with a `reason`."""
 
     def __init__(
-        self, keys: Mapping[str, Ed25519PublicKey], clock: Callable[[], datetime] = _utc_now
+        self, keys: Mapping[str, Ed25519PublicKey], clock: Callable[[], datetime] = _utc_now,
+        *, allow_rollback: bool = False,
     ) -> None:
         self._keys = dict(keys)
         self._clock = clock
+        # Ignored with keys: a signed fleet never needs a lower revision (see the docstring).
+        self._allow_rollback = allow_rollback
 
     @property
     def enforcing(self) -> bool:
@@ -46,17 +60,34 @@ class ManifestVerifier:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
-    def check(self, published: Published, applied_revision: int | None) -> None:
+    def check(self, published: Published, applied_revision: int | None,
+              applied_digest: str | None = None) -> None:
+        """Refuse `published` (ManifestError) unless this agent may apply it.
+
+        `applied_revision` and `applied_digest` describe the manifest applied now; a digest
+        of None (state written before digests were kept) takes the same revision as the
+        applied manifest delivered again.
+        """
         manifest = published.manifest
         if self._keys:
             self._check_signature(published)
-            if applied_revision is not None and manifest.revision < applied_revision:
-                raise ManifestError(
-                    f"revision {manifest.revision} is lower than the applied revision "
-                    f"{applied_revision}: a rollback is refused (publish a higher revision)",
-                    "rollback",
-                )
-        if manifest.expires_at is not None and manifest.revision != applied_revision:
+        again = manifest.revision == applied_revision and applied_digest in (
+            None, published.digest)
+        if applied_revision is not None and manifest.revision < applied_revision and (
+                self._keys or not self._allow_rollback):
+            raise ManifestError(
+                f"revision {manifest.revision} is lower than the applied revision "
+                f"{applied_revision}: revisions only move forward (publish the older content "
+                "under a higher revision: edge-fleet deploy --rollback)",
+                "rollback",
+            )
+        if self._keys and manifest.revision == applied_revision and not again:
+            raise ManifestError(
+                f"revision {manifest.revision} is the applied revision with other content: "
+                "a signed manifest is replaced only by a higher revision",
+                "reused_revision",
+            )
+        if manifest.expires_at is not None and not again:
             expires = parse_rfc3339(manifest.expires_at)  # checked when decoded
             now = self._clock()
             if now >= expires:

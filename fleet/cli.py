@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", metavar="ID",
                    help="the key id the signature names (default: the key file's name "
                         "without .key)")
+    p.add_argument("--rollback", action="store_true",
+                   help="deploy a version older than the one the device serves, on purpose "
+                        "(refused without it); the manifest, a higher revision as always, "
+                        "says \"rollback\": true")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser(
@@ -292,7 +296,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _store_files(files, _artifact_store(args))
     with connect(args.broker, security=security) as conn:
         outcome = deploy(conn, topics, upsert=spec, remove=args.remove, wait_s=args.wait,
-                         signer=signer)
+                         signer=signer, rollback=args.rollback)
     what = (f"removed {args.remove}" if spec is None else
             f"{spec.name}:{spec.version} sha256 {spec.sha256[:12]} ({spec.size} bytes) "
             f"from {spec.uri}")
@@ -307,7 +311,7 @@ def _deploy_entry(args: argparse.Namespace) -> tuple[ModelSpec | None, list[tupl
     """The manifest entry to add (None with --remove) and the files it needs stored,
     checked in full; nothing is written yet."""
     if args.remove:
-        given = [f for f in ("model", "version", "file") if getattr(args, f)]
+        given = [f for f in ("model", "version", "file", "rollback") if getattr(args, f)]
         if given:
             raise UsageError(f"--remove cannot be combined with --{', --'.join(given)}")
         return None, []

@@ -8,6 +8,7 @@ follows the retained `reported` until the agent serves the new version or gives 
 from __future__ import annotations
 
 import queue
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,12 +155,15 @@ def next_manifest(
     remove: str | None = None,
     issued_at: str | None = None,
     applied: int | None = None,
+    rollback: bool = False,
 ) -> Manifest:
     """The next revision: `upsert` replaces every entry of its name, `remove` drops one.
 
-    The revision also passes `applied` (the device's reported revision): an agent
-    refuses a revision lower than the one it applied, e.g. after `desired` was cleared.
-    The old signature is dropped: it covered the old content.
+    Revisions only move forward: the next one also passes `applied` (the device's
+    reported revision), since an agent refuses a revision lower than the one it applied,
+    e.g. after `desired` was cleared. A rollback is older content under the next
+    revision, marked `rollback` on purpose. The old signature is dropped: it covered the
+    old content.
     """
     models = list(current.models) if current else []
     if remove is not None:
@@ -173,6 +177,7 @@ def next_manifest(
         revision=max(current.revision if current else 0, applied or 0) + 1,
         models=models,
         issued_at=issued_at or utc_now(),
+        rollback=rollback,
     )
     # What we publish must be what an agent accepts: round-trip through its decoder.
     return decode_manifest(encode_manifest(manifest))
@@ -180,14 +185,44 @@ def next_manifest(
 
 def read_current(conn: Connection, topics: Topics) -> tuple[Manifest | None, int | None]:
     """The device's retained desired manifest and its applied revision (None if absent)."""
+    current, reported = _read_state(conn, topics)
+    return current, applied_revision(reported) if reported else None
+
+
+_VERSION_RE = re.compile(r"^v?(\d+(?:\.\d+)*)$")
+
+
+def version_order(version: str) -> tuple[int, ...] | None:
+    """"3", "v1.10.2" as numbers to compare; None for a version without that form."""
+    m = _VERSION_RE.match(version)
+    return None if m is None else tuple(int(part) for part in m.group(1).split("."))
+
+
+def older_than_served(spec: ModelSpec, current: Manifest | None,
+                      reported: dict[str, Any] | None) -> str | None:
+    """The version of `spec.name` the device serves (else the one desired) when `spec`'s
+    version is older than it, by version_order; None when it is not, or nobody can tell."""
+    entry = find_model(reported, spec.name) if reported else None
+    served = entry.get("version") if entry and entry.get("state") == "serving" else None
+    if not isinstance(served, str):
+        served = next((m.version for m in (current.models if current else [])
+                       if m.name == spec.name), None)
+    if served is None:
+        return None
+    new, old = version_order(spec.version), version_order(served)
+    return served if new is not None and old is not None and new < old else None
+
+
+def _read_state(conn: Connection, topics: Topics
+                ) -> tuple[Manifest | None, dict[str, Any] | None]:
+    """The device's retained desired manifest and `reported` document (None if absent)."""
     got = conn.read_retained([topics.desired, topics.reported])
     reported = parse_json_object(got.get(topics.reported, b""))
-    applied = applied_revision(reported) if reported else None
     payload = got.get(topics.desired)
     if not payload:
-        return None, applied
+        return None, reported
     try:
-        return decode_manifest(payload), applied
+        return decode_manifest(payload), reported
     except ManifestError as exc:
         raise DeployError(
             f"the retained manifest on {topics.desired} is unusable ({exc}); "
@@ -331,16 +366,25 @@ def deploy(
     remove: str | None = None,
     wait_s: float | None = None,
     signer: Signer | None = None,
+    rollback: bool = False,
 ) -> DeployOutcome:
     """Publish the next desired revision with one model added/replaced or removed.
 
     With `wait_s`, follow `reported` until the agent serves (or has dropped) the model.
     With `signer`, the manifest is signed (agents with trusted keys refuse it otherwise).
+    A version older than the one the device serves is refused unless `rollback` says it
+    is meant; the manifest then carries `"rollback": true`.
     """
     if (upsert is None) == (remove is None):
         raise ValueError("deploy one model or remove one, not both or neither")
-    current, applied = read_current(conn, topics)
-    manifest = next_manifest(current, upsert=upsert, remove=remove, applied=applied)
+    current, reported = _read_state(conn, topics)
+    if upsert is not None and not rollback and (
+            served := older_than_served(upsert, current, reported)) is not None:
+        raise DeployError(
+            f"{upsert.name}:{upsert.version} is older than {upsert.name}:{served}, which "
+            f"{topics.device_id} serves; pass --rollback to roll back on purpose")
+    manifest = next_manifest(current, upsert=upsert, remove=remove, rollback=rollback,
+                             applied=applied_revision(reported) if reported else None)
     # Subscribe before publishing so no report about this revision can slip by.
     watcher = ReportWatcher(conn, topics) if wait_s is not None else None
     try:

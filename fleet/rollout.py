@@ -682,7 +682,7 @@ class RolloutEngine:
             return  # someone changed the device since: leave their change alone
         if d.prev_spec is not None:
             manifest = next_manifest(current, upsert=msgspec.convert(d.prev_spec, ModelSpec),
-                                     applied=applied)
+                                     applied=applied, rollback=True)
         else:
             manifest = next_manifest(current, remove=r.model, applied=applied)
         self.desired.publish(d.device_id, manifest)

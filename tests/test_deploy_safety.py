@@ -231,10 +231,25 @@ def test_signed_deploys_refuse_what_they_must_and_keep_serving(
         answers(client, dev.id, "2", 2.0)
         now_applied = dev.reported()["revision"]
         assert now_applied > applied
+        with connect(dev.url) as conn:
+            applied_payload = conn.read_retained([dev.topics.desired])[dev.topics.desired]
         # Rollback: a validly signed, older revision.
         mark = dev.mark()
         publish(dev, Manifest(revision=applied, models=[spec(models.v1, "1")]), signer1)
         refused("rollback", applied)
+        # The applied revision again with other content: refused, fresh or expired; with
+        # the same content it is the re-delivery every reconnect makes: nothing happens.
+        for expires in (None, "2020-01-01T00:00:00Z"):
+            mark = dev.mark()
+            publish(dev, Manifest(revision=now_applied, models=[spec(models.v1, "1")],
+                                  expires_at=expires), signer1)
+            dev.event("manifest_rejected", after=mark, reason="reused_revision",
+                      revision=now_applied)
+            answers(client, dev.id, "2", 2.0)
+        mark = dev.mark()
+        publish_raw(dev, applied_payload)
+        time.sleep(1.0)
+        assert [e for e in dev.events.snapshot()[mark:] if e.get("revision") == now_applied] == []
         # Expired.
         mark = dev.mark()
         publish(dev, Manifest(revision=now_applied + 1, models=[spec(models.v1, "1")],
@@ -297,6 +312,94 @@ def test_bad_artifacts_are_refused_and_the_old_version_serves(
         assert list((state / "tmp").iterdir()) == []
         assert [p.name for p in (state / "models" / "sha256").iterdir()] == [
             spec(models.v1, "1").sha256]
+    finally:
+        dev.close()
+
+
+def test_a_trickled_header_is_cut_at_the_deadline_and_never_holds_a_newer_manifest(
+    broker: Broker, client: InferenceClient, models: Models, tmp_path: Path,
+) -> None:
+    """One header byte a second: a per-read timeout never fires, the deadline does. And a
+    newer manifest published during such a download is applied at once, not after it."""
+    dev = Device(tmp_path, broker, "gw-trickle", deploy={"download_timeout_s": 3.0})
+    dev.start()
+    try:
+        assert dev.deploy("--version", "1", "--file", str(models.v1), "--wait", "60") == 0
+        rev = dev.reported()["revision"]
+        stuck = {"sha256": spec(models.small_v2, "x").sha256,
+                 "size": models.small_v2.stat().st_size}
+        with SlowServer(b"", chunk=1, interval=1.0, header_interval=1.0, give_up_s=60) as slow:
+            mark = dev.mark()
+            started = time.monotonic()
+            publish(dev, Manifest(revision=rev + 1,
+                                  models=[spec(models.v2, "slow", uri=slow.url, **stuck)]))
+            dev.event("deploy_started", after=mark, revision=rev + 1)
+            answers(client, dev.id, "1", 1.0)  # the old version serves meanwhile
+            failed = dev.event("model_failed", after=mark, version="slow", timeout=15)
+            took = time.monotonic() - started
+            assert failed["cause"] == "deadline", failed
+            assert "deploy.download_timeout_s=3s" in failed["message"]
+            assert 2.5 < took < 8, took
+            answers(client, dev.id, "1", 1.0)
+
+            # A newer manifest supersedes a download in progress and is applied at once.
+            mark = dev.mark()
+            publish(dev, Manifest(revision=rev + 2,
+                                  models=[spec(models.v2, "slow2", uri=slow.url, **stuck)]))
+            dev.event("deploy_started", after=mark, revision=rev + 2)
+            time.sleep(1.0)
+            started = time.monotonic()
+            publish(dev, Manifest(revision=rev + 3, models=[spec(models.v2, "2")]))
+            superseded = dev.event("deploy_superseded", after=mark, revision=rev + 2, timeout=5)
+            assert superseded["by"] == rev + 3 and superseded["version"] == "slow2"
+            dev.event("deploy_finished", after=mark, revision=rev + 3, timeout=20)
+            assert time.monotonic() - started < 2.5  # far below the 3 s deadline
+            assert not [e for e in dev.events.snapshot()[mark:] if e["type"] == "model_failed"]
+            answers(client, dev.id, "2", 2.0)
+            assert dev.reported()["revision"] == rev + 3
+    finally:
+        dev.close()
+
+
+def test_revisions_only_move_forward_without_keys_and_a_rollback_says_so(
+    broker: Broker, client: InferenceClient, models: Models, tmp_path: Path,
+) -> None:
+    dev = Device(tmp_path, broker, "gw-forward")
+    dev.start()
+    try:
+        assert dev.deploy("--version", "1", "--file", str(models.v1), "--wait", "60") == 0
+        assert dev.deploy("--version", "2", "--file", str(models.v2), "--wait", "60") == 0
+        rev = dev.reported()["revision"]
+        # A lower revision (an old retained manifest, a stale publisher) is refused.
+        mark = dev.mark()
+        publish(dev, Manifest(revision=rev - 1, models=[spec(models.v1, "1")]))
+        dev.event("manifest_rejected", after=mark, reason="rollback", revision=rev - 1)
+        answers(client, dev.id, "2", 2.0)
+        # edge-fleet deploy will not go back to an older version by accident ...
+        assert dev.deploy("--version", "1", "--file", str(models.v1), "--wait", "30") == 1
+        assert dev.reported()["revision"] == rev
+        # ... but does on purpose, under the next revision, and the agent says it.
+        mark = dev.mark()
+        assert dev.deploy("--version", "1", "--file", str(models.v1), "--wait", "60",
+                          "--rollback") == 0
+        started = dev.event("deploy_started", after=mark, revision=rev + 1)
+        finished = dev.event("deploy_finished", after=mark, revision=rev + 1)
+        assert started["rollback"] is True and finished["rollback"] is True
+        answers(client, dev.id, "1", 1.0)
+        assert dev.reported()["rollback"] is True
+
+        # A files entry that names no file is refused naming its key; v1 keeps serving.
+        for name in ("..", "."):
+            side = {"name": name, "uri": models.v1.as_uri(),
+                    "sha256": spec(models.v1, "x").sha256, "size": models.v1.stat().st_size}
+            payload = json.dumps({"revision": rev + 5, "models": [
+                msgspec.to_builtins(spec(models.v2, "3")) | {"files": [side]}]}).encode()
+            mark = dev.mark()
+            publish_raw(dev, payload)
+            event = dev.event("manifest_rejected", after=mark, reason="invalid",
+                              revision=rev + 5)
+            assert "models[0].files[0].name" in event["message"], event
+            answers(client, dev.id, "1", 1.0)
     finally:
         dev.close()
 

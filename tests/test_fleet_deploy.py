@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.manifest import Manifest, ModelSpec, decode_manifest, encode_manifest
 from agent.topics import Topics
 from fleet.cli import main
-from fleet.deploy import DeployError, next_manifest
+from fleet.deploy import DeployError, next_manifest, older_than_served, version_order
 from fleet.mqtt import connect, read_retained
 from tests.broker import Broker
 
@@ -272,3 +272,23 @@ def test_next_manifest_drops_the_old_signature() -> None:
     assert (nxt.revision, nxt.signature, nxt.models) == (8, None, [spec])
     with pytest.raises(DeployError, match="no model 'zz'"):
         next_manifest(None, remove="zz")
+
+
+def test_a_version_older_than_the_served_one_is_told_apart() -> None:
+    """`deploy` refuses such a version without --rollback; versions it cannot order (not
+    of the form 3, 1.10.2, v2) are not compared."""
+    def entry(version: str) -> ModelSpec:
+        return ModelSpec(name="m", version=version, uri="file:///x", sha256="a" * 64, size=1)
+
+    assert version_order("v1.10.2") == (1, 10, 2) and version_order("beta") is None
+    serving = {"models": [{"name": "m", "version": "1.10", "state": "serving"}]}
+    assert older_than_served(entry("1.9"), None, serving) == "1.10"
+    assert older_than_served(entry("1.11"), None, serving) is None
+    assert older_than_served(entry("beta"), None, serving) is None
+    # Nothing serves yet: the desired manifest's version counts.
+    desired = Manifest(revision=3, models=[entry("4")])
+    failed = {"models": [{"name": "m", "version": "4", "state": "failed"}]}
+    assert older_than_served(entry("3"), desired, failed) == "4"
+    # The rollback manifest says so; a plain one does not write the field at all.
+    assert next_manifest(desired, upsert=entry("3"), rollback=True).rollback is True
+    assert b"rollback" not in encode_manifest(next_manifest(desired, upsert=entry("5")))

@@ -160,9 +160,48 @@ def test_expiry(keys: dict[str, Any]) -> None:
     # Without keys an expired manifest is refused too; unsigned ones are accepted.
     open_door = ManifestVerifier({}, clock=lambda: NOW)
     assert refused(open_door, expired, applied=2).reason == "expired"
-    open_door.check(decode_published(json.dumps({"revision": 1, "models": [entry()]}).encode()), 5)
+    open_door.check(decode_published(json.dumps({"revision": 6, "models": [entry()]}).encode()), 5)
     with pytest.raises(ManifestError, match="RFC 3339"):
         decode_published(json.dumps({"revision": 1, "models": [], "expires_at": "tomorrow"}).encode())
+
+
+def test_revisions_only_move_forward(keys: dict[str, Any]) -> None:
+    """With keys: lower is refused, the applied revision with other content too (even
+    expired), with the same content it is the re-delivery every reconnect makes. Without
+    keys a lower revision is refused unless deploy.allow_rollback says otherwise."""
+    past = (NOW - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    applied = decode_published(sign_raw({"revision": 3, "models": [entry()]}, keys["fleet-1"]))
+    v = verifier(keys)
+    v.check(applied, 3, applied.digest)
+    # Signed again by the other key: the same content, the same digest.
+    v.check(decode_published(sign_raw({"revision": 3, "models": [entry()]}, keys["fleet-2"],
+                                      "fleet-2")),
+            3, applied.digest)
+    other = sign_raw({"revision": 3, "models": [entry(instances=2)]}, keys["fleet-1"])
+    err = refused_at(v, other, 3, applied.digest)
+    assert err.reason == "reused_revision"
+    old = sign_raw({"revision": 3, "models": [entry(instances=2)], "expires_at": past},
+                   keys["fleet-1"])
+    assert refused_at(v, old, 3, applied.digest).reason == "reused_revision"
+    # The applied manifest itself, delivered again after it expired, changes nothing.
+    expired = decode_published(sign_raw({"revision": 3, "models": [entry()],
+                                         "expires_at": past}, keys["fleet-1"]))
+    v.check(expired, 3, expired.digest)
+    unsigned_low = json.dumps({"revision": 2, "models": [entry()]}).encode()
+    assert refused_at(ManifestVerifier({}), unsigned_low, 3, None).reason == "rollback"
+    ManifestVerifier({}, allow_rollback=True).check(decode_published(unsigned_low), 3)
+    # allow_rollback does not open a door that keys close.
+    low = sign_raw({"revision": 2, "models": [entry()]}, keys["fleet-1"])
+    keyed = ManifestVerifier(load_trusted_keys(TrustConfig(keys={"fleet-1": pub(keys["fleet-1"])})),
+                             clock=lambda: NOW, allow_rollback=True)
+    assert refused_at(keyed, low, 3, applied.digest).reason == "rollback"
+
+
+def refused_at(v: ManifestVerifier, payload: bytes, applied: int,
+               digest: str | None) -> ManifestError:
+    with pytest.raises(ManifestError) as info:
+        v.check(decode_published(payload), applied, digest)
+    return info.value
 
 
 # --- keys and config -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.manifest import ModelSpec
-from agent.store import ArtifactError, ModelStore, atomic_write, remove_stale_temps
+from agent.store import ArtifactError, DownloadCut, ModelStore, atomic_write, remove_stale_temps
 from tests.slowhttp import SlowServer
 
 
@@ -125,6 +125,36 @@ def test_download_has_one_deadline_for_the_whole(tmp_path: Path, stall_after: in
     assert 0.45 < took < 1.5, why
     assert list(store.tmp.iterdir()) == []
     assert not store.has(spec)
+
+
+def test_the_deadline_covers_the_response_header(tmp_path: Path) -> None:
+    """One header byte every 0.2 s: no read ever waits long, the header never ends."""
+    store = ModelStore(tmp_path / "state")
+    with SlowServer(b"", chunk=1, interval=1, header_interval=0.2) as server:
+        spec = spec_for(server.url, b"never sent")
+        started = time.monotonic()
+        with pytest.raises(ArtifactError) as info:
+            store.fetch(spec, 0.5, 10**9)
+        took = time.monotonic() - started
+    assert info.value.cause == "deadline"
+    assert 0.45 < took < 1.5
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_a_cut_ends_a_download_at_once(tmp_path: Path) -> None:
+    """The reconciler cuts a download when a newer manifest supersedes it."""
+    store = ModelStore(tmp_path / "state")
+    cut = DownloadCut()
+    body = b"slow-model" * 2_000
+    with SlowServer(body, chunk=10, interval=0.1) as server:
+        threading.Timer(0.3, cut.fire, args=("superseded",)).start()
+        started = time.monotonic()
+        with pytest.raises(ArtifactError) as info:
+            store.fetch(spec_for(server.url, body), 30, 10**9, cut=cut)
+        took = time.monotonic() - started
+    assert info.value.cause == "cut" and cut.cause == "superseded"
+    assert took < 1.5
+    assert list(store.tmp.iterdir()) == []
 
 
 def test_download_within_its_deadline_and_checkpoints(tmp_path: Path) -> None:
