@@ -27,6 +27,16 @@ A received QoS 1 message is acknowledged by `ack(mid, qos)` from another thread 
 is journaled; its `mid` carries the connection it came on, so an ack that outlived a
 session the broker forgot is not sent on the next one (it could name another message).
 
+Takeover. A second client with our client id (two agents given one device id) takes the
+session over; reconnecting at once would take it back, and the two would storm (66
+reconnects in 30 s measured before this). So a takeover is named (event
+`session_taken_over`, `last_disconnect`) and the next connect waits
+`broker.takeover_backoff_s`, doubling on each repeat up to `broker.takeover_backoff_max_s`.
+A broker that follows MQTT 5 says so with DISCONNECT 0x8E; mosquitto before 2.0.15 (2.0.11
+measured here) closes the old link without a word, so the owner (agent/service.py) also
+calls `note_twin` when the device's retained state shows another process's session: a link
+the broker then closes counts as a takeover too.
+
 A packet the codec refuses is skipped by its fixed-header length and never drops the
 link: a QoS 1 PUBLISH is acknowledged (or handed to a route that takes unreadable jobs,
 which answers it INVALID_ARGUMENT and acknowledges it once journaled).
@@ -69,6 +79,8 @@ MQTT_MAX_PACKET = 268_435_455  # the protocol's own limit when the broker names 
 RECEIVE_MAXIMUM = 1024
 READ_CHUNK = 256 * 1024
 LOOP_TICK_S = 0.5  # the loop goes round at least this often (the watchdog's loop beat)
+# Why a link ended when the broker closed it without a DISCONNECT.
+_CLOSED_BY_BROKER = "the broker closed the connection"
 
 # paho's return codes, for callers that look at `rc`.
 RC_SUCCESS = 0
@@ -79,6 +91,7 @@ RC_QUEUE_SIZE = 15
 _QOS = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 _PINGREQ = b"\xc0\x00"
 _DISCONNECT = b"\xe0\x00"
+_TAKEN_OVER = 0x8E  # DISCONNECT reason code: Session taken over
 
 
 
@@ -134,6 +147,18 @@ class Retained:
     payload: bytes
 
 
+def session_of_mid(mid: int) -> int:
+    """The `mid_tag` of the session a received message came in on."""
+    return mid >> 48
+
+
+def takeover_delay(takeovers: int, low: float, high: float) -> float:
+    """The wait after the n-th takeover in a row: low, doubling per repeat, capped at high,
+    times 1 to 1.5 (jitter, so two twins do not come back together)."""
+    base = min(high, low * float(2 ** min(max(takeovers - 1, 0), 20)))
+    return min(high, base * random.uniform(1.0, 1.5))  # noqa: S311 - jitter, not crypto
+
+
 def backoff_delay(attempt: int, low: float, high: float) -> float:
     """Full-jitter exponential backoff: a random delay in [low, min(high, low * 2**attempt)]."""
     ceiling = min(high, low * (2 ** min(attempt, 20)))
@@ -176,6 +201,10 @@ class _Dropped(Exception):
     """The link is gone (or must be dropped); the message says why."""
 
 
+class _TakenOver(_Dropped):
+    """The broker ended the link because another client connected with our client id."""
+
+
 class MqttSession:
     """Owns the socket and the I/O thread; `publish` and `ack` are thread-safe."""
 
@@ -184,12 +213,18 @@ class MqttSession:
         client_id: str,
         cfg: BrokerConfig,
         routes: Sequence[Route],
-        will: Retained,
+        will: Retained | None,
         on_connected: Callable[[], None],
         on_published: Callable[[int, bool], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        mid_tag: int = 0,
     ) -> None:
+        """`mid_tag` (0..32767) goes into every received message's `mid` (bits 48 up), so an
+        owner of several sessions can send each PUBACK back on the session the message came
+        in on (`session_of_mid`)."""
         self._cfg = cfg
+        self.client_id = client_id
+        self._mid_base = mid_tag << 48
         self._on_published_cb = on_published
         # What the session saw that operators should hear of beyond the log: a link the
         # broker ended or refused (with its reason code), a packet skipped as unreadable.
@@ -209,8 +244,8 @@ class MqttSession:
             username=params.username,
             password=params.password,
             clean_start=False,
-            will=mqtt5.Will(will.topic, payload=will.payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
-                            retain=True),
+            will=None if will is None else mqtt5.Will(
+                will.topic, payload=will.payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True),
             keep_alive=cfg.keepalive_s,
             session_expiry_interval=cfg.session_expiry_s,
             receive_max=RECEIVE_MAXIMUM,
@@ -232,6 +267,10 @@ class MqttSession:
         # CONNACK refusal, a lost socket), for logs and `doctor`; None before any.
         self.last_disconnect: str | None = None
         self.unreadable = 0  # packets the codec refused (skipped, acknowledged)
+        self.takeovers = 0  # links another client with our id took over, in a row
+        # Set by note_twin: another process with our client id is about, so a link the
+        # broker closes without a DISCONNECT (mosquitto < 2.0.15) counts as taken over.
+        self._twin: str | None = None
         self._thread: threading.Thread | None = None
 
         self._lock = threading.Lock()
@@ -301,10 +340,17 @@ class MqttSession:
                     self._pause(delay)
                     continue
                 attempt = 0  # a link the broker accepted starts the backoff over
-                why = self._serve(sock, connack, rest)
+                began = time.monotonic()
+                why, taken = self._serve(sock, connack, rest)
                 if self._stop.is_set():
                     return
                 self.last_disconnect = why
+                if time.monotonic() - began > self._cfg.takeover_backoff_max_s:
+                    self.takeovers = 0  # a long quiet link: a later takeover starts over
+                    self._twin = None
+                if taken or (self._twin is not None and why == _CLOSED_BY_BROKER):
+                    self._pause(self._taken_over(why, taken))
+                    continue
                 self._event("broker_disconnected", reason=why)
                 delay = backoff_delay(attempt, self._cfg.reconnect_min_s,
                                       self._cfg.reconnect_max_s)
@@ -315,6 +361,32 @@ class MqttSession:
         except Exception:
             log.exception("the MQTT I/O thread failed")  # loop_age() turns inf: watchdog
             raise
+
+    def _taken_over(self, why: str, said: bool) -> float:
+        """A link another client took over: name it, and how long to wait before the next."""
+        self.takeovers += 1
+        delay = takeover_delay(self.takeovers, self._cfg.takeover_backoff_s,
+                               self._cfg.takeover_backoff_max_s)
+        detected = why if said else f"{why}, and {self._twin}"
+        self._twin = None  # the next takeover needs its own evidence (the twin may be gone)
+        self.last_disconnect = f"session taken over: {detected}"
+        log.error("session taken over: another client connected to %s with client id %s "
+                  "(two agents with one device id?); %s; connecting again in %.0fs "
+                  "(takeover %d in a row)", self._addr, self.client_id, detected, delay,
+                  self.takeovers)
+        self._event("session_taken_over", client_id=self.client_id, reason=detected,
+                    retry_in_s=round(delay, 1), takeovers=self.takeovers,
+                    message=f"another client connected with client id {self.client_id}")
+        return delay
+
+    def note_twin(self, evidence: str) -> None:
+        """Another process uses our client id (the owner saw its trace, e.g. the retained
+        state of a session not ours): if the broker now closes our link without a word, it
+        was taken over. Any thread. The event comes with that takeover."""
+        if self._twin is None:
+            log.warning("another client seems to use client id %s on %s: %s", self.client_id,
+                        self._addr, evidence)
+        self._twin = evidence
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self._on_event_cb is None:
@@ -419,8 +491,10 @@ class MqttSession:
 
     # --- the connected loop (I/O thread) ---------------------------------------------------
 
-    def _serve(self, sock: socket.socket, connack: mqtt5.ConnAckPacket, rest: bytearray) -> str:
-        """Run one link until it ends; returns why it ended."""
+    def _serve(self, sock: socket.socket, connack: mqtt5.ConnAckPacket,
+               rest: bytearray) -> tuple[str, bool]:
+        """Run one link until it ends; returns why it ended, and whether the broker said
+        another client took the session over."""
         keepalive = float(connack.server_keep_alive or self._cfg.keepalive_s)
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -477,11 +551,11 @@ class MqttSession:
                         self._flush()
                         self._last_write = max(self._last_write, now)  # even if not yet out
             self._goodbye(sock)
-            return "stopped"
+            return "stopped", False
         except _Dropped as exc:
-            return str(exc)
+            return str(exc), isinstance(exc, _TakenOver)
         except OSError as exc:
-            return describe_connect_error(exc)
+            return describe_connect_error(exc), False
         finally:
             self._lost(sock)
             sel.close()
@@ -499,7 +573,7 @@ class MqttSession:
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             if not data:
-                raise _Dropped("the broker closed the connection")
+                raise _Dropped(_CLOSED_BY_BROKER)
             now = time.monotonic()
             self._last_read = now
             rbuf += data
@@ -514,7 +588,7 @@ class MqttSession:
         pos = 0
         end = len(rbuf)
         wall = time.time()
-        gen = self._gen << 16
+        gen = self._mid_base | self._gen << 16
         view = memoryview(rbuf)
         try:
             while pos < end:
@@ -643,6 +717,8 @@ class MqttSession:
         elif isinstance(packet, mqtt5.DisconnectPacket):
             why = _reason(packet.reason_code, packet.reason_str)
             log.warning("disconnected from %s: %s", self._addr, why)
+            if int(packet.reason_code) == _TAKEN_OVER:
+                raise _TakenOver(f"DISCONNECT from the broker: {why}")
             raise _Dropped(f"DISCONNECT from the broker: {why}")
         elif isinstance(packet, mqtt5.PubRelPacket):
             self._write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
@@ -763,7 +839,7 @@ class MqttSession:
         """Acknowledge a received message (any thread): PUBACK for QoS 1."""
         if qos != 1 or not mid:
             return
-        if (mid >> 16) < self._epoch:
+        if (mid >> 16) & 0xFFFFFFFF < self._epoch:
             # It came on a link whose session the broker has since forgotten: the broker
             # sends it again, and this id may name another message now.
             return
@@ -881,5 +957,5 @@ def _matches(words: tuple[str, ...], topic: str) -> bool:
 
 __all__ = [
     "Handler", "Inbound", "MqttSession", "PublishInfo", "Retained",
-    "Route", "backoff_delay",
+    "Route", "backoff_delay", "session_of_mid", "takeover_delay",
 ]

@@ -56,7 +56,7 @@ class Member:
             self._buf += data
             while True:
                 try:
-                    packet, n = mqtt5.read(bytes(self._buf))
+                    packet, n = mqtt5.read(memoryview(bytes(self._buf)))
                 except IndexError:
                     break
                 del self._buf[:n]
