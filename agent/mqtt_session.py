@@ -480,7 +480,8 @@ class MqttSession:
             self._flush()
         self.connect_count += 1
         self.connected.set()
-        log.info("connected to %s (session present: %s)", self._addr, present)
+        log.info("connected to %s as %s (session present: %s)", self._addr, self.client_id,
+                 present)
         if again:
             log.info("sending %d unacknowledged publish(es) again%s", len(again),
                      "" if present else " (the broker kept no session: as new messages)")
