@@ -284,6 +284,8 @@ class MqttSession:
         self._next_id = 0
         self._send_quota = 65535  # the broker's Receive Maximum
         self._sub_id = 0
+        self._unsub_id = 0
+        self._unsubscribed = threading.Event()
         self._gen = 0  # connections so far; a received message's mid carries its own
         self._epoch = 0  # the connection that last started a new session at the broker
         self._last_write = 0.0
@@ -308,6 +310,29 @@ class MqttSession:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def unsubscribe_all(self, timeout: float) -> bool:
+        """Stop the broker sending us anything new (any thread): UNSUBSCRIBE every route,
+        and no SUBSCRIBE on later reconnects. True once the broker confirmed (UNSUBACK)
+        within `timeout`. Messages it had already sent or queued for us still come."""
+        with self._lock:
+            self._subscribe_filters = []
+            if self._sock is None or not self._routes:
+                return False
+            self._unsub_id = self._take_id()
+            packet = mqtt5.UnsubscribePacket(
+                self._unsub_id, [r.subscription for r in self._routes]).write()
+            self._out += packet
+            if len(self._out) == len(packet):
+                self._flush()
+            elif not self._write_armed:
+                self._write_armed = True
+                self._wake()
+        return self._unsubscribed.wait(timeout)
+
+    def idle_for(self) -> float:
+        """Seconds since anything came from the broker."""
+        return time.monotonic() - self._last_read
 
     def loop_age(self) -> float:
         """Seconds since the I/O thread last went round its loop; inf once it has died."""
@@ -715,6 +740,12 @@ class MqttSession:
                     log.error("broker %s refused the subscription %s: %s", self._addr,
                               route.subscription, _reason(code, packet.reason_str))
             self.subscribed.set()
+        elif isinstance(packet, mqtt5.UnsubAckPacket):
+            with self._lock:
+                if packet.packet_id == self._unsub_id:
+                    self._used_ids.discard(self._unsub_id)
+                    self._unsub_id = 0
+                    self._unsubscribed.set()
         elif isinstance(packet, mqtt5.DisconnectPacket):
             why = _reason(packet.reason_code, packet.reason_str)
             log.warning("disconnected from %s: %s", self._addr, why)

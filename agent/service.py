@@ -33,6 +33,9 @@ _json = msgspec.json.Encoder()
 # `mid_tag`s of the agent's MQTT sessions: a job's PUBACK goes back on the one it came on.
 DEVICE_SESSION = 0
 POOL_SESSION = 1
+# Leaving the pools before a drain: quiet this long on the pool link means nothing more is
+# coming (a loopback broker sends the next queued job within a millisecond of a PUBACK).
+POOL_SETTLE_S = 0.3
 # Session events also written to the state dir for `edge-agent doctor` (agent/linkstate.py).
 _LINK_EVENTS = frozenset({"broker_disconnected", "broker_refused", linkstate.TAKEN_OVER})
 
@@ -205,6 +208,24 @@ class Agent:
             on_event=lambda kind, fields: self._session_event(kind, {**fields, "link": "pool"}),
             mid_tag=POOL_SESSION,
         )
+
+    def leave_pools(self, timeout: float) -> None:
+        """Before a drain: take no new pool jobs, and journal (and acknowledge) every pool
+        job the broker already sent us. Left unacknowledged, as a drain leaves the device's
+        jobs for the next start, they would be dropped with the pool session (expiry 0)."""
+        pool = self.pool_mqtt
+        if pool is None:
+            return
+        deadline = time.monotonic() + timeout
+        if not pool.unsubscribe_all(timeout):
+            log.warning("no UNSUBACK from the broker for the pool subscription within %gs",
+                        timeout)
+        # What the broker had queued for us follows the UNSUBACK as PUBACKs free room.
+        while time.monotonic() < deadline:
+            if self.scheduler.intake_settled() and pool.idle_for() >= POOL_SETTLE_S:
+                break
+            time.sleep(0.02)
+        log.info("left the pool(s) %s", ", ".join(self.cfg.jobs.pools))
 
     def _ack(self, mid: int, qos: int) -> None:
         """A job's PUBACK, on the session it came in on."""

@@ -68,3 +68,40 @@ def test_pool_jobs_go_to_the_survivor_when_a_member_is_killed(tmp_path: Path) ->
         for a in agents:
             a.stop()
         broker.stop()
+
+
+def test_a_member_stopped_with_sigterm_leaves_no_pool_job_behind(tmp_path: Path) -> None:
+    """A drain leaves the device's own jobs with the broker for the next start; a pool job
+    left so would be dropped with the pool session. So the member leaves the pool first and
+    journals what the broker had already sent it."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    agents = [AgentProcess(tmp_path / dev, broker.url, dev, jobs={"pools": [POOL]})
+              for dev in ("ps-a", "ps-b")]
+    replies: Replies | None = None
+    try:
+        for a in agents:
+            a.start()
+        for a in agents:
+            wait_state(broker.url, "online", a.device_id)
+            a.wait_log(f"as {a.device_id}.pool.", 30)
+        replies = Replies(broker.url)
+        topic = Topics(PREFIX, "ps-a").pool_jobs(POOL)
+        x = np.zeros((1, 1), np.float32)
+        n = 400
+        for i in range(n):
+            replies.send(topic, job_body(f"s{i}", "nosuch", {"x": x}), f"s{i}".encode())
+            if i == n // 4:
+                assert agents[0].proc is not None
+                agents[0].proc.terminate()  # SIGTERM while jobs keep coming
+        replies.wait_count(n, 30)
+        assert agents[0].stop() == 0
+        assert "left the pool(s)" in agents[0].log_text()
+        by_corr = replies.by_correlation()
+        assert sorted(len(v) for v in by_corr.values()) == [1] * n
+    finally:
+        if replies is not None:
+            replies.close()
+        for a in agents:
+            a.stop()
+        broker.stop()
