@@ -215,7 +215,7 @@ class Service:
     # --- health and status ---------------------------------------------------------------
 
     def health(self) -> str | None:
-        return health_problem(self.agent.scheduler, self.agent.mqtt, self._limits)
+        return health_problem(self.agent.scheduler, self.agent.network, self._limits)
 
     def _status_text(self) -> str:
         models = len(self.agent.registry.snapshot())

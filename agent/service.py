@@ -44,6 +44,16 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+class _Sessions:
+    """The agent's MQTT sessions as one loop for the watchdog: as old as the oldest."""
+
+    def __init__(self, *sessions: MqttSession | None) -> None:
+        self._sessions = [x for x in sessions if x is not None]
+
+    def loop_age(self) -> float:
+        return max(x.loop_age() for x in self._sessions)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig, hardware: HardwareInfo | None = None) -> None:
         self.cfg = cfg
@@ -84,6 +94,7 @@ class Agent:
             mid_tag=DEVICE_SESSION,
         )
         self.pool_mqtt = self._pool_session() if cfg.jobs.pools else None
+        self.network = _Sessions(self.mqtt, self.pool_mqtt)  # the watchdog's network probe
         self.artifacts.attach(self.mqtt)
         self.outbox = OutboxPublisher(
             self.journal,
