@@ -17,7 +17,7 @@ import mqtt5
 import pytest
 
 from agent import linkstate
-from agent.config import BrokerConfig
+from agent.config import BrokerConfig, ConfigError, load_config
 from agent.mqtt_session import MqttSession, Retained, Route, session_of_mid, takeover_delay
 from agent.topics import Topics
 from tests.agentproc import AgentProcess
@@ -36,6 +36,19 @@ def _session(url: str, events: list[tuple[str, dict[str, object]]],
                        Retained("t/twin/state", b"offline"), lambda: None,
                        on_event=lambda kind, fields: events.append((kind, fields)),
                        mid_tag=mid_tag)
+
+
+def test_takeover_backoff_and_pool_keepalive_are_checked(tmp_path: Path) -> None:
+    p = tmp_path / "agent.yaml"
+    p.write_text("broker:\n  takeover_backoff_s: 400\n")
+    with pytest.raises(ConfigError, match=r"broker\.takeover_backoff_s"):
+        load_config(p)
+    p.write_text("jobs:\n  pool_keepalive_s: 0\n")
+    with pytest.raises(ConfigError, match=r"jobs\.pool_keepalive_s"):
+        load_config(p)
+    p.write_text("jobs:\n  pools: [l1]\n")
+    cfg = load_config(p)
+    assert (cfg.jobs.pool_keepalive_s, cfg.broker.takeover_backoff_s) == (5, 20.0)
 
 
 def test_takeover_delay_grows_is_jittered_and_capped() -> None:
