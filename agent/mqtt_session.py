@@ -407,11 +407,15 @@ class MqttSession:
     def note_twin(self, evidence: str) -> None:
         """Another process uses our client id (the owner saw its trace, e.g. the retained
         state of a session not ours): if the broker now closes our link without a word, it
-        was taken over. Any thread. The event comes with that takeover."""
-        if self._twin is None:
-            log.warning("another client seems to use client id %s on %s: %s", self.client_id,
-                        self._addr, evidence)
+        was taken over. Any thread. Said (event) at once, while this link is up to carry
+        it: a taken-over agent's own event waits out its backoff."""
+        first = self._twin is None
         self._twin = evidence
+        if first:
+            log.error("another client uses client id %s on %s (two agents with one device "
+                      "id?): %s", self.client_id, self._addr, evidence)
+            self._event("session_taken_over", client_id=self.client_id, reason=evidence,
+                        message=f"another client connected with client id {self.client_id}")
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self._on_event_cb is None:

@@ -46,7 +46,9 @@ def test_pool_jobs_go_to_the_survivor_when_a_member_is_killed(tmp_path: Path) ->
         for a in agents:  # each logged some of them (DEBUG: "job <id>: NOT_FOUND ...")
             assert "job w" in a.log_text(), a.device_id
         agents[0].kill()
-        time.sleep(0.2)
+        # The broker has seen the death (its will says offline; the pool link, closed by the
+        # kernel at the same moment, goes in the same turn of the broker's loop).
+        wait_state(broker.url, "offline", "pf-a", 10)
         n = 100
         sent: dict[bytes, float] = {}
         for i in range(n):
