@@ -168,6 +168,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print("task pipelines:")
     for task, missing in pipeline_requirements().items():
         print(f"  {task}: {'ready' if missing is None else 'unavailable: ' + missing}")
+    # How the running agent's own link last ended, from its state dir: connecting with the
+    # device's client id to find out would take the running agent's session over.
+    from agent import linkstate
+
+    link_ok, lines = linkstate.doctor_lines(cfg.state_path, cfg.device_id)
+    if lines:
+        print("\n".join(lines))
     ok, lines = _broker_answers(cfg.broker)
     print("\n".join(lines))
     if ok:
@@ -176,7 +183,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
         ok, lines = doctor_lines(cfg.broker, cfg.topic_prefix, cfg.device_id)
         print("\n".join(lines))
-    return 0 if ok and not problems else 1
+    return 0 if ok and link_ok and not problems else 1
 
 
 def main(argv: list[str] | None = None) -> int:

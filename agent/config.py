@@ -75,6 +75,11 @@ class BrokerConfig(_Section):
     reconnect_min_s: PositiveFloat = 0.5
     reconnect_max_s: PositiveFloat = 30.0
     connect_timeout_s: PositiveFloat = 10.0
+    # After another client took our session over (a second agent with this device id), the
+    # next connect waits this long (x1 to x1.5, jittered), doubling on each repeat up to the
+    # max: two twins then take turns a few times a minute at most instead of storming.
+    takeover_backoff_s: PositiveFloat = 20.0
+    takeover_backoff_max_s: PositiveFloat = 300.0
 
 
 class JobsConfig(_Section):
@@ -92,6 +97,11 @@ class JobsConfig(_Section):
     # Response Topics must lie under one of these; "{prefix}" is the topic prefix.
     reply_prefixes: list[str] = msgspec.field(default_factory=lambda: ["{prefix}/reply/"])
     pools: list[str] = msgspec.field(default_factory=list)
+    # Pool jobs come on a session of their own with session expiry 0 (agent/service.py):
+    # the broker stops handing a member pool jobs once it sees the member's link is gone:
+    # at once when the process dies, within 1.5 x this keepalive when the host or network
+    # goes silent. That is the bound on pool jobs routed to a dead member.
+    pool_keepalive_s: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 5
     # Journaled jobs waiting to run are bounded by count (queue_size) and by bytes; past
     # either bound a new job is answered RESOURCE_EXHAUSTED at once and not kept.
     max_queued_bytes: PositiveInt = 256 * 1024 * 1024
@@ -235,6 +245,11 @@ def _check(cfg: AgentConfig, source: str) -> None:
     if cfg.broker.reconnect_min_s > cfg.broker.reconnect_max_s:
         raise ConfigError(
             f"{source}: key 'broker.reconnect_min_s': must not exceed broker.reconnect_max_s"
+        )
+    if cfg.broker.takeover_backoff_s > cfg.broker.takeover_backoff_max_s:
+        raise ConfigError(
+            f"{source}: key 'broker.takeover_backoff_s': must not exceed "
+            "broker.takeover_backoff_max_s"
         )
     # Here, not at the top: runtimes.selection imports numpy, which `edge-agent version`
     # (it imports this module) has no use for.

@@ -194,7 +194,9 @@ class Service:
         log.info("stopping: answering the jobs already taken (up to %gs)", timeout)
         self.notifier.notify("STOPPING=1", "STATUS=stopping: answering the jobs already taken")
         t0 = time.monotonic()
-        left = self.agent.scheduler.drain(timeout)
+        # Pool jobs first: the pool session ends with the process and its jobs with it.
+        self.agent.leave_pools(min(2.0, timeout / 4))
+        left = self.agent.scheduler.drain(max(0.0, t0 + timeout - time.monotonic()))
         if left:
             log.warning("drain timed out after %.1fs: %d job(s) unanswered stay in the journal "
                         "and run after the next start", time.monotonic() - t0, left)
@@ -213,7 +215,7 @@ class Service:
     # --- health and status ---------------------------------------------------------------
 
     def health(self) -> str | None:
-        return health_problem(self.agent.scheduler, self.agent.mqtt, self._limits)
+        return health_problem(self.agent.scheduler, self.agent.network, self._limits)
 
     def _status_text(self) -> str:
         models = len(self.agent.registry.snapshot())

@@ -27,6 +27,16 @@ A received QoS 1 message is acknowledged by `ack(mid, qos)` from another thread 
 is journaled; its `mid` carries the connection it came on, so an ack that outlived a
 session the broker forgot is not sent on the next one (it could name another message).
 
+Takeover. A second client with our client id (two agents given one device id) takes the
+session over; reconnecting at once would take it back, and the two would storm (146
+connects each in 30 s, measured before this on mosquitto 2.0.11). So a takeover is named (event
+`session_taken_over`, `last_disconnect`) and the next connect waits
+`broker.takeover_backoff_s`, doubling on each repeat up to `broker.takeover_backoff_max_s`.
+A broker that follows MQTT 5 says so with DISCONNECT 0x8E; mosquitto before 2.0.15 (2.0.11
+measured here) closes the old link without a word, so the owner (agent/service.py) also
+calls `note_twin` when the device's retained state shows another process's session: a link
+the broker then closes counts as a takeover too.
+
 A packet the codec refuses is skipped by its fixed-header length and never drops the
 link: a QoS 1 PUBLISH is acknowledged (or handed to a route that takes unreadable jobs,
 which answers it INVALID_ARGUMENT and acknowledges it once journaled).
@@ -80,6 +90,8 @@ MQTT_MAX_PACKET = 268_435_455  # the protocol's own limit when the broker names 
 RECEIVE_MAXIMUM = 1024
 READ_CHUNK = 256 * 1024
 LOOP_TICK_S = 0.5  # the loop goes round at least this often (the watchdog's loop beat)
+# Why a link ended when the broker closed it without a DISCONNECT.
+_CLOSED_BY_BROKER = "the broker closed the connection"
 
 # paho's return codes, for callers that look at `rc`.
 RC_SUCCESS = 0
@@ -90,6 +102,7 @@ RC_QUEUE_SIZE = 15
 _QOS = (mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE)
 _PINGREQ = b"\xc0\x00"
 _DISCONNECT = b"\xe0\x00"
+_TAKEN_OVER = 0x8E  # DISCONNECT reason code: Session taken over
 
 
 
@@ -153,6 +166,18 @@ class Retained:
     payload: bytes
 
 
+def session_of_mid(mid: int) -> int:
+    """The `mid_tag` of the session a received message came in on."""
+    return mid >> 48
+
+
+def takeover_delay(takeovers: int, low: float, high: float) -> float:
+    """The wait after the n-th takeover in a row: low, doubling per repeat, capped at high,
+    times 1 to 1.5 (jitter, so two twins do not come back together)."""
+    base = min(high, low * float(2 ** min(max(takeovers - 1, 0), 20)))
+    return min(high, base * random.uniform(1.0, 1.5))  # noqa: S311 - jitter, not crypto
+
+
 def backoff_delay(attempt: int, low: float, high: float) -> float:
     """Full-jitter exponential backoff: a random delay in [low, min(high, low * 2**attempt)]."""
     ceiling = min(high, low * (2 ** min(attempt, 20)))
@@ -195,6 +220,10 @@ class _Dropped(Exception):
     """The link is gone (or must be dropped); the message says why."""
 
 
+class _TakenOver(_Dropped):
+    """The broker ended the link because another client connected with our client id."""
+
+
 class MqttSession:
     """Owns the socket and the I/O thread; `publish` and `ack` are thread-safe."""
 
@@ -203,12 +232,17 @@ class MqttSession:
         client_id: str,
         cfg: BrokerConfig,
         routes: Sequence[Route],
-        will: Retained,
+        will: Retained | None,
         on_connected: Callable[[], None],
         on_published: Callable[[int, bool], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        mid_tag: int = 0,
     ) -> None:
+        """`mid_tag` (0..32767) goes into every received message's `mid` (bits 48 up), so an
+        owner of several sessions can send each PUBACK back on the session the message came
+        in on (`session_of_mid`)."""
         self._cfg = cfg
+        self.client_id = client_id
         self._on_published_cb = on_published
         # What the session saw that operators should hear of beyond the log: a link the
         # broker ended or refused (with its reason code), a packet skipped as unreadable.
@@ -228,8 +262,8 @@ class MqttSession:
             username=params.username,
             password=params.password,
             clean_start=False,
-            will=mqtt5.Will(will.topic, payload=will.payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
-                            retain=True),
+            will=None if will is None else mqtt5.Will(
+                will.topic, payload=will.payload, qos=mqtt5.QoS.AT_LEAST_ONCE, retain=True),
             keep_alive=cfg.keepalive_s,
             session_expiry_interval=cfg.session_expiry_s,
             receive_max=RECEIVE_MAXIMUM,
@@ -257,6 +291,10 @@ class MqttSession:
         # CONNACK refusal, a lost socket), for logs and `doctor`; None before any.
         self.last_disconnect: str | None = None
         self.unreadable = 0  # packets the codec refused (skipped, acknowledged)
+        self.takeovers = 0  # links another client with our id took over, in a row
+        # Set by note_twin: another process with our client id is about, so a link the
+        # broker closes without a DISCONNECT (mosquitto < 2.0.15) counts as taken over.
+        self._twin: str | None = None
         self._thread: threading.Thread | None = None
 
         self._lock = threading.Lock()
@@ -270,8 +308,12 @@ class MqttSession:
         self._next_id = 0
         self._send_quota = 65535  # the broker's Receive Maximum
         self._sub_id = 0
-        self._gen = 0  # connections so far; a received message's mid carries its own
-        self._epoch = 0  # the connection that last started a new session at the broker
+        self._unsub_id = 0
+        self._unsubscribed = threading.Event()
+        # Connections so far, above the mid_tag (bits 32 up: bits 48 up of a mid); a received
+        # message's mid carries its own.
+        self._gen = mid_tag << 32
+        self._epoch = self._gen  # the connection that last started a new session at the broker
         self._last_write = 0.0
         self._last_read = 0.0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -294,6 +336,29 @@ class MqttSession:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def unsubscribe_all(self, timeout: float) -> bool:
+        """Stop the broker sending us anything new (any thread): UNSUBSCRIBE every route,
+        and no SUBSCRIBE on later reconnects. True once the broker confirmed (UNSUBACK)
+        within `timeout`. Messages it had already sent or queued for us still come."""
+        with self._lock:
+            self._subscribe_filters = []
+            if self._sock is None or not self._routes:
+                return False
+            self._unsub_id = self._take_id()
+            packet = mqtt5.UnsubscribePacket(
+                self._unsub_id, [r.subscription for r in self._routes]).write()
+            self._out += packet
+            if len(self._out) == len(packet):
+                self._flush()
+            elif not self._write_armed:
+                self._write_armed = True
+                self._wake()
+        return self._unsubscribed.wait(timeout)
+
+    def idle_for(self) -> float:
+        """Seconds since anything came from the broker."""
+        return time.monotonic() - self._last_read
 
     def loop_age(self) -> float:
         """Seconds since the I/O thread last went round its loop; inf once it has died."""
@@ -326,10 +391,17 @@ class MqttSession:
                     self._pause(delay)
                     continue
                 attempt = 0  # a link the broker accepted starts the backoff over
-                why = self._serve(sock, connack, rest)
+                began = time.monotonic()
+                why, taken = self._serve(sock, connack, rest)
                 if self._stop.is_set():
                     return
                 self.last_disconnect = why
+                if time.monotonic() - began > self._cfg.takeover_backoff_max_s:
+                    self.takeovers = 0  # a long quiet link: a later takeover starts over
+                    self._twin = None
+                if taken or (self._twin is not None and why == _CLOSED_BY_BROKER):
+                    self._pause(self._taken_over(why, taken))
+                    continue
                 self._event("broker_disconnected", reason=why)
                 delay = backoff_delay(attempt, self._cfg.reconnect_min_s,
                                       self._cfg.reconnect_max_s)
@@ -340,6 +412,36 @@ class MqttSession:
         except Exception:
             log.exception("the MQTT I/O thread failed")  # loop_age() turns inf: watchdog
             raise
+
+    def _taken_over(self, why: str, said: bool) -> float:
+        """A link another client took over: name it, and how long to wait before the next."""
+        self.takeovers += 1
+        delay = takeover_delay(self.takeovers, self._cfg.takeover_backoff_s,
+                               self._cfg.takeover_backoff_max_s)
+        detected = why if said else f"{why}, and {self._twin}"
+        self._twin = None  # the next takeover needs its own evidence (the twin may be gone)
+        self.last_disconnect = f"session taken over: {detected}"
+        log.error("session taken over: another client connected to %s with client id %s "
+                  "(two agents with one device id?); %s; connecting again in %.0fs "
+                  "(takeover %d in a row)", self._addr, self.client_id, detected, delay,
+                  self.takeovers)
+        self._event("session_taken_over", client_id=self.client_id, reason=detected,
+                    retry_in_s=round(delay, 1), takeovers=self.takeovers,
+                    message=f"another client connected with client id {self.client_id}")
+        return delay
+
+    def note_twin(self, evidence: str) -> None:
+        """Another process uses our client id (the owner saw its trace, e.g. the retained
+        state of a session not ours): if the broker now closes our link without a word, it
+        was taken over. Any thread. Said (event) at once, while this link is up to carry
+        it: a taken-over agent's own event waits out its backoff."""
+        first = self._twin is None
+        self._twin = evidence
+        if first:
+            log.error("another client uses client id %s on %s (two agents with one device "
+                      "id?): %s", self.client_id, self._addr, evidence)
+            self._event("session_taken_over", client_id=self.client_id, reason=evidence,
+                        message=f"another client connected with client id {self.client_id}")
 
     def _event(self, kind: str, **fields: Any) -> None:
         if self._on_event_cb is None:
@@ -433,7 +535,8 @@ class MqttSession:
             self._flush()
         self.connect_count += 1
         self.connected.set()
-        log.info("connected to %s (session present: %s)", self._addr, present)
+        log.info("connected to %s as %s (session present: %s)", self._addr, self.client_id,
+                 present)
         if again:
             log.info("sending %d unacknowledged publish(es) again%s", len(again),
                      "" if present else " (the broker kept no session: as new messages)")
@@ -444,8 +547,10 @@ class MqttSession:
 
     # --- the connected loop (I/O thread) ---------------------------------------------------
 
-    def _serve(self, sock: socket.socket, connack: mqtt5.ConnAckPacket, rest: bytearray) -> str:
-        """Run one link until it ends; returns why it ended."""
+    def _serve(self, sock: socket.socket, connack: mqtt5.ConnAckPacket,
+               rest: bytearray) -> tuple[str, bool]:
+        """Run one link until it ends; returns why it ended, and whether the broker said
+        another client took the session over."""
         keepalive = float(connack.server_keep_alive or self._cfg.keepalive_s)
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -504,11 +609,11 @@ class MqttSession:
                         self._flush()
                         self._last_write = max(self._last_write, now)  # even if not yet out
             self._goodbye(sock)
-            return "stopped"
+            return "stopped", False
         except _Dropped as exc:
-            return str(exc)
+            return str(exc), isinstance(exc, _TakenOver)
         except OSError as exc:
-            return describe_connect_error(exc)
+            return describe_connect_error(exc), False
         finally:
             self._lost(sock)
             sel.close()
@@ -526,7 +631,7 @@ class MqttSession:
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             if not data:
-                raise _Dropped("the broker closed the connection")
+                raise _Dropped(_CLOSED_BY_BROKER)
             now = time.monotonic()
             self._last_read = now
             got = len(data)
@@ -741,9 +846,17 @@ class MqttSession:
                     log.error("broker %s refused the subscription %s: %s", self._addr,
                               route.subscription, _reason(code, packet.reason_str))
             self.subscribed.set()
+        elif isinstance(packet, mqtt5.UnsubAckPacket):
+            with self._lock:
+                if packet.packet_id == self._unsub_id:
+                    self._used_ids.discard(self._unsub_id)
+                    self._unsub_id = 0
+                    self._unsubscribed.set()
         elif isinstance(packet, mqtt5.DisconnectPacket):
             why = _reason(packet.reason_code, packet.reason_str)
             log.warning("disconnected from %s: %s", self._addr, why)
+            if int(packet.reason_code) == _TAKEN_OVER:
+                raise _TakenOver(f"DISCONNECT from the broker: {why}")
             raise _Dropped(f"DISCONNECT from the broker: {why}")
         elif isinstance(packet, mqtt5.PubRelPacket):
             self._write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
@@ -982,5 +1095,5 @@ def _matches(words: tuple[str, ...], topic: str) -> bool:
 
 __all__ = [
     "Handler", "Inbound", "MqttSession", "PublishInfo", "Retained",
-    "Route", "backoff_delay",
+    "Route", "backoff_delay", "session_of_mid", "takeover_delay",
 ]

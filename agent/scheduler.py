@@ -343,6 +343,12 @@ class Scheduler:
         self._answers_flow = threading.Event()  # set: answers can be committed
         self._answers_flow.set()
         self._commit_went_through = True  # the last journal commit did (for the alarm)
+        # Jobs handed to submit() (network threads) and jobs the intake is done with:
+        # equal once every job handed over is journaled (and acknowledged) or refused.
+        # (Each counter has one writing thread: submit's, the intake's.)
+        self._submitted = 0
+        self._turned_away = 0
+        self._settled = 0
 
     def depth(self) -> int:
         with self._lock:
@@ -427,9 +433,15 @@ class Scheduler:
 
     # --- intake: network thread, then the intake thread ----------------------------------
 
+    def intake_settled(self) -> bool:
+        """Whether the intake is done with every job handed over so far."""
+        return self._settled + self._turned_away >= self._submitted
+
     def submit(self, inbound: Inbound) -> None:
         """Network thread: hand over, never block."""
+        self._submitted += 1
         if self._intake.qsize() >= self._intake_max:
+            self._turned_away += 1
             self._refuse_now(inbound, "the agent's intake is full")
             return
         self._intake.put(inbound)
@@ -477,6 +489,7 @@ class Scheduler:
                     if self._draining.is_set():
                         log.info("stopping: %d job(s) left with the broker for the next start",
                                  len(batch))
+                        self._settled += len(batch)
                         continue
                     inline = self._admit_each_if_need_be(batch)
                 self._commit_waiting()
@@ -484,6 +497,7 @@ class Scheduler:
             except Exception:
                 # Not acknowledged: the broker delivers these again after a reconnect.
                 log.exception("journal write failed for %d job(s)", len(batch))
+            self._settled += len(batch)
             if inline is not None:
                 self._run_job(inline)
             now = time.monotonic()

@@ -12,13 +12,13 @@ from typing import Any
 
 import msgspec
 
-from agent import __version__
+from agent import __version__, linkstate
 from agent.config import AgentConfig
 from agent.diskalarm import DiskAlarm
 from agent.journal import DiskFull, Journal, OutMessage
 from agent.metrics import Metrics
 from agent.mqtt_artifacts import MqttArtifacts
-from agent.mqtt_session import Inbound, MqttSession, Retained, Route
+from agent.mqtt_session import Inbound, MqttSession, Retained, Route, session_of_mid
 from agent.outbox import OutboxPublisher
 from agent.reconciler import Reconciler
 from agent.registry import ModelRegistry
@@ -32,9 +32,28 @@ log = logging.getLogger(__name__)
 
 _json = msgspec.json.Encoder()
 
+# `mid_tag`s of the agent's MQTT sessions: a job's PUBACK goes back on the one it came on.
+DEVICE_SESSION = 0
+POOL_SESSION = 1
+# Leaving the pools before a drain: quiet this long on the pool link means nothing more is
+# coming (a loopback broker sends the next queued job within a millisecond of a PUBACK).
+POOL_SETTLE_S = 0.3
+# Session events also written to the state dir for `edge-agent doctor` (agent/linkstate.py).
+_LINK_EVENTS = frozenset({"broker_disconnected", "broker_refused", linkstate.TAKEN_OVER})
+
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _Sessions:
+    """The agent's MQTT sessions as one loop for the watchdog: as old as the oldest."""
+
+    def __init__(self, *sessions: MqttSession | None) -> None:
+        self._sessions = [x for x in sessions if x is not None]
+
+    def loop_age(self) -> float:
+        return max(x.loop_age() for x in self._sessions)
 
 
 class Agent:
@@ -65,9 +84,9 @@ class Agent:
             # answers it INVALID_ARGUMENT instead of leaving it unacknowledged.
             Route(self.topics.jobs, 1, self._on_job, takes_unreadable=True,
                   max_payload=cfg.jobs.max_message_bytes),
-            *(Route(self.topics.pool_subscription(p), 1, self._on_job, takes_unreadable=True,
-                    max_payload=cfg.jobs.max_message_bytes)
-              for p in cfg.jobs.pools),
+            # Our own retained state: another process's session there means a second agent
+            # with this device id (mosquitto < 2.0.15 says nothing when it takes us over).
+            Route(self.topics.state, 1, self._on_state),
         ]
         self.mqtt = MqttSession(
             client_id=cfg.device_id,
@@ -76,8 +95,11 @@ class Agent:
             will=Retained(self.topics.state, self._state_payload("offline")),
             on_connected=self._on_connected,
             on_published=self._on_published,
-            on_event=lambda kind, fields: self.emit_event(kind, **fields),
+            on_event=self._session_event,
+            mid_tag=DEVICE_SESSION,
         )
+        self.pool_mqtt = self._pool_session() if cfg.jobs.pools else None
+        self.network = _Sessions(self.mqtt, self.pool_mqtt)  # the watchdog's network probe
         self.artifacts.attach(self.mqtt)
         self.outbox = OutboxPublisher(
             self.journal,
@@ -94,7 +116,7 @@ class Agent:
             metrics=self.metrics,
             journal=self.journal,
             outbox=self.outbox,
-            ack=self.mqtt.ack,
+            ack=self._ack,
             send_now=self._send_now,
             results_topic=self.topics.results,
             reply_prefixes=cfg.reply_prefixes_resolved(),
@@ -128,6 +150,8 @@ class Agent:
         self.outbox.start()
         self.reconciler.start()
         self.mqtt.start()
+        if self.pool_mqtt is not None:
+            self.pool_mqtt.start()
         self.telemetry.start()
         if self.cfg.telemetry.prometheus_port:
             port = self.cfg.telemetry.prometheus_port
@@ -157,6 +181,8 @@ class Agent:
             info = self._publish(self.topics.state, self._state_payload("offline"), retain=True)
             info.wait_for_publish(2.0)
         self.outbox.stop()
+        if self.pool_mqtt is not None:
+            self.pool_mqtt.stop()
         self.mqtt.stop()
         if self._stop_prometheus is not None:
             self._stop_prometheus()
@@ -164,6 +190,91 @@ class Agent:
         self.journal.close()
 
     # --- MQTT glue -----------------------------------------------------------------------
+
+    def _pool_session(self) -> MqttSession:
+        """The pool jobs' own session: session expiry 0, its own short keepalive, a client id
+        of its own per process.
+
+        Why not the device's persistent session: mosquitto (2.0.11 measured,
+        bench/probes/shared_session_end.py) hands a shared subscription's messages round
+        robin to every member that has a session, connected or not, and when a member's
+        session ends it drops what it held, queued or in flight: never handed to another
+        member. On the persistent session a dead member took half the pool's jobs for up to
+        broker.session_expiry_s and then lost them. With expiry 0 the broker stops routing
+        to a member once it sees the link gone (at once for a dead process, 1.5 x
+        jobs.pool_keepalive_s for a silent host); a longer expiry would not keep those jobs
+        for another member, only add the ones routed to the dead one meanwhile. What a
+        member held but had not journaled when its link ended is lost with it (the client's
+        retry, same job id, recovers it); what it journaled is answered when it comes back.
+
+        The client id is not the device id (that would take the device session over) and
+        carries this process's session id: with session expiry 0 nothing is left to resume,
+        and two agents given one device id then serve the pool side by side instead of
+        taking each other's pool session over. `.` is outside the device id alphabet, so it
+        names no other device's session.
+        """
+        cfg = self.cfg
+        broker = msgspec.structs.replace(cfg.broker, session_expiry_s=0,
+                                         keepalive_s=cfg.jobs.pool_keepalive_s)
+        return MqttSession(
+            client_id=f"{cfg.device_id}.pool.{self.session_id[:12]}",
+            cfg=broker,
+            routes=[Route(self.topics.pool_subscription(p), 1, self._on_job,
+                          takes_unreadable=True, max_payload=cfg.jobs.max_message_bytes)
+                    for p in cfg.jobs.pools],
+            will=None,  # the device session's will speaks for the agent
+            on_connected=lambda: None,
+            on_event=lambda kind, fields: self._session_event(kind, {**fields, "link": "pool"}),
+            mid_tag=POOL_SESSION,
+        )
+
+    def leave_pools(self, timeout: float) -> None:
+        """Before a drain: take no new pool jobs, and journal (and acknowledge) every pool
+        job the broker already sent us. Left unacknowledged, as a drain leaves the device's
+        jobs for the next start, they would be dropped with the pool session (expiry 0)."""
+        pool = self.pool_mqtt
+        if pool is None:
+            return
+        deadline = time.monotonic() + timeout
+        if not pool.unsubscribe_all(timeout):
+            log.warning("no UNSUBACK from the broker for the pool subscription within %gs",
+                        timeout)
+        # What the broker had queued for us follows the UNSUBACK as PUBACKs free room.
+        while time.monotonic() < deadline:
+            if self.scheduler.intake_settled() and pool.idle_for() >= POOL_SETTLE_S:
+                break
+            time.sleep(0.02)
+        log.info("left the pool(s) %s", ", ".join(self.cfg.jobs.pools))
+
+    def _ack(self, mid: int, qos: int) -> None:
+        """A job's PUBACK, on the session it came in on."""
+        if session_of_mid(mid) == POOL_SESSION and self.pool_mqtt is not None:
+            self.pool_mqtt.ack(mid, qos)
+        else:
+            self.mqtt.ack(mid, qos)
+
+    def _session_event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind in _LINK_EVENTS and fields.get("link") != "pool":
+            linkstate.record(self.cfg.state_path, kind, fields)
+        self.emit_event(kind, **fields)
+
+    def _on_state(self, inbound: Inbound) -> None:
+        """Our retained state, as the broker hands it over on every subscribe (I/O thread)."""
+        self.mqtt.ack(inbound.mid, inbound.qos)
+        try:
+            doc = msgspec.json.decode(inbound.payload)
+        except msgspec.DecodeError:
+            return
+        other = doc.get("session_id") if isinstance(doc, dict) else None
+        if not isinstance(other, str) or other == self.session_id:
+            return
+        # On the first connect a foreign session id is most likely our own previous run
+        # (its will says offline); on a reconnect, between our last link and this one,
+        # another process with our device id connected and wrote it.
+        if self.mqtt.connect_count > 1 or doc.get("state") == "online":
+            self.mqtt.note_twin(
+                f"the retained state on {self.topics.state} is from another agent's session "
+                f"{other} (state {doc.get('state')!r}, started {doc.get('started_at')})")
 
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         return self.mqtt.publish(topic, payload, qos=qos, retain=retain)
