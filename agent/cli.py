@@ -172,7 +172,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     # device's client id to find out would take the running agent's session over.
     from agent import linkstate
 
-    link_ok, lines = linkstate.doctor_lines(cfg.state_path, cfg.device_id)
+    link_ok, lines = linkstate.doctor_lines(cfg.state_path, cfg.device_id,
+                                            1.5 * cfg.broker.takeover_backoff_max_s)
     if lines:
         print("\n".join(lines))
     ok, lines = _broker_answers(cfg.broker)
