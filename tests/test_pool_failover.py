@@ -21,6 +21,19 @@ POOL = "line-9"
 KEEPALIVE_S = 2  # jobs.pool_keepalive_s here: the bound is 1.5 x this for a silent host
 
 
+def start_members(broker: Broker, agents: list[AgentProcess]
+                  ) -> tuple[Replies, str, np.ndarray]:
+    """Start the pool's members; a job client, the pool's job topic and an input."""
+    for a in agents:
+        a.start()
+    for a in agents:
+        wait_state(broker.url, "online", a.device_id)
+        # The pool's own session, under a client id that is not the device's.
+        a.wait_log(f"as {a.device_id}.pool.", 30)
+    return (Replies(broker.url), Topics(PREFIX, agents[0].device_id).pool_jobs(POOL),
+            np.zeros((1, 1), np.float32))
+
+
 def test_pool_jobs_go_to_the_survivor_when_a_member_is_killed(tmp_path: Path) -> None:
     broker = Broker(tmp_path / "broker")
     broker.start()
@@ -29,15 +42,7 @@ def test_pool_jobs_go_to_the_survivor_when_a_member_is_killed(tmp_path: Path) ->
               for dev in ("pf-a", "pf-b")]
     replies: Replies | None = None
     try:
-        for a in agents:
-            a.start()
-        for a in agents:
-            wait_state(broker.url, "online", a.device_id)
-            # The pool's own session, under a client id that is not the device's.
-            a.wait_log(f"as {a.device_id}.pool.", 30)
-        replies = Replies(broker.url)
-        topic = Topics(PREFIX, "pf-a").pool_jobs(POOL)
-        x = np.zeros((1, 1), np.float32)
+        replies, topic, x = start_members(broker, agents)
         # Both members take pool jobs (so the kill below takes one that had a share).
         before = 20
         for i in range(before):
@@ -82,14 +87,7 @@ def test_a_member_stopped_with_sigterm_leaves_no_pool_job_behind(tmp_path: Path)
               for dev in ("ps-a", "ps-b")]
     replies: Replies | None = None
     try:
-        for a in agents:
-            a.start()
-        for a in agents:
-            wait_state(broker.url, "online", a.device_id)
-            a.wait_log(f"as {a.device_id}.pool.", 30)
-        replies = Replies(broker.url)
-        topic = Topics(PREFIX, "ps-a").pool_jobs(POOL)
-        x = np.zeros((1, 1), np.float32)
+        replies, topic, x = start_members(broker, agents)
         n = 400
         for i in range(n):
             replies.send(topic, job_body(f"s{i}", "nosuch", {"x": x}), f"s{i}".encode())
