@@ -20,7 +20,7 @@ issue 11's "job path without detours" (steady state, tiny binary job, QoS 1):
       a needless wake of the outbox thread         with the answers waiting for a commit)
     intake -> worker (PriorityQueue)             intake -> worker (PriorityQueue), or none:
     worker: peek_meta (parse 2),                   the intake runs the job itself when its
-      decode_request (parse 3), run,               model's runs lately took <= INLINE_MAX_S,
+      decode_request (parse 3), run,               run should take <= INLINE_MAX_S (by size),
       complete txn (one per job), publish          no job waits and no worker runs
                                                  worker: run; group commit of the answers
                                                    there are (a worker that finds a commit
@@ -317,8 +317,10 @@ class Scheduler:
         self._answers: list[_Done] = []
         self._answers_lock = threading.Lock()
         self._committing = False
-        # Recent wall time of one run per tensor model name (EWMA), for _may_run_inline.
-        self._run_s: dict[str, float] = {}
+        # Recent wall time of a run per payload byte, per tensor model name (EWMA), for
+        # _may_run_inline: per byte, since one model's jobs range from one row to a batch
+        # of hundreds, and a rate learned on small jobs must not let a large one run inline.
+        self._run_s_per_byte: dict[str, float] = {}
         self.executed = 0  # inference runs in this process
         self.duplicates = 0  # jobs answered from a stored answer
         self.rejected = 0  # jobs refused with RESOURCE_EXHAUSTED
@@ -675,14 +677,16 @@ class Scheduler:
         intake is not the thread that owns the broker's socket (that one only parses and
         hands over), so a run here never holds up reading, PINGs or PUBACKs; it only holds
         up the admission of jobs that arrive meanwhile, which is why it is done only for a
-        model whose runs lately took at most INLINE_MAX_S, when no job waits (intake and
-        work queues empty) and no worker is running one (so none of the model's instances
-        is taken), and when the outbox has room (the workers' backpressure)."""
+        job whose run should take at most INLINE_MAX_S (its model's recent time per payload
+        byte times its size: a fixed cost per run makes that high for larger jobs, which is
+        the side to err on), when no job waits (intake and work queues empty) and no worker
+        is running one (so none of the model's instances is taken), and when the outbox has
+        room (the workers' backpressure)."""
         req = job.request
         if req is None or job.problem is not None or job.meta.cancel is not None:
             return False
-        took = self._run_s.get(req.model_name)
-        if took is None or took > INLINE_MAX_S:
+        rate = self._run_s_per_byte.get(req.model_name)
+        if rate is None or rate * len(job.inbound.payload) > INLINE_MAX_S:
             return False
         if not self._intake.empty() or not self._work_q.empty():
             return False
@@ -799,10 +803,10 @@ class Scheduler:
             started = time.monotonic()
             self._run_batch([prepared])
             if prepared.model.spec.task == "tensor":
-                took = time.monotonic() - started
+                rate = (time.monotonic() - started) / max(1, len(prepared.inbound.payload))
                 name = prepared.request.model_name
-                before = self._run_s.get(name)
-                self._run_s[name] = took if before is None else 0.8 * before + 0.2 * took
+                before = self._run_s_per_byte.get(name)
+                self._run_s_per_byte[name] = rate if before is None else 0.8 * before + 0.2 * rate
         else:
             batcher.offer(prepared)
 
