@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.registry import ServingModel
-from runtimes.base import TensorSpec
+from edgeinfer.agent.registry import ServingModel
+from edgeinfer.runtimes.base import TensorSpec
 
 
 def batchable(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> bool:

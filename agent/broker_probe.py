@@ -30,9 +30,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.brokerurl import parse_broker_url
-from agent.config import BrokerConfig
-from agent.tls import TransportError, describe_connect_error, security_from_config
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.config import BrokerConfig
+from edgeinfer.agent.tls import TransportError, describe_connect_error, security_from_config
 
 # The leaf under `{prefix}/dev/{device}/` that the probe uses and the agent never does;
 # deploy/acl grants each device `readwrite` there.

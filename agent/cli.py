@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from agent.brokerurl import parse_broker_url
-from agent.cliargs import Parser, version_line
-from agent.config import (
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.cliargs import Parser, version_line
+from edgeinfer.agent.config import (
     DEFAULT_CONFIG_PATH,
     AgentConfig,
     BrokerConfig,
@@ -20,8 +20,8 @@ from agent.config import (
     deprecations,
     load_config,
 )
-from agent.extras import missing_for_agent
-from agent.preflight import environment_problems
+from edgeinfer.agent.extras import missing_for_agent
+from edgeinfer.agent.preflight import environment_problems
 
 # A bad config found by --validate-config or doctor (README: "exit 2 naming the key").
 EXIT_CONFIG = 2
@@ -74,8 +74,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", line)
     for problem in problems:  # none lasting: e.g. DNS not up yet at boot
         log.warning("%s: %s; starting anyway, the broker is tried again", where, problem)
-    from agent.lifecycle import run_service
-    from agent.service import Agent  # heavy imports (runtimes) only when running
+    from edgeinfer.agent.lifecycle import run_service
+    from edgeinfer.agent.service import Agent  # heavy imports (runtimes) only when running
 
     try:
         agent = Agent(cfg)  # creates state_dir, the store and the journal
@@ -93,7 +93,7 @@ def _broker_answers(broker: BrokerConfig, timeout: float = 3.0) -> tuple[bool, l
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.tls import TransportError, describe_connect_error, security_from_config
+    from edgeinfer.agent.tls import TransportError, describe_connect_error, security_from_config
 
     addr = parse_broker_url(broker.url)
     try:
@@ -145,8 +145,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if missing is not None:
         print(f"edge-agent: {missing}", file=sys.stderr)
         return os.EX_CONFIG
-    from runtimes.hardware import detect
-    from runtimes.selection import explain
+    from edgeinfer.runtimes.hardware import detect
+    from edgeinfer.runtimes.selection import explain
 
     cfg = _load(args.config)
     print(version_line(PROG))
@@ -163,14 +163,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"runtime preference {', '.join(cfg.runtime.prefer)}:")
     for line in explain(cfg.runtime.prefer, hw):
         print(f"  {line}")
-    from runtimes.pipelines import pipeline_requirements
+    from edgeinfer.runtimes.pipelines import pipeline_requirements
 
     print("task pipelines:")
     for task, missing in pipeline_requirements().items():
         print(f"  {task}: {'ready' if missing is None else 'unavailable: ' + missing}")
     # How the running agent's own link last ended, from its state dir: connecting with the
     # device's client id to find out would take the running agent's session over.
-    from agent import linkstate
+    from edgeinfer.agent import linkstate
 
     link_ok, lines = linkstate.doctor_lines(cfg.state_path, cfg.device_id,
                                             1.5 * cfg.broker.takeover_backoff_max_s)
@@ -180,7 +180,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if ok:
         # Jobs through the broker, one in flight: a stall on small packets (Nagle) fails.
-        from agent.broker_probe import doctor_lines
+        from edgeinfer.agent.broker_probe import doctor_lines
 
         ok, lines = doctor_lines(cfg.broker, cfg.topic_prefix, cfg.device_id)
         print("\n".join(lines))

@@ -14,21 +14,21 @@ from typing import Annotated, Any
 
 import msgspec
 
-from agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
+from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
 
 # ConfigError lives with the reader the fleet's config shares; agent.config.ConfigError
 # stays its public name on the agent's side (the alias is mypy's explicit re-export).
-from agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
-from agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
-from agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
-from agent.topics import (
+from edgeinfer.agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
+from edgeinfer.agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
+from edgeinfer.agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
+from edgeinfer.agent.topics import (
     DEFAULT_PREFIX,
     DEVICE_ID_RE,
     POOL_RE,
     reply_prefix_problem,
     topic_prefix_problem,
 )
-from agent.trust import TrustConfig, load_trusted_keys
+from edgeinfer.agent.trust import TrustConfig, load_trusted_keys
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
@@ -253,7 +253,7 @@ def _check(cfg: AgentConfig, source: str) -> None:
         )
     # Here, not at the top: runtimes.selection imports numpy, which `edge-agent version`
     # (it imports this module) has no use for.
-    from runtimes.selection import check_preference  # noqa: PLC0415
+    from edgeinfer.runtimes.selection import check_preference  # noqa: PLC0415
 
     try:
         check_preference(cfg.runtime.prefer)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 import yaml
 
-from runtimes.structcheck import StructError, convert, wants_text
+from edgeinfer.runtimes.structcheck import StructError, convert, wants_text
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.journal import DiskFull
-from agent.metrics import Metrics
+from edgeinfer.agent.journal import DiskFull
+from edgeinfer.agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent import faults
-from agent.registry import ModelRegistry, ServingModel
-from runtimes.autotune import Choice
-from runtimes.base import Session, one_line
+from edgeinfer.agent import faults
+from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.runtimes.autotune import Choice
+from edgeinfer.runtimes.base import Session, one_line
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.manifest import Health, HealthTensor
-from runtimes.base import Session, check_request, make_sample_inputs, one_line
-from runtimes.datatypes import from_numpy_dtype, to_numpy_dtype
+from edgeinfer.agent.manifest import Health, HealthTensor
+from edgeinfer.runtimes.base import Session, check_request, make_sample_inputs, one_line
+from edgeinfer.runtimes.datatypes import from_numpy_dtype, to_numpy_dtype
 
 LATENCY_RUNS = 5
 

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.runslots import RunSlots, read_running, run_tag
-from agent.store import fsync_dir
+from edgeinfer.agent.runslots import RunSlots, read_running, run_tag
+from edgeinfer.agent.store import fsync_dir
 
 log = logging.getLogger(__name__)
 

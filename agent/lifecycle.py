@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from agent.brokerurl import parse_broker_url
-from agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
-from agent.systemd import Notifier, Watchdog, one_line, watchdog_interval
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
+from edgeinfer.agent.systemd import Notifier, Watchdog, one_line, watchdog_interval
 
 if TYPE_CHECKING:
-    from agent.service import Agent
+    from edgeinfer.agent.service import Agent
 
 log = logging.getLogger(__name__)
 

@@ -44,11 +44,11 @@ from typing import BinaryIO, cast
 
 import msgspec
 
-from agent.config import DeployConfig
-from agent.manifest import MQTT_URI_RE, ModelSpec
-from agent.mqtt_session import Inbound, MqttSession
-from agent.store import ArtifactError, DownloadCut
-from agent.topics import Topics
+from edgeinfer.agent.config import DeployConfig
+from edgeinfer.agent.manifest import MQTT_URI_RE, ModelSpec
+from edgeinfer.agent.mqtt_session import Inbound, MqttSession
+from edgeinfer.agent.store import ArtifactError, DownloadCut
+from edgeinfer.agent.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -68,9 +68,9 @@ from typing import Any
 
 import mqtt5
 
-from agent.brokerurl import parse_broker_url
-from agent.config import BrokerConfig
-from agent.mqtt_wire import (
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.config import BrokerConfig
+from edgeinfer.agent.mqtt_wire import (
     PACKET_NAMES,
     PUBLISH_HEAD_MAX,
     FrameError,
@@ -80,7 +80,7 @@ from agent.mqtt_wire import (
     salvage_ack,
     salvage_publish,
 )
-from agent.tls import describe_connect_error, security_from_config
+from edgeinfer.agent.tls import describe_connect_error, security_from_config
 
 log = logging.getLogger(__name__)
 

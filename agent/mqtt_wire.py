@@ -25,7 +25,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from agent.brokerurl import BrokerAddress
+from edgeinfer.agent.brokerurl import BrokerAddress
 
 PACKET_NAMES = {
     1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",

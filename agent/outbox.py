@@ -22,10 +22,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agent.diskalarm import DiskAlarm
-from agent.errors import Code
-from agent.journal import DiskFull, Journal, OutMessage
-from agent.protocol import encode_error, peek_id
+from edgeinfer.agent.diskalarm import DiskAlarm
+from edgeinfer.agent.errors import Code
+from edgeinfer.agent.journal import DiskFull, Journal, OutMessage
+from edgeinfer.agent.protocol import encode_error, peek_id
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.brokerurl import parse_broker_url
-from agent.config import AgentConfig, BrokerConfig
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.config import AgentConfig, BrokerConfig
 
 _PROBE_PREFIX = ".edge-agent-write-check-"
 

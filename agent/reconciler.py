@@ -33,10 +33,10 @@ from typing import Any
 
 import msgspec
 
-from agent import faults, health
-from agent.config import AgentConfig
-from agent.errors import JobError
-from agent.manifest import (
+from edgeinfer.agent import faults, health
+from edgeinfer.agent.config import AgentConfig
+from edgeinfer.agent.errors import JobError
+from edgeinfer.agent.manifest import (
     Manifest,
     ManifestError,
     ModelSpec,
@@ -45,8 +45,8 @@ from agent.manifest import (
     decode_published,
     model_roles,
 )
-from agent.registry import ModelRegistry, ServingModel
-from agent.runtime_choice import (
+from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
     Serving,
@@ -54,7 +54,7 @@ from agent.runtime_choice import (
     role_warmup_inputs,
     task_warmup_inputs,
 )
-from agent.store import (
+from edgeinfer.agent.store import (
     ArtifactError,
     DownloadCut,
     ModelStore,
@@ -62,12 +62,12 @@ from agent.store import (
     remove_stale_temps,
     version_dir_name,
 )
-from agent.trust import load_trusted_keys
-from agent.verifier import ManifestVerifier
-from runtimes.autotune import Choice
-from runtimes.base import Session
-from runtimes.hardware import HardwareInfo
-from runtimes.selection import Attempt, NoRuntimeError, WarmupCheck
+from edgeinfer.agent.trust import load_trusted_keys
+from edgeinfer.agent.verifier import ManifestVerifier
+from edgeinfer.runtimes.autotune import Choice
+from edgeinfer.runtimes.base import Session
+from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.selection import Attempt, NoRuntimeError, WarmupCheck
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.errors import Code, JobError
-from agent.manifest import ModelSpec
-from runtimes.base import Session
-from runtimes.pipelines import Pipeline, build_pipeline
-from runtimes.selection import Attempt
+from edgeinfer.agent.errors import Code, JobError
+from edgeinfer.agent.manifest import ModelSpec
+from edgeinfer.runtimes.base import Session
+from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
+from edgeinfer.runtimes.selection import Attempt
 
 if TYPE_CHECKING:
-    from agent.failover import RunWatch
+    from edgeinfer.agent.failover import RunWatch
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from agent import faults, health
-from agent.config import AgentConfig
-from agent.failover import EmitEvent, FailoverManager, OnSwapped, RuntimeFault
-from agent.manifest import ModelSpec, RoleModel
-from agent.registry import ModelRegistry, ServingModel
-from agent.store import ModelStore
-from runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
-from runtimes.base import LoadOptions, Session
-from runtimes.hardware import HardwareInfo
-from runtimes.pipelines import MULTI_MODEL_TASKS, task_module
-from runtimes.selection import Attempt, WarmupCheck, WarmupFeed
+from edgeinfer.agent import faults, health
+from edgeinfer.agent.config import AgentConfig
+from edgeinfer.agent.failover import EmitEvent, FailoverManager, OnSwapped, RuntimeFault
+from edgeinfer.agent.manifest import ModelSpec, RoleModel
+from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.store import ModelStore
+from edgeinfer.runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
+from edgeinfer.runtimes.base import LoadOptions, Session
+from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS, task_module
+from edgeinfer.runtimes.selection import Attempt, WarmupCheck, WarmupFeed
 
 AUTOTUNE_FILE = "autotune.json"
 

@@ -61,16 +61,16 @@ import msgspec
 import numpy as np
 import xxhash
 
-from agent import failover
-from agent.batching import Batcher, Prepared, batchable, split_outputs
-from agent.config import JobsConfig
-from agent.diskalarm import DiskAlarm
-from agent.errors import Code, JobError
-from agent.journal import Completion, DiskFull, Journal, OutMessage, StoredJob
-from agent.metrics import Metrics
-from agent.mqtt_session import Inbound
-from agent.outbox import OutboxPublisher
-from agent.protocol import (
+from edgeinfer.agent import failover
+from edgeinfer.agent.batching import Batcher, Prepared, batchable, split_outputs
+from edgeinfer.agent.config import JobsConfig
+from edgeinfer.agent.diskalarm import DiskAlarm
+from edgeinfer.agent.errors import Code, JobError
+from edgeinfer.agent.journal import Completion, DiskFull, Journal, OutMessage, StoredJob
+from edgeinfer.agent.metrics import Metrics
+from edgeinfer.agent.mqtt_session import Inbound
+from edgeinfer.agent.outbox import OutboxPublisher
+from edgeinfer.agent.protocol import (
     HEADER_LENGTH_PROPERTY,
     REQUEST_PROPERTIES,
     Encoded,
@@ -86,9 +86,9 @@ from agent.protocol import (
     peek_id,
     peek_meta,
 )
-from agent.registry import ModelRegistry, ServingModel
-from agent.topics import has_wildcard
-from runtimes.base import BadInput, TensorSpec
+from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.topics import has_wildcard
+from edgeinfer.runtimes.base import BadInput, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,21 @@ from typing import Any
 
 import msgspec
 
-from agent import __version__, linkstate
-from agent.config import AgentConfig
-from agent.diskalarm import DiskAlarm
-from agent.journal import DiskFull, Journal, OutMessage
-from agent.metrics import Metrics
-from agent.mqtt_artifacts import MqttArtifacts
-from agent.mqtt_session import Inbound, MqttSession, Retained, Route, session_of_mid
-from agent.outbox import OutboxPublisher
-from agent.reconciler import Reconciler
-from agent.registry import ModelRegistry
-from agent.scheduler import Scheduler
-from agent.store import ModelStore
-from agent.telemetry import TelemetryLoop, start_prometheus
-from agent.topics import Topics
-from runtimes.hardware import HardwareInfo, detect
+from edgeinfer.agent import __version__, linkstate
+from edgeinfer.agent.config import AgentConfig
+from edgeinfer.agent.diskalarm import DiskAlarm
+from edgeinfer.agent.journal import DiskFull, Journal, OutMessage
+from edgeinfer.agent.metrics import Metrics
+from edgeinfer.agent.mqtt_artifacts import MqttArtifacts
+from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, session_of_mid
+from edgeinfer.agent.outbox import OutboxPublisher
+from edgeinfer.agent.reconciler import Reconciler
+from edgeinfer.agent.registry import ModelRegistry
+from edgeinfer.agent.scheduler import Scheduler
+from edgeinfer.agent.store import ModelStore
+from edgeinfer.agent.telemetry import TelemetryLoop, start_prometheus
+from edgeinfer.agent.topics import Topics
+from edgeinfer.runtimes.hardware import HardwareInfo, detect
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from agent.manifest import ModelSpec
+from edgeinfer.agent.manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.metrics import Metrics
+from edgeinfer.agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.brokerurl import BrokerAddress
-from agent.config import BrokerConfig, ConfigError
-from agent.credentials import CredentialError, Secret, resolve_password
+from edgeinfer.agent.brokerurl import BrokerAddress
+from edgeinfer.agent.config import BrokerConfig, ConfigError
+from edgeinfer.agent.credentials import CredentialError, Secret, resolve_password
 
 if TYPE_CHECKING:  # the agent's own session needs no paho; the fleet tools' clients do
     import paho.mqtt.client as mqtt

@@ -99,7 +99,7 @@ def method(quick: bool, budget: raw.Budget, timing: e2e.Timing) -> list[str]:
         f"Closed loop per point: {timing.warmup_s:g} s warm-up (and at least one answer per "
         f"slot), then a window of >= {timing.measure_s:g} s holding >= one answer per slot, "
         f"cut at {timing.max_s:g} s; answers inside the window count. One "
-        "fleet.client.InferenceClient drives every target; request bodies come from the SDK's "
+        "edgeinfer.fleet.client.InferenceClient drives every target; request bodies come from the SDK's "
         "encoder once, only the job id changes per job.",
         "Transport echo: bench/echo.py, plain paho, MQTT v5, TCP_NODELAY, QoS 1 both ways, "
         "answering with the bytes the agent answered the same request with.",

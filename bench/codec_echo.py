@@ -28,9 +28,9 @@ from typing import Any, NoReturn
 
 import mqtt5
 
-from agent.brokerurl import parse_broker_url
-from agent.mqtt_wire import frame_length
 from bench.echo import load_canned
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.mqtt_wire import frame_length
 
 READY = "codec echo ready"
 _READ_SIZE = 1 << 20

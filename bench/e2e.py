@@ -26,15 +26,15 @@ import psutil
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.topics import Topics
 from bench import loadgen, naive, profile
 from bench.echo import READY as ECHO_READY
 from bench.naive import READY as NAIVE_READY
 from bench.raw import busy_cpu_s
 from bench.refmodels import RefModel
-from fleet.artifacts import ArtifactStore
-from fleet.client import InferenceClient
-from fleet.deploy import (
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.artifacts import ArtifactStore
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.deploy import (
     ReportWatcher,
     artifact_uri,
     model_spec,
@@ -43,9 +43,9 @@ from fleet.deploy import (
     read_current,
     store_artifact,
 )
-from fleet.localbroker import Broker
-from fleet.mqtt import Connection, connect
-from fleet.oip import HEADER_LENGTH_PROPERTY
+from edgeinfer.fleet.localbroker import Broker
+from edgeinfer.fleet.mqtt import Connection, connect
+from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY
 from tests.agentproc import AgentProcess
 
 PREFIX = "edge/v1"

@@ -20,9 +20,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from agent.paho_properties import PackedPublishProperties
 from bench.responder import serve
-from fleet.oip import HEADER_LENGTH_PROPERTY
+from edgeinfer.agent.paho_properties import PackedPublishProperties
+from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY
 
 READY = "echo ready"
 

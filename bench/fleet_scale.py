@@ -46,16 +46,16 @@ import numpy as np
 import psutil
 import yaml
 
-from agent.cliargs import parse_duration
-from agent.topics import Topics
-from fleet.artifacts import ArtifactStore
-from fleet.cli import main as fleet_cli
-from fleet.deploy import artifact_uri, model_spec, next_manifest, publish_desired, store_artifact
-from fleet.localbroker import Broker, free_port, wait_port
-from fleet.mqtt import connect
-from fleet.registry import open_registry
-from fleet.rollout import COMPLETED, TERMINAL, RolloutStore
-from fleet.simulate import SimConfig, Simulator
+from edgeinfer.agent.cliargs import parse_duration
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.artifacts import ArtifactStore
+from edgeinfer.fleet.cli import main as fleet_cli
+from edgeinfer.fleet.deploy import artifact_uri, model_spec, next_manifest, publish_desired, store_artifact
+from edgeinfer.fleet.localbroker import Broker, free_port, wait_port
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.registry import open_registry
+from edgeinfer.fleet.rollout import COMPLETED, TERMINAL, RolloutStore
+from edgeinfer.fleet.simulate import SimConfig, Simulator
 
 PREFIX = "edge/v1"
 CLIENT_ID = "edge-fleet-bench"
@@ -177,7 +177,7 @@ def pct(values: list[float]) -> dict[str, float]:
 @contextlib.contextmanager
 def controller(cfg_path: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     exe = Path(sys.executable).with_name("edge-fleet")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fleet.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgeinfer.fleet.cli"]
     logf = log_path.open("ab")
     proc = subprocess.Popen([*cmd, "serve", "--config", str(cfg_path)], stdout=logf, stderr=logf)
     logf.close()

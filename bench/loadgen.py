@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from fleet.client import InferenceClient
-from fleet.oip import HEADER_LENGTH_PROPERTY, encode_request
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY, encode_request
 
 _ID_WIDTH = 12
 _ID_STEM = "bench-"

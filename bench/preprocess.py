@@ -110,8 +110,8 @@ class Case:
 
 
 def _ort(path: Path) -> Any:
-    from runtimes.base import LoadOptions
-    from runtimes.onnxruntime_cpu import BACKEND
+    from edgeinfer.runtimes.base import LoadOptions
+    from edgeinfer.runtimes.onnxruntime_cpu import BACKEND
 
     return BACKEND.load(path, "CPU", LoadOptions())
 
@@ -142,7 +142,7 @@ def _photo(h: int, w: int) -> np.ndarray[Any, Any]:
 
 def image_cases(work: Path) -> list[Case]:
     from bench.models import build_digits_float, build_mobilenet_like
-    from runtimes.pipelines import build_pipeline
+    from edgeinfer.runtimes.pipelines import build_pipeline
 
     out = []
     digits = build_digits_float(work)
@@ -205,8 +205,8 @@ def vad_cases(work: Path) -> list[Case]:
     import soundfile as sf
 
     from bench.models import silero_vad_path
-    from runtimes.pipelines import build_pipeline
-    from runtimes.pipelines.audio import resample
+    from edgeinfer.runtimes.pipelines import build_pipeline
+    from edgeinfer.runtimes.pipelines.audio import resample
 
     speech, rate, what = _speech(work)
     timer = TimedSession(_ort(silero_vad_path()))
@@ -237,7 +237,7 @@ def _vad_case(pipe: Any, timer: TimedSession, wav: bytes, name: str, what: str) 
 def ocr_cases(work: Path) -> list[Case]:
     from PIL import Image, ImageDraw, ImageFont
 
-    from runtimes.pipelines import build_pipeline
+    from edgeinfer.runtimes.pipelines import build_pipeline
 
     folder = rapidocr_models_dir()
     if folder is None:
@@ -275,7 +275,7 @@ def textgen_cases(work: Path) -> list[Case]:
     from tokenizers import Tokenizer
 
     from bench.tinylm import build_tiny_lm
-    from runtimes.pipelines import build_pipeline
+    from edgeinfer.runtimes.pipelines import build_pipeline
 
     lm = build_tiny_lm(work / "tinylm")
     timer = TimedSession(_ort(lm.path))
@@ -301,7 +301,7 @@ def textgen_cases(work: Path) -> list[Case]:
 def embedding_cases(work: Path) -> list[Case]:
     from bench.models import build_encoder, build_wordpiece_tokenizer
     from bench.tinylm import CORPUS
-    from runtimes.pipelines import build_pipeline
+    from edgeinfer.runtimes.pipelines import build_pipeline
 
     folder = work / "embedding"
     tok_path = build_wordpiece_tokenizer(folder, [*CORPUS, *EMBED_TEXTS], vocab_size=1000)

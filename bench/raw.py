@@ -73,7 +73,7 @@ def bf16_supported() -> tuple[bool, str]:
 
 
 def ov_error(exc: BaseException) -> str:
-    from runtimes.openvino_backend import condense_error
+    from edgeinfer.runtimes.openvino_backend import condense_error
 
     return condense_error(str(exc))
 

@@ -441,11 +441,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=60)
     args = parser.parse_args()
 
-    from runtimes.base import LoadOptions
-    from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-    from runtimes.openvino_backend import BACKEND as OPENVINO
-    from runtimes.pipelines import build_pipeline
-    from runtimes.pipelines.textgen import TextGeneration
+    from edgeinfer.runtimes.base import LoadOptions
+    from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+    from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+    from edgeinfer.runtimes.pipelines import build_pipeline
+    from edgeinfer.runtimes.pipelines.textgen import TextGeneration
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

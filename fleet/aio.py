@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.brokerurl import DEFAULT_BROKER_URL
-from agent.tls import TransportSecurity
-from agent.topics import DEFAULT_PREFIX
-from fleet.client import InferenceClient
-from fleet.mqtt import BrokerError
-from fleet.oip import InferResult
-from fleet.streams import AsyncResponseStream
+from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.agent.tls import TransportSecurity
+from edgeinfer.agent.topics import DEFAULT_PREFIX
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.mqtt import BrokerError
+from edgeinfer.fleet.oip import InferResult
+from edgeinfer.fleet.streams import AsyncResponseStream
 
 __all__ = ["AsyncInferenceClient", "AsyncResponseStream"]
 

@@ -33,11 +33,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.brokerurl import parse_broker_url
-from agent.mqtt_artifacts import ChunkRequest
-from agent.tls import TransportSecurity
-from agent.topics import artifact_requests
-from fleet.artifacts import ArtifactStore
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.mqtt_artifacts import ChunkRequest
+from edgeinfer.agent.tls import TransportSecurity
+from edgeinfer.agent.topics import artifact_requests
+from edgeinfer.fleet.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from agent.brokerurl import DEFAULT_BROKER_URL
-from agent.cliargs import Parser, UsageError, duration
-from agent.manifest import ModelSpec
-from agent.tls import TransportSecurity
-from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, topic_prefix_problem
-from fleet.artifacts import Artifact, ArtifactStore, default_artifact_dir
-from fleet.client import InferenceClient
-from fleet.deploy import (
+from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.agent.cliargs import Parser, UsageError, duration
+from edgeinfer.agent.manifest import ModelSpec
+from edgeinfer.agent.tls import TransportSecurity
+from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, topic_prefix_problem
+from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, default_artifact_dir
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.deploy import (
     DeployError,
     artifact_uri,
     deploy,
@@ -38,21 +38,21 @@ from fleet.deploy import (
     plan_artifact,
     store_artifact,
 )
-from fleet.devices import format_table, read_devices
-from fleet.errors import InferenceError
-from fleet.fleetconfig import BROKER_ENV, CONFIG_ENV, ConfigError, FleetConfig, load_fleet_config
-from fleet.models import check_push, format_models_table, push_model
-from fleet.mqtt import BrokerError, connect
-from fleet.oip import InferResult, datatype_of
-from fleet.registry import (
+from edgeinfer.fleet.devices import format_table, read_devices
+from edgeinfer.fleet.errors import InferenceError
+from edgeinfer.fleet.fleetconfig import BROKER_ENV, CONFIG_ENV, ConfigError, FleetConfig, load_fleet_config
+from edgeinfer.fleet.models import check_push, format_models_table, push_model
+from edgeinfer.fleet.mqtt import BrokerError, connect
+from edgeinfer.fleet.oip import InferResult, datatype_of
+from edgeinfer.fleet.registry import (
     ModelConflict,
     RegistryError,
     SqlRegistry,
     check_label,
     open_registry,
 )
-from fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
-from fleet.transport import add_security_args, check_broker, security_from_args
+from edgeinfer.fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
+from edgeinfer.fleet.transport import add_security_args, check_broker, security_from_args
 
 PROG = "edge-fleet"
 
@@ -257,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", metavar="ID", help="the key id the signature names")
     p.set_defaults(func=cmd_serve)
 
-    from fleet.rollout_cli import add_rollout_parser  # it imports this module's helpers
+    from edgeinfer.fleet.rollout_cli import add_rollout_parser  # it imports this module's helpers
     add_rollout_parser(sub, plain, common)
-    from fleet.simulate import add_simulate_parser  # it imports this module's helpers too
+    from edgeinfer.fleet.simulate import add_simulate_parser  # it imports this module's helpers too
     add_simulate_parser(sub, common)
     return parser
 
@@ -636,9 +636,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
-    from agent.tls import TransportError
-    from fleet.controller import Controller
-    from fleet.http_api import Api, ControllerServer
+    from edgeinfer.agent.tls import TransportError
+    from edgeinfer.fleet.controller import Controller
+    from edgeinfer.fleet.http_api import Api, ControllerServer
 
     cfg = _fleet_config(args)
     rollout_signer = _signer(args)  # before anything starts: a bad key is a usage error
@@ -669,11 +669,11 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         raise UsageError(f"cannot serve on {host}:{port}: {exc}") from None
     controller.start()
     # mqtt:///artifacts/sha256/<hex>: the same store in chunks over the broker.
-    from fleet.artifact_mqtt import ChunkServer
+    from edgeinfer.fleet.artifact_mqtt import ChunkServer
     chunks = ChunkServer(store, broker, prefix=prefix, client_id=f"{cfg.broker.client_id}-artifacts",
                          security=security).start()
     # Rollouts (fleet/rollout.py) are driven here, from the registry: a restart resumes them.
-    from fleet.rollout import RolloutRunner
+    from edgeinfer.fleet.rollout import RolloutRunner
     rollouts = RolloutRunner(registry, lambda: connect(broker, security=security), prefix=prefix,
                              driver=cfg.broker.client_id, signer=rollout_signer).start()
     try:

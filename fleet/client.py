@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import paho.mqtt.client as paho
 
-from agent.brokerurl import DEFAULT_BROKER_URL
-from agent.errors import Code
-from agent.paho_properties import PackedPublishProperties
-from agent.tls import TransportSecurity
-from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
-from fleet.errors import (
+from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.agent.errors import Code
+from edgeinfer.agent.paho_properties import PackedPublishProperties
+from edgeinfer.agent.tls import TransportSecurity
+from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
+from edgeinfer.fleet.errors import (
     DeadlineExceeded,
     InferenceError,
     Internal,
@@ -50,18 +50,18 @@ from fleet.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from fleet.mqtt import BrokerError, Connection, connect, new_client_id
-from fleet.oip import (
+from edgeinfer.fleet.mqtt import BrokerError, Connection, connect, new_client_id
+from edgeinfer.fleet.oip import (
     HEADER_LENGTH_PROPERTY,
     InferResult,
     encode_request,
     result_from_response,
     split_response,
 )
-from fleet.streams import ResponseStream, StreamBase, is_final, is_held
+from edgeinfer.fleet.streams import ResponseStream, StreamBase, is_final, is_held
 
 if TYPE_CHECKING:
-    from fleet.aio import AsyncInferenceClient
+    from edgeinfer.fleet.aio import AsyncInferenceClient
 
 __all__ = [
     "AsyncInferenceClient",
@@ -517,7 +517,7 @@ def _fail(fut: Future[Any], exc: BaseException) -> None:
 def __getattr__(name: str) -> Any:
     # fleet.aio imports this module, so it is imported here only when asked for.
     if name == "AsyncInferenceClient":
-        from fleet.aio import AsyncInferenceClient  # noqa: PLC0415
+        from edgeinfer.fleet.aio import AsyncInferenceClient  # noqa: PLC0415
 
         return AsyncInferenceClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,11 +29,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.brokerurl import parse_broker_url
-from agent.tls import TransportSecurity
-from agent.topics import DEVICE_ID_RE, device_wildcard
-from fleet.registry import Registry, RegistryError, RegistryUnavailable, normalize_ts, utc_now
-from fleet.reports import applied_revision, device_state, models_of, parse_json_object
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.tls import TransportSecurity
+from edgeinfer.agent.topics import DEVICE_ID_RE, device_wildcard
+from edgeinfer.fleet.registry import Registry, RegistryError, RegistryUnavailable, normalize_ts, utc_now
+from edgeinfer.fleet.reports import applied_revision, device_state, models_of, parse_json_object
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from http import HTTPStatus
 from importlib import resources
 from typing import Any
 
-from fleet.registry import Registry, RegistryError, SqlRegistry, parse_selector
+from edgeinfer.fleet.registry import Registry, RegistryError, SqlRegistry, parse_selector
 
 PAGE_PATHS = frozenset({"/", "/index.html", "/dashboard"})
 MAX_ROLLOUTS = 50
@@ -175,7 +175,7 @@ class RolloutsView:
 
     def _rollout_store(self) -> Any:
         if self._store is None and isinstance(self.registry, SqlRegistry):
-            from fleet.rollout import RolloutStore  # noqa: PLC0415 (engine not needed by the API)
+            from edgeinfer.fleet.rollout import RolloutStore  # noqa: PLC0415 (engine not needed by the API)
 
             self._store = RolloutStore(self.registry)
         return self._store
@@ -183,7 +183,7 @@ class RolloutsView:
     def document(self, status: str | None = None, limit: int = MAX_ROLLOUTS,
                  now: float | None = None) -> dict[str, Any]:
         """Newest first: each rollout's row, its devices, group size and one entry per wave."""
-        from fleet.rollout import (  # noqa: PLC0415
+        from edgeinfer.fleet.rollout import (  # noqa: PLC0415
             BAKING,
             COMPLETED,
             FAILED,

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 
-from agent.manifest import (
+from edgeinfer.agent.manifest import (
     Manifest,
     ManifestError,
     ModelSpec,
@@ -27,19 +27,19 @@ from agent.manifest import (
     decode_manifest,
     encode_manifest,
 )
-from agent.topics import NAME_RE, Topics
-from fleet.artifacts import Artifact, ArtifactStore, artifact_url
-from fleet.models import file_digest
-from fleet.mqtt import BrokerError, Connection
-from fleet.reports import (
+from edgeinfer.agent.topics import NAME_RE, Topics
+from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
+from edgeinfer.fleet.models import file_digest
+from edgeinfer.fleet.mqtt import BrokerError, Connection
+from edgeinfer.fleet.reports import (
     applied_revision,
     attempts_text,
     device_state,
     find_model,
     parse_json_object,
 )
-from fleet.signing import Signer
-from runtimes.structcheck import StructError, convert
+from edgeinfer.fleet.signing import Signer
+from edgeinfer.runtimes.structcheck import StructError, convert
 
 
 class DeployError(Exception):

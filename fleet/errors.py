@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from agent.errors import Code
+from edgeinfer.agent.errors import Code
 
 
 class InferenceError(Exception):

@@ -24,14 +24,14 @@ from typing import Annotated
 
 import msgspec
 
-from agent.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
 
 # fleet.fleetconfig.ConfigError stays the fleet's name for it (the alias: an explicit re-export).
-from agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
-from agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
-from agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, topic_prefix_problem
-from fleet.artifacts import ARTIFACT_DIR_ENV, default_artifact_dir
-from fleet.registry import DEFAULT_MAX_EVENTS
+from edgeinfer.agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
+from edgeinfer.agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
+from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, topic_prefix_problem
+from edgeinfer.fleet.artifacts import ARTIFACT_DIR_ENV, default_artifact_dir
+from edgeinfer.fleet.registry import DEFAULT_MAX_EVENTS
 
 ENV_PREFIX = "EDGE_FLEET_"
 CONFIG_ENV = "EDGE_FLEET_CONFIG"

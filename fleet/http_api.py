@@ -20,10 +20,10 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from agent.topics import DEVICE_ID_RE
-from fleet import dashboard
-from fleet.artifacts import ArtifactHandler, ArtifactServer, ArtifactStore
-from fleet.registry import Registry, RegistryError, RegistryUnavailable, parse_selector
+from edgeinfer.agent.topics import DEVICE_ID_RE
+from edgeinfer.fleet import dashboard
+from edgeinfer.fleet.artifacts import ArtifactHandler, ArtifactServer, ArtifactStore
+from edgeinfer.fleet.registry import Registry, RegistryError, RegistryUnavailable, parse_selector
 
 MAX_EVENTS_PAGE = 1000
 

@@ -12,9 +12,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.topics import NAME_RE
-from fleet.artifacts import ArtifactStore
-from fleet.registry import ModelConflict, ModelVersion, Registry, RegistryError
+from edgeinfer.agent.topics import NAME_RE
+from edgeinfer.fleet.artifacts import ArtifactStore
+from edgeinfer.fleet.registry import ModelConflict, ModelVersion, Registry, RegistryError
 
 _CHUNK = 1 << 20
 

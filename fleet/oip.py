@@ -15,8 +15,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from agent.errors import Code
-from fleet.errors import Internal, error_from_code
+from edgeinfer.agent.errors import Code
+from edgeinfer.fleet.errors import Internal, error_from_code
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 

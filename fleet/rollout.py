@@ -39,11 +39,11 @@ from typing import Any, Protocol
 
 import msgspec
 
-from agent.manifest import Manifest, ModelSpec
-from agent.topics import Topics
-from fleet.deploy import DeployError, next_manifest, publish_desired, read_current
-from fleet.mqtt import BrokerError, Connection
-from fleet.registry import (
+from edgeinfer.agent.manifest import Manifest, ModelSpec
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.deploy import DeployError, next_manifest, publish_desired, read_current
+from edgeinfer.fleet.mqtt import BrokerError, Connection
+from edgeinfer.fleet.registry import (
     Device,
     RegistryError,
     RegistryUnavailable,
@@ -51,8 +51,8 @@ from fleet.registry import (
     parse_selector,
     utc_now,
 )
-from fleet.reports import find_model
-from fleet.signing import Signer
+from edgeinfer.fleet.reports import find_model
+from edgeinfer.fleet.signing import Signer
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent.cliargs import UsageError, duration
-from agent.tls import TransportError, TransportSecurity
-from fleet.artifacts import Artifact, ArtifactStore, artifact_url
-from fleet.cli import (
+from edgeinfer.agent.cliargs import UsageError, duration
+from edgeinfer.agent.tls import TransportError, TransportSecurity
+from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
+from edgeinfer.fleet.cli import (
     PROG,
     _artifact_dir_arg,
     _broker_security,
@@ -32,12 +32,12 @@ from fleet.cli import (
     _registry_args,
     _signer,
 )
-from fleet.controller import Controller
-from fleet.deploy import model_spec, parse_base_url
-from fleet.fleetconfig import FleetConfig
-from fleet.mqtt import connect
-from fleet.registry import RegistryError, SqlRegistry, parse_selector
-from fleet.rollout import (
+from edgeinfer.fleet.controller import Controller
+from edgeinfer.fleet.deploy import model_spec, parse_base_url
+from edgeinfer.fleet.fleetconfig import FleetConfig
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.registry import RegistryError, SqlRegistry, parse_selector
+from edgeinfer.fleet.rollout import (
     DEFAULT_INSTALL_TIMEOUT_S,
     RUNNING,
     TERMINAL,
@@ -51,7 +51,7 @@ from fleet.rollout import (
     parse_waves,
     progress,
 )
-from fleet.signing import SIGNING_KEY_ENV, Signer
+from edgeinfer.fleet.signing import SIGNING_KEY_ENV, Signer
 
 
 def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from fleet.oip import InferResult
+from edgeinfer.fleet.oip import InferResult
 
 __all__ = ["AsyncResponseStream", "ResponseStream", "StreamBase", "is_final"]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from agent.credentials import DEFAULT_CREDENTIAL, CredentialError, resolve_password
-from agent.tls import TransportError, TransportSecurity
-from fleet.mqtt import BrokerError, Connection
+from edgeinfer.agent.credentials import DEFAULT_CREDENTIAL, CredentialError, resolve_password
+from edgeinfer.agent.tls import TransportError, TransportSecurity
+from edgeinfer.fleet.mqtt import BrokerError, Connection
 
 _OPTIONS = (
     # flag, env var, metavar, help

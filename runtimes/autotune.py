@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import LoadOptions, RuntimeLoadError, Session, one_line
-from runtimes.hardware import HardwareInfo
-from runtimes.registry import get_backend
-from runtimes.selection import (
+from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError, Session, one_line
+from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.registry import get_backend
+from edgeinfer.runtimes.selection import (
     Attempt,
     NoRuntimeError,
     WarmupCheck,

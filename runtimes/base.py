@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from runtimes.datatypes import to_numpy_dtype
-from runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.datatypes import to_numpy_dtype
+from edgeinfer.runtimes.hardware import HardwareInfo
 
 
 @dataclass(frozen=True)

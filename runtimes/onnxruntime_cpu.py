@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtimes.base import LoadOptions, RuntimeLoadError
-from runtimes.hardware import HardwareInfo
-from runtimes.ort_common import OrtSession, open_session
+from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError
+from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.ort_common import OrtSession, open_session
 
 PROVIDER = "CPUExecutionProvider"
 

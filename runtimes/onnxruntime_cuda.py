@@ -13,9 +13,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from runtimes.base import LoadOptions, RuntimeLoadError
-from runtimes.hardware import HardwareInfo
-from runtimes.ort_common import OrtSession, open_session
+from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError
+from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.ort_common import OrtSession, open_session
 
 PROVIDER = "CUDAExecutionProvider"
 

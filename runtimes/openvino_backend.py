@@ -20,9 +20,9 @@ import numpy as np
 import openvino as ov
 from openvino.frontend import FrontEndManager
 
-from runtimes.base import LoadOptions, RuntimeLoadError, TensorSpec, check_request, one_line
-from runtimes.datatypes import from_openvino_type
-from runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError, TensorSpec, check_request, one_line
+from edgeinfer.runtimes.datatypes import from_openvino_type
+from edgeinfer.runtimes.hardware import HardwareInfo
 
 # Tried in this order by a bare "openvino" preference: accelerators first, CPU last.
 _DEVICE_ORDER = ("GPU", "NPU", "CPU")

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from runtimes.base import (
+from edgeinfer.runtimes.base import (
     BadInput,
     LoadOptions,
     RuntimeLoadError,
@@ -23,7 +23,7 @@ from runtimes.base import (
     one_line,
     threads_per_instance,
 )
-from runtimes.datatypes import from_onnx_type
+from edgeinfer.runtimes.datatypes import from_onnx_type
 
 # ORT logs every failed run and every graph tweak to stderr on its own; we raise (and
 # report) the errors ourselves, so keep only its errors and fatals (3 = ERROR).

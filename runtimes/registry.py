@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from runtimes.base import Backend, LoadOptions, RuntimeLoadError, one_line
-from runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.base import Backend, LoadOptions, RuntimeLoadError, one_line
+from edgeinfer.runtimes.hardware import HardwareInfo
 
 # Preference name -> module exposing BACKEND.
 BACKEND_MODULES: dict[str, str] = {
-    "cuda": "runtimes.onnxruntime_cuda",
-    "openvino": "runtimes.openvino_backend",
-    "onnxruntime": "runtimes.onnxruntime_cpu",
+    "cuda": "edgeinfer.runtimes.onnxruntime_cuda",
+    "openvino": "edgeinfer.runtimes.openvino_backend",
+    "onnxruntime": "edgeinfer.runtimes.onnxruntime_cpu",
 }
 
 KNOWN_RUNTIMES: tuple[str, ...] = tuple(BACKEND_MODULES)

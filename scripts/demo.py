@@ -25,9 +25,9 @@ import yaml
 
 from bench.models import build_digits
 from bench.tinylm import build_tiny_lm
-from fleet.client import InferenceClient
-from fleet.localbroker import Broker
-from fleet.mqtt import read_retained
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.localbroker import Broker
+from edgeinfer.fleet.mqtt import read_retained
 
 DEVICE = "demo-gw"
 PREFIX = "edge/v1"
@@ -53,7 +53,7 @@ def wait_online(url: str, timeout: float = 60.0) -> dict[str, object]:
 
 def fleet(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fleet.cli", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "edgeinfer.fleet.cli", *args], capture_output=True, text=True, check=False
     )
 
 
@@ -131,7 +131,7 @@ def main() -> int:
         log = (work / "agent.log").open("wb")
         t0 = time.monotonic()
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "edgeinfer.agent.cli", "run", "--config", str(config)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         try:

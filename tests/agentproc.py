@@ -46,7 +46,7 @@ class AgentProcess:
             env.pop(name, None)  # only a test that says so runs the agent "under systemd"
         env.update(env_extra or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
+            [sys.executable, "-m", "edgeinfer.agent.cli", "run", "--config", str(self.config)],
             stdout=logf, stderr=subprocess.STDOUT, env=env,
         )
         logf.close()

@@ -1,5 +1,5 @@
 """The tests' broker is the same local mosquitto the demo starts."""
 
-from fleet.localbroker import Broker, free_port, wait_port
+from edgeinfer.fleet.localbroker import Broker, free_port, wait_port
 
 __all__ = ["Broker", "free_port", "wait_port"]

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import ConfigError, load_config
-from agent.failover import RunWatch, note_outputs
-from agent.faults import FAIL_RUNTIME_ENV, failing_runtime_from_env
-from agent.registry import ServingModel
-from agent.topics import Topics
 from bench.models import build_cnn, build_digits, build_mlp
-from runtimes.autotune import (
+from edgeinfer.agent.config import ConfigError, load_config
+from edgeinfer.agent.failover import RunWatch, note_outputs
+from edgeinfer.agent.faults import FAIL_RUNTIME_ENV, failing_runtime_from_env
+from edgeinfer.agent.registry import ServingModel
+from edgeinfer.agent.topics import Topics
+from edgeinfer.runtimes.autotune import (
     AutotuneCache,
     Choice,
     Tolerance,
@@ -31,9 +31,9 @@ from runtimes.autotune import (
     choose,
     has_bf16,
 )
-from runtimes.base import LoadOptions
-from runtimes.hardware import HardwareInfo, detect
-from runtimes.selection import check_preference, explain, is_auto, plan
+from edgeinfer.runtimes.base import LoadOptions
+from edgeinfer.runtimes.hardware import HardwareInfo, detect
+from edgeinfer.runtimes.selection import check_preference, explain, is_auto, plan
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, Replies, Watch, deploy, job_body, reported, wait_state

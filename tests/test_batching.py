@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from bench.models import build_mlp
-from fleet.client import InferenceClient
-from fleet.oip import InferResult
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.oip import InferResult
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import deploy, running_agent, wait_state

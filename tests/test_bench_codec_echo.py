@@ -14,10 +14,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt_wire import frame_length
 from bench.codec_echo import READY
-from fleet.mqtt import connect
-from fleet.oip import HEADER_LENGTH_PROPERTY
+from edgeinfer.agent.mqtt_wire import frame_length
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY
 from tests.broker import Broker
 
 pytest.importorskip("mqtt5", reason="pip install 'edgeinfer[agent]'")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.broker_probe import (
+from edgeinfer.agent.broker_probe import (
     FIX,
     STALL_EXCESS_MS,
     ProbeError,
@@ -25,7 +25,7 @@ from agent.broker_probe import (
     measure_round_trips,
     nagle_stall,
 )
-from agent.config import BrokerConfig
+from edgeinfer.agent.config import BrokerConfig
 from tests.broker import Broker
 
 PREFIX = "edge/v1"
@@ -107,7 +107,7 @@ def _doctor(tmp: Path, url: str) -> subprocess.CompletedProcess[str]:
     config.write_text(yaml.safe_dump({"device_id": DEVICE, "state_dir": str(tmp / "state"),
                                       "broker": {"url": url}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    return subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "edgeinfer.agent.cli", "doctor", "--config", str(config)],
                           capture_output=True, text=True, timeout=120, env=env)
 
 

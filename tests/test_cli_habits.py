@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cliargs import parse_duration
-from fleet.cli import build_parser, main
+from edgeinfer.agent.cliargs import parse_duration
+from edgeinfer.fleet.cli import build_parser, main
 
 # -- --version ------------------------------------------------------------------------------
 
@@ -32,11 +32,11 @@ def _run(module: str, *args: str, cwd: Path | None = None,
 
 def test_both_commands_say_the_installed_version() -> None:
     installed = importlib.metadata.version("edgeinfer")
-    for module, prog in (("agent.cli", "edge-agent"), ("fleet.cli", "edge-fleet")):
+    for module, prog in (("edgeinfer.agent.cli", "edge-agent"), ("edgeinfer.fleet.cli", "edge-fleet")):
         done = _run(module, "--version")
         assert (done.returncode, done.stdout, done.stderr) == (0, f"{prog} {installed}\n", "")
     # The old subcommand stays, and says the same.
-    assert _run("agent.cli", "version").stdout == f"edge-agent {installed}\n"
+    assert _run("edgeinfer.agent.cli", "version").stdout == f"edge-agent {installed}\n"
 
 
 # -- durations ------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_a_command_that_fails_on_its_arguments_writes_nothing(
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()
     cwd.mkdir()
-    done = _run("fleet.cli", *[a.replace("{model}", str(model)) for a in argv],
+    done = _run("edgeinfer.fleet.cli", *[a.replace("{model}", str(model)) for a in argv],
                 cwd=cwd, home=home)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
@@ -157,11 +157,11 @@ def test_reading_a_registry_nobody_made_does_not_make_it(tmp_path: Path) -> None
     for argv, out in ((["models", "list"], f"no models in {registry}\n"),
                       (["rollout", "status"], f"no rollouts in {registry}\n"),
                       (["devices", "label", "gw-1"], "gw-1: (no labels)\n")):
-        done = _run("fleet.cli", *argv, cwd=cwd, home=home)
+        done = _run("edgeinfer.fleet.cli", *argv, cwd=cwd, home=home)
         assert (done.returncode, done.stdout, done.stderr) == (0, out, "")
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
     # Writing does make it, where the defaults say.
-    assert _run("fleet.cli", "devices", "label", "gw-1", "a=b", cwd=cwd, home=home).returncode == 0
+    assert _run("edgeinfer.fleet.cli", "devices", "label", "gw-1", "a=b", cwd=cwd, home=home).returncode == 0
     assert registry.is_file()
 
 

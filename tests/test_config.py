@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config
+from edgeinfer.agent.config import ConfigError, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -95,7 +95,7 @@ def test_environment_typo_is_an_error() -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "edgeinfer.agent.cli", *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -151,7 +151,7 @@ def test_environment_checks_open_the_files(tmp_path: Path) -> None:
     """What load_config's is_file() cannot see: a file that exists and will not open."""
     import msgspec
 
-    from agent.preflight import environment_problems
+    from edgeinfer.agent.preflight import environment_problems
 
     cfg = load_config(None, {"EDGE_AGENT_STATE_DIR": str(tmp_path / "s")})
     assert environment_problems(cfg) == []
@@ -172,7 +172,7 @@ def test_validate_config_refuses_a_broker_host_that_does_not_resolve(tmp_path: P
 def test_run_turns_a_state_dir_it_cannot_create_into_one_line_and_78(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Past the checks (a race, or what they cannot foresee), start-up's OSError is still 78."""
-    from agent import cli
+    from edgeinfer.agent import cli
 
     (tmp_path / "file").write_text("")
     p = write(tmp_path, f"state_dir: {tmp_path}/file/state\n")
@@ -224,7 +224,7 @@ def test_run_refuses_config_text_that_cannot_work(
     # subprocess writes a lone surrogate escape as its byte (0xff here): the child sees
     # what a variable that is not UTF-8 gives Python.
     environ.update(env)
-    res = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(p)],
+    res = subprocess.run([sys.executable, "-m", "edgeinfer.agent.cli", "run", "--config", str(p)],
                          capture_output=True, text=True, timeout=60, env=environ,
                          errors="backslashreplace")
     assert res.returncode == 78, res.stderr

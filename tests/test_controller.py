@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from fleet.controller import Controller, Ingestor, summarize_hardware
-from fleet.mqtt import connect
-from fleet.registry import SqlRegistry, open_registry
+from edgeinfer.fleet.controller import Controller, Ingestor, summarize_hardware
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.registry import SqlRegistry, open_registry
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.pgtest import pg_schema_url

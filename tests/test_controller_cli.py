@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from fleet.cli import main
-from fleet.fleetconfig import ConfigError, load_fleet_config
-from fleet.mqtt import connect
-from fleet.registry import open_registry
+from edgeinfer.fleet.cli import main
+from edgeinfer.fleet.fleetconfig import ConfigError, load_fleet_config
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.registry import open_registry
 from tests.broker import Broker, free_port, wait_port
 from tests.pgtest import pg_schema_url
 
@@ -189,7 +189,7 @@ def test_serve_runs_the_controller(broker: Broker, tmp_path: Path, model: Path) 
                      retain=True).result(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_FLEET_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "edgeinfer.fleet.cli", "serve", "--config", str(cfg)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:

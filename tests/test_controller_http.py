@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from fleet.artifacts import ArtifactStore, parse_range
-from fleet.http_api import Api, ControllerServer
-from fleet.registry import ModelVersion, SqlRegistry, open_registry
+from edgeinfer.fleet.artifacts import ArtifactStore, parse_range
+from edgeinfer.fleet.http_api import Api, ControllerServer
+from edgeinfer.fleet.registry import ModelVersion, SqlRegistry, open_registry
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.registry import (
+from edgeinfer.fleet.registry import (
     ModelConflict,
     ModelVersion,
     RegistryError,
@@ -214,7 +214,7 @@ def test_helpers() -> None:
 def test_postgres_reconnects_after_the_server_drops_it() -> None:
     import psycopg
 
-    from fleet.registry import PostgresRegistry, RegistryUnavailable
+    from edgeinfer.fleet.registry import PostgresRegistry, RegistryUnavailable
 
     with pg_schema_url() as url:
         reg = open_registry(url)

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from fleet.artifacts import ArtifactStore
-from fleet.controller import Controller
-from fleet.dashboard import health_summary, page
-from fleet.http_api import Api, ControllerServer
-from fleet.mqtt import connect
-from fleet.registry import SqlRegistry, open_registry
-from fleet.rollout import BAKING, PENDING, RUNNING, SERVING, Rollout, RolloutDevice, RolloutStore
+from edgeinfer.fleet.artifacts import ArtifactStore
+from edgeinfer.fleet.controller import Controller
+from edgeinfer.fleet.dashboard import health_summary, page
+from edgeinfer.fleet.http_api import Api, ControllerServer
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.registry import SqlRegistry, open_registry
+from edgeinfer.fleet.rollout import BAKING, PENDING, RUNNING, SERVING, Rollout, RolloutDevice, RolloutStore
 from tests.broker import Broker
 
 P = "edge/v1"

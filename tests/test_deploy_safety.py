@@ -25,16 +25,16 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 
-from agent.faults import CRASH_ENV, STAGES
-from agent.manifest import Manifest, ModelSpec
-from agent.reconciler import APPLIED_FILE
-from agent.topics import Topics
 from bench.models import build_nan, build_scaled
-from fleet.cli import main as fleet
-from fleet.client import InferenceClient, InferResult
-from fleet.deploy import publish_desired
-from fleet.mqtt import connect
-from fleet.signing import Signer, generate_key, load_signer
+from edgeinfer.agent.faults import CRASH_ENV, STAGES
+from edgeinfer.agent.manifest import Manifest, ModelSpec
+from edgeinfer.agent.reconciler import APPLIED_FILE
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.cli import main as fleet
+from edgeinfer.fleet.client import InferenceClient, InferResult
+from edgeinfer.fleet.deploy import publish_desired
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.signing import Signer, generate_key, load_signer
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import Replies, Watch, job_body, reported, wait_state

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.journal import SPOOL_MIN_BYTES, DiskFull
-from agent.topics import Topics
 from bench.probes.disk_full import fill, journal_keys, mount_tmpfs, unmount
+from edgeinfer.agent.journal import SPOOL_MIN_BYTES, DiskFull
+from edgeinfer.agent.topics import Topics
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import Replies, Watch, build_slow, deploy, wait_state

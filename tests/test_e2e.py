@@ -19,11 +19,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.topics import Topics
 from bench.models import DigitsModel, build_digits, build_mlp
-from fleet.client import InferenceClient
-from fleet.errors import DeadlineExceeded, InvalidArgument, NotFound
-from fleet.mqtt import connect, read_retained
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import DeadlineExceeded, InvalidArgument, NotFound
+from edgeinfer.fleet.mqtt import connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import Watch, deploy, reported, wait_state

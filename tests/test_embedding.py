@@ -14,11 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.models import EncoderModel, build_encoder, build_wordpiece_tokenizer
-from runtimes.base import LoadOptions, Session, TensorSpec
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
-from runtimes.pipelines import build_pipeline as _build
-from runtimes.pipelines.embedding import Embedding
+from edgeinfer.runtimes.base import LoadOptions, Session, TensorSpec
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.runtimes.pipelines import build_pipeline as _build
+from edgeinfer.runtimes.pipelines.embedding import Embedding
 
 tokenizers = pytest.importorskip("tokenizers", reason="pip install 'edgeinfer[media]'")
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from bench.models import EncoderModel, build_encoder, build_wordpiece_tokenizer
-from fleet.client import InferenceClient
-from fleet.errors import InvalidArgument
-from runtimes.base import LoadOptions
-from runtimes.onnxruntime_cpu import BACKEND as ORT
-from runtimes.pipelines import build_pipeline
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import InvalidArgument
+from edgeinfer.runtimes.base import LoadOptions
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT
+from edgeinfer.runtimes.pipelines import build_pipeline
 from tests.broker import Broker
 from tests.helpers import deploy, running_agent
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.journal import RUNNING_FILE
-from agent.runslots import read_running, run_tag
 from bench.models import DigitsModel, build_digits, build_heavy
-from fleet.client import InferenceClient
-from fleet.errors import DeadlineExceeded, Internal
+from edgeinfer.agent.journal import RUNNING_FILE
+from edgeinfer.agent.runslots import read_running, run_tag
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import DeadlineExceeded, Internal
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import deploy, persistent_broker, wait_state

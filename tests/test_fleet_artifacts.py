@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.artifacts import ArtifactServer, ArtifactStore, artifact_url, serve_artifacts
+from edgeinfer.fleet.artifacts import ArtifactServer, ArtifactStore, artifact_url, serve_artifacts
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.cli import main
-from fleet.devices import rows_from_retained
-from fleet.mqtt import connect
+from edgeinfer.fleet.cli import main
+from edgeinfer.fleet.devices import rows_from_retained
+from edgeinfer.fleet.mqtt import connect
 from tests.broker import Broker, free_port, wait_port
 from tests.test_fleet_client import Responder
 
@@ -220,12 +220,12 @@ def test_serve_until_sigterm(tmp_path: Path) -> None:
            # lean on a broker that happens to run on the default port.
            "EDGE_FLEET_BROKER": f"mqtt://127.0.0.1:{free_port()}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "edgeinfer.fleet.cli", "serve", "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         wait_port(port, 5)
-        from fleet.artifacts import ArtifactStore
+        from edgeinfer.fleet.artifacts import ArtifactStore
 
         a = ArtifactStore(art).put_file(blob)
         with urllib.request.urlopen(

@@ -21,11 +21,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import Code
-from agent.topics import DEFAULT_PREFIX
-from fleet.client import InferenceClient, InferenceError, NotFound, ResourceExhausted
-from fleet.mqtt import BrokerError, connect, publish_packet_size
-from fleet.oip import HEADER_LENGTH_PROPERTY, split_response
+from edgeinfer.agent.errors import Code
+from edgeinfer.agent.topics import DEFAULT_PREFIX
+from edgeinfer.fleet.client import InferenceClient, InferenceError, NotFound, ResourceExhausted
+from edgeinfer.fleet.mqtt import BrokerError, connect, publish_packet_size
+from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY, split_response
 from tests.broker import Broker
 
 # Model names that make the responder misbehave on purpose.

@@ -12,11 +12,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.manifest import Manifest, ModelSpec, decode_manifest, encode_manifest
-from agent.topics import Topics
-from fleet.cli import main
-from fleet.deploy import DeployError, next_manifest, older_than_served, version_order
-from fleet.mqtt import connect, read_retained
+from edgeinfer.agent.manifest import Manifest, ModelSpec, decode_manifest, encode_manifest
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.cli import main
+from edgeinfer.fleet.deploy import DeployError, next_manifest, older_than_served, version_order
+from edgeinfer.fleet.mqtt import connect, read_retained
 from tests.broker import Broker
 
 DEV = "gw-1"

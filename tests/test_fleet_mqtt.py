@@ -1,4 +1,4 @@
-"""fleet.mqtt: connecting, acknowledged publishes, reading retained messages."""
+"""edgeinfer.fleet.mqtt: connecting, acknowledged publishes, reading retained messages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fleet.mqtt import BrokerError, connect, read_retained
+from edgeinfer.fleet.mqtt import BrokerError, connect, read_retained
 from tests.broker import Broker, free_port
 
 

@@ -9,8 +9,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from agent.errors import Code
-from fleet.errors import (
+from edgeinfer.agent.errors import Code
+from edgeinfer.fleet.errors import (
     DeadlineExceeded,
     InferenceError,
     Internal,
@@ -20,7 +20,7 @@ from fleet.errors import (
     Unavailable,
     error_from_code,
 )
-from fleet.oip import DTYPES, datatype_of, encode_request, result_from_response, split_response
+from edgeinfer.fleet.oip import DTYPES, datatype_of, encode_request, result_from_response, split_response
 
 
 @pytest.mark.parametrize("datatype", sorted(DTYPES))

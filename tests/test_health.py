@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import health
-from agent.manifest import Health, ManifestError, decode_manifest
 from bench.models import build_nan, build_scaled
-from runtimes.base import LoadOptions
-from runtimes.hardware import detect
-from runtimes.selection import NoRuntimeError, load_first_workable
+from edgeinfer.agent import health
+from edgeinfer.agent.manifest import Health, ManifestError, decode_manifest
+from edgeinfer.runtimes.base import LoadOptions
+from edgeinfer.runtimes.hardware import detect
+from edgeinfer.runtimes.selection import NoRuntimeError, load_first_workable
 
 X = np.arange(64, dtype=np.float32).reshape(1, 64) / 64
 

@@ -25,12 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.manifest import ManifestError, decode_manifest
-from agent.protocol import HEADER_LENGTH_PROPERTY
-from agent.topics import Topics
 from bench.models import build_heavy, build_mlp
-from fleet.client import InferenceClient
-from fleet.errors import ResourceExhausted
+from edgeinfer.agent.manifest import ManifestError, decode_manifest
+from edgeinfer.agent.protocol import HEADER_LENGTH_PROPERTY
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import ResourceExhausted
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import deploy, reported, wait_state

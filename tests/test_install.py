@@ -196,7 +196,7 @@ def test_install_with_extras_media_and_ocr_fills_the_venv_from_the_lock(tmp_path
                                  capture_output=True, text=True, check=True).stdout.strip()
         assert f'name = "{name}"\nversion = "{version}"' in lock, (name, version)
     imported = run_in(venv, "import PIL, soundfile, tokenizers, cv2, onnxruntime, openvino; "
-                            "import agent.cli, runtimes.pipelines.ocr; print('ok')")
+                            "import edgeinfer.agent.cli, edgeinfer.runtimes.pipelines.ocr; print('ok')")
     assert imported.stdout.strip() == "ok", imported.stderr
     # Again with the same extras: nothing to do.
     again = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--device-id", "gw-8",
@@ -256,9 +256,14 @@ def test_the_base_install_is_the_job_client_and_edge_fleet_without_runtimes(tmp_
     assert not names & {"onnxruntime", "onnxruntime-gpu", "openvino", "psutil", "pillow",
                         "opencv-python-headless"}, names
     # The SDK and the CLI import; nothing of a runtime is loaded for them.
-    loaded = run_in(venv, "import sys, fleet.client, fleet.aio, fleet.cli; print(sorted({m.split('.')[0] "
-                          "for m in sys.modules} & {'onnxruntime', 'openvino', 'psutil'}))")
+    loaded = run_in(venv, "import sys, edgeinfer.fleet.client, edgeinfer.fleet.aio, edgeinfer.fleet.cli; "
+                          "print(sorted({m.split('.')[0] for m in sys.modules} "
+                          "& {'onnxruntime', 'openvino', 'psutil'}))")
     assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    # Installed under its own name only: a user's `agent`, `fleet` or `runtimes` is theirs.
+    tops = run_in(venv, "import importlib.util as u; print([n for n in ('edgeinfer', 'agent', "
+                        "'fleet', 'runtimes') if u.find_spec(n) is not None])")
+    assert tops.stdout.strip() == "['edgeinfer']", tops.stdout + tops.stderr
     fleet_help = subprocess.run([str(venv / "bin/edge-fleet"), "--help"], capture_output=True,
                                 text=True, timeout=60, check=False, cwd=tmp_path)
     assert fleet_help.returncode == 0 and "deploy" in fleet_help.stdout, fleet_help.stderr

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from bench.models import build_heavy, build_mlp
-from fleet.client import InferenceClient
-from runtimes.base import LoadOptions, threads_per_instance, usable_cores
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.runtimes.base import LoadOptions, threads_per_instance, usable_cores
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
 from tests.broker import Broker
 from tests.helpers import deploy, running_agent
 

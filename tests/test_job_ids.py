@@ -12,19 +12,19 @@ import msgspec
 import numpy as np
 import pytest
 
-from agent.errors import Code
-from agent.mqtt_session import Inbound
-from agent.protocol import (
+from bench.models import DigitsModel, build_digits
+from edgeinfer.agent.errors import Code
+from edgeinfer.agent.mqtt_session import Inbound
+from edgeinfer.agent.protocol import (
     HEADER_LENGTH_PROPERTY,
     decode_request,
     encode_error,
     encode_response,
     mark_replayed,
 )
-from agent.scheduler import request_digest
-from bench.models import DigitsModel, build_digits
-from fleet.client import InferenceClient
-from fleet.errors import InvalidArgument
+from edgeinfer.agent.scheduler import request_digest
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import InvalidArgument
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import deploy, wait_state

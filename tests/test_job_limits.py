@@ -21,10 +21,10 @@ import mqtt5
 import numpy as np
 import pytest
 
-from agent.mqtt_wire import PUBLISH_HEAD_MAX
-from agent.topics import Topics
 from bench.models import build_mlp
-from runtimes.base import BadInput, TensorSpec, check_request
+from edgeinfer.agent.mqtt_wire import PUBLISH_HEAD_MAX
+from edgeinfer.agent.topics import Topics
+from edgeinfer.runtimes.base import BadInput, TensorSpec, check_request
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, Replies, Watch, deploy, job_body, reported, wait_state
@@ -97,7 +97,7 @@ def deploy_conf_max_packet_size() -> int:
 
 
 def test_deploy_brokers_packet_limit_matches_the_agents_default() -> None:
-    from agent.config import JobsConfig
+    from edgeinfer.agent.config import JobsConfig
 
     assert deploy_conf_max_packet_size() == JobsConfig().max_message_bytes + PUBLISH_HEAD_MAX
 
@@ -208,8 +208,8 @@ def test_check_request_raises_bad_input() -> None:
 
 def test_onnxruntime_invalid_argument_is_bad_input(tmp_path: Path) -> None:
     """A shape ORT refuses past check_request (a rank the runtime does not declare)."""
-    from runtimes.base import LoadOptions
-    from runtimes.onnxruntime_cpu import OnnxRuntimeCpuBackend
+    from edgeinfer.runtimes.base import LoadOptions
+    from edgeinfer.runtimes.onnxruntime_cpu import OnnxRuntimeCpuBackend
 
     session = OnnxRuntimeCpuBackend().load(build_mlp(tmp_path), "CPU", LoadOptions())
     # Declared rank unknown, so check_request lets the shape by and ORT itself refuses it.
@@ -219,7 +219,7 @@ def test_onnxruntime_invalid_argument_is_bad_input(tmp_path: Path) -> None:
 
 
 def test_the_old_key_is_read_as_max_message_bytes(tmp_path: Path) -> None:
-    from agent.config import ConfigError, deprecations, load_config
+    from edgeinfer.agent.config import ConfigError, deprecations, load_config
 
     old = tmp_path / "old.yaml"
     old.write_text("jobs:\n  max_payload_bytes: 4096\n")

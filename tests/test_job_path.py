@@ -20,17 +20,17 @@ import msgspec
 import numpy as np
 import pytest
 
-import agent.scheduler as scheduler_module
-from agent import protocol
-from agent.config import JobsConfig
-from agent.journal import Completion, Journal, OutMessage, StoredJob
-from agent.manifest import ModelSpec
-from agent.metrics import Metrics
-from agent.mqtt_session import Inbound
-from agent.outbox import OutboxPublisher
-from agent.registry import ModelRegistry, ServingModel
-from agent.scheduler import Scheduler
-from runtimes.base import TensorSpec
+import edgeinfer.agent.scheduler as scheduler_module
+from edgeinfer.agent import protocol
+from edgeinfer.agent.config import JobsConfig
+from edgeinfer.agent.journal import Completion, Journal, OutMessage, StoredJob
+from edgeinfer.agent.manifest import ModelSpec
+from edgeinfer.agent.metrics import Metrics
+from edgeinfer.agent.mqtt_session import Inbound
+from edgeinfer.agent.outbox import OutboxPublisher
+from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.scheduler import Scheduler
+from edgeinfer.runtimes.base import TensorSpec
 
 REPLY = "edge/v1/reply/c1"
 

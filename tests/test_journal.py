@@ -12,8 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from agent.journal import SPOOL_DIR, SPOOL_MIN_BYTES, Journal, StoredJob
-from agent.runslots import SLOT_TAGS
+from edgeinfer.agent.journal import SPOOL_DIR, SPOOL_MIN_BYTES, Journal, StoredJob
+from edgeinfer.agent.runslots import SLOT_TAGS
 
 
 def _job(key: str, wall: float = 1000.0) -> StoredJob:
@@ -34,7 +34,7 @@ def _run_then_die(path: Path, keys: list[str], wall: float) -> None:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from agent.journal import Journal
+        from edgeinfer.agent.journal import Journal
         j = Journal(Path({str(path)!r}))
         j.running([(k, {wall!r}) for k in {keys!r}])
         print("running", flush=True)
@@ -109,7 +109,7 @@ def test_threads_have_their_own_slots(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import threading, time
         from pathlib import Path
-        from agent.journal import Journal
+        from edgeinfer.agent.journal import Journal
         j = Journal(Path({str(path)!r}))
         def finishes():
             j.running([("x", 1000.0)])

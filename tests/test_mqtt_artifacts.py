@@ -17,15 +17,15 @@ import msgspec
 import numpy as np
 import pytest
 
-from agent.manifest import ManifestError, decode_manifest
-from agent.topics import Topics
 from bench.models import DigitsModel, build_digits
-from fleet.artifact_mqtt import ChunkServer, mqtt_artifact_uri
-from fleet.artifacts import ArtifactStore
-from fleet.client import InferenceClient
-from fleet.deploy import deploy as deploy_spec
-from fleet.deploy import model_spec, parse_base_url, store_artifact
-from fleet.mqtt import connect
+from edgeinfer.agent.manifest import ManifestError, decode_manifest
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.artifact_mqtt import ChunkServer, mqtt_artifact_uri
+from edgeinfer.fleet.artifacts import ArtifactStore
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.deploy import deploy as deploy_spec
+from edgeinfer.fleet.deploy import model_spec, parse_base_url, store_artifact
+from edgeinfer.fleet.mqtt import connect
 from tests.agentproc import AgentProcess
 from tests.broker import Broker, free_port, wait_port
 from tests.helpers import build_slow, deploy, persistent_broker, reported, wait_state
@@ -277,7 +277,7 @@ def test_edge_fleet_serve_answers_chunks(broker: Broker, digits: DigitsModel,
         f"http: {{host: 127.0.0.1, port: {port}}}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_FLEET_")}
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "edgeinfer.fleet.cli", "serve", "--config", str(cfg)],
                             cwd=Path(__file__).resolve().parents[1], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     agent = None

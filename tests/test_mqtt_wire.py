@@ -18,12 +18,12 @@ from pathlib import Path
 import mqtt5
 import pytest
 
-from agent import mqtt_session as session_mod
-from agent.config import BrokerConfig
-from agent.mqtt_session import Inbound, Retained, Route
-from agent.mqtt_wire import frame_length, salvage_publish
-from agent.topics import Topics
 from bench.models import build_digits_float
+from edgeinfer.agent import mqtt_session as session_mod
+from edgeinfer.agent.config import BrokerConfig
+from edgeinfer.agent.mqtt_session import Inbound, Retained, Route
+from edgeinfer.agent.mqtt_wire import frame_length, salvage_publish
+from edgeinfer.agent.topics import Topics
 from tests.broker import Broker
 from tests.helpers import PREFIX, deploy, job_body, running_agent
 

@@ -15,14 +15,14 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
-from runtimes.base import LoadOptions, Session
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
-from runtimes.pipelines import MULTI_MODEL_TASKS, build_pipeline, pipeline_requirements
+from edgeinfer.runtimes.base import LoadOptions, Session
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS, build_pipeline, pipeline_requirements
 
 cv2 = pytest.importorskip("cv2", reason="opencv missing: pip install 'edgeinfer[ocr]'")
 
-from runtimes.pipelines.ocr import _unclip, onnx_metadata, warmup_inputs  # noqa: E402
+from edgeinfer.runtimes.pipelines.ocr import _unclip, onnx_metadata, warmup_inputs  # noqa: E402
 
 OPTS = LoadOptions()
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")

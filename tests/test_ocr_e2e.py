@@ -24,15 +24,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from agent.manifest import ArtifactFile, Health, ManifestError, ModelSpec, check_model, model_roles
-from agent.topics import Topics
 from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
-from fleet.client import InferenceClient
-from fleet.errors import InvalidArgument, NotFound
-from fleet.mqtt import connect, read_retained
-from runtimes.base import LoadOptions, Session
-from runtimes.onnxruntime_cpu import BACKEND as ORT
-from runtimes.pipelines import build_pipeline
+from edgeinfer.agent.manifest import ArtifactFile, Health, ManifestError, ModelSpec, check_model, model_roles
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import InvalidArgument, NotFound
+from edgeinfer.fleet.mqtt import connect, read_retained
+from edgeinfer.runtimes.base import LoadOptions, Session
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT
+from edgeinfer.runtimes.pipelines import build_pipeline
 from tests.broker import Broker
 from tests.helpers import PREFIX, Watch, deploy, reported, running_agent
 
@@ -384,7 +384,7 @@ def test_doctor_says_ocr_needs_opencv(stack: Stack, tmp_path: Path) -> None:
     config.write_text(json.dumps({"device_id": "gw-doctor", "state_dir": str(tmp_path / "state"),
                                   "broker": {"url": stack.broker.url}}))
     code = ("import sys; sys.modules['cv2'] = None\n"  # as if opencv were not installed
-            "from agent.cli import main\n"
+            "from edgeinfer.agent.cli import main\n"
             f"raise SystemExit(main(['doctor', '--config', {str(config)!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

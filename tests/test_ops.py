@@ -21,11 +21,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import __version__
-from agent.topics import Topics
 from bench.models import DigitsModel, build_digits
-from fleet.mqtt import read_retained
-from runtimes.hardware import detect
+from edgeinfer.agent import __version__
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.mqtt import read_retained
+from edgeinfer.runtimes.hardware import detect
 from tests.agentproc import AgentProcess
 from tests.broker import Broker, free_port
 from tests.helpers import PREFIX, Replies, Watch, deploy, job_body, wait_state
@@ -201,7 +201,7 @@ def _clean_env() -> dict[str, str]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgeinfer.agent.cli", *args], capture_output=True,
                           text=True, timeout=60, env=_clean_env())
 
 
@@ -230,7 +230,7 @@ def test_doctor_tells_hardware_runtime_choices_and_that_the_broker_answers(
     assert "auto: loads, checks against ONNX Runtime CPU and times" in out
     assert "openvino on CPU" in out and "onnxruntime on CPU" in out
     # Which task pipelines can run here, and what a missing optional library costs.
-    from runtimes.pipelines import pipeline_requirements
+    from edgeinfer.runtimes.pipelines import pipeline_requirements
 
     assert "task pipelines:" in out
     for task, missing in pipeline_requirements().items():
@@ -293,7 +293,7 @@ def test_environment_overrides_the_config_file_in_a_real_run(
     monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(env_state))
     monkeypatch.setenv("EDGE_AGENT_TELEMETRY__INTERVAL_S", "0.5")
     validated = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(agent.config),
+        [sys.executable, "-m", "edgeinfer.agent.cli", "run", "--config", str(agent.config),
          "--validate-config"], capture_output=True, text=True, timeout=30)
     assert validated.returncode == 0, validated.stderr
     assert f"device gw-env, broker {broker.url}, state {env_state}" in validated.stdout

@@ -9,8 +9,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.journal import Journal, OutMessage
-from agent.outbox import OutboxPublisher
+from edgeinfer.agent.journal import Journal, OutMessage
+from edgeinfer.agent.outbox import OutboxPublisher
 from tests.broker import Broker
 
 

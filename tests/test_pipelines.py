@@ -26,11 +26,11 @@ from bench.models import (
     build_mlp,
     silero_vad_path,
 )
-from runtimes.base import LoadOptions, Session, TensorSpec
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
-from runtimes.pipelines import KNOWN_TASKS, build_pipeline, pipeline_requirements
-from runtimes.pipelines.audio import SAMPLE_RATE, VadSettings, resample, speech_timestamps
+from edgeinfer.runtimes.base import LoadOptions, Session, TensorSpec
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.runtimes.pipelines import KNOWN_TASKS, build_pipeline, pipeline_requirements
+from edgeinfer.runtimes.pipelines.audio import SAMPLE_RATE, VadSettings, resample, speech_timestamps
 
 OPTS = LoadOptions(threads=1)
 # ORT and OpenVINO (CPU held to f32) differ only by summation order: as in test_runtimes.

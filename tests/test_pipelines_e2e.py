@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from bench.models import DigitsModel, build_digits
-from fleet.client import InferenceClient
-from fleet.errors import InvalidArgument
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import InvalidArgument
 from tests.broker import Broker
 from tests.helpers import deploy, running_agent
 

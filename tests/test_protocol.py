@@ -8,8 +8,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from agent.errors import Code, JobError
-from agent.protocol import (
+from edgeinfer.agent.errors import Code, JobError
+from edgeinfer.agent.protocol import (
     HEADER_LENGTH_PROPERTY,
     check_inputs,
     check_outputs,
@@ -18,7 +18,7 @@ from agent.protocol import (
     encode_response,
     peek_id,
 )
-from runtimes.base import TensorSpec
+from edgeinfer.runtimes.base import TensorSpec
 
 SPECS = [TensorSpec("x", "FP32", (-1, 4))]
 
@@ -170,7 +170,7 @@ def test_tritons_timeout_in_microseconds_is_a_deadline() -> None:
 
 def test_header_length_property_with_non_ascii_digits_reads_as_absent() -> None:
     # "²".isdigit() is True, yet int("²") fails: the intake must not trip over it.
-    from agent.protocol import peek_meta
+    from edgeinfer.agent.protocol import peek_meta
 
     meta = peek_meta(b'{"id": "j-7", "inputs": []}', [(HEADER_LENGTH_PROPERTY, "\u00b2")])
     assert meta.id == "j-7"
@@ -179,8 +179,8 @@ def test_header_length_property_with_non_ascii_digits_reads_as_absent() -> None:
 
 
 def test_bytes_that_are_not_utf8_inside_json_strings_are_refused_not_crashed() -> None:
-    from agent.manifest import ManifestError, decode_manifest
-    from agent.protocol import peek_meta
+    from edgeinfer.agent.manifest import ManifestError, decode_manifest
+    from edgeinfer.agent.protocol import peek_meta
 
     bad = b'{"id": "\xd2", "inputs": []}'
     e = err(bad)

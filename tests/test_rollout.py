@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.topics import Topics
 from bench.models import build_digits, build_heavy, build_mlp
-from fleet.cli import main as fleet
-from fleet.controller import Controller
-from fleet.mqtt import connect, read_retained
-from fleet.registry import SqlRegistry, open_registry
-from fleet.rollout import RolloutRunner, RolloutStore
-from fleet.signing import Signer, generate_key, load_signer
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.cli import main as fleet
+from edgeinfer.fleet.controller import Controller
+from edgeinfer.fleet.mqtt import connect, read_retained
+from edgeinfer.fleet.registry import SqlRegistry, open_registry
+from edgeinfer.fleet.rollout import RolloutRunner, RolloutStore
+from edgeinfer.fleet.signing import Signer, generate_key, load_signer
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, job_body

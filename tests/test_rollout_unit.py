@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.manifest import Manifest
-from fleet.registry import SqlRegistry, open_registry, utc_now
-from fleet.rollout import (
+from edgeinfer.agent.manifest import Manifest
+from edgeinfer.fleet.registry import SqlRegistry, open_registry, utc_now
+from edgeinfer.fleet.rollout import (
     Amount,
     Rollout,
     RolloutEngine,

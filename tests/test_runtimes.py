@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from bench.models import DigitsModel, build_cnn, build_digits, build_mlp, silero_vad_path
-from runtimes import datatypes, registry
-from runtimes.base import Backend, LoadOptions, Session, TensorSpec, make_sample_inputs
-from runtimes.hardware import HardwareInfo, NvidiaGpu, detect
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
-from runtimes.selection import (
+from edgeinfer.runtimes import datatypes, registry
+from edgeinfer.runtimes.base import Backend, LoadOptions, Session, TensorSpec, make_sample_inputs
+from edgeinfer.runtimes.hardware import HardwareInfo, NvidiaGpu, detect
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.runtimes.selection import (
     DEFAULT_PREFERENCE,
     Attempt,
     Candidate,
@@ -100,7 +100,7 @@ def test_runtime_import_failure_is_reported_not_hidden(monkeypatch: pytest.Monke
     registry.get_backend("openvino")  # cached before the block: later tests need the real one
     # sys.modules[name] = None makes `import name` raise ImportError.
     monkeypatch.setitem(sys.modules, "openvino", None)
-    monkeypatch.delitem(sys.modules, "runtimes.openvino_backend")
+    monkeypatch.delitem(sys.modules, "edgeinfer.runtimes.openvino_backend")
     backend = registry.import_backend("openvino")
     reason = backend.unavailable_reason(HardwareInfo())
     assert reason is not None

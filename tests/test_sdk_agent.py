@@ -21,16 +21,16 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.topics import Topics
 from bench.models import build_mlp
-from fleet.client import (
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.client import (
     AsyncInferenceClient,
     InferenceClient,
     InvalidArgument,
     NotFound,
 )
-from fleet.mqtt import Connection, connect, new_client_id
-from fleet.oip import HEADER_LENGTH_PROPERTY
+from edgeinfer.fleet.mqtt import Connection, connect, new_client_id
+from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, deploy, wait_state

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import mqtt_session
-from agent.config import BrokerConfig
-from agent.mqtt_session import Inbound, MqttSession, Retained, Route, backoff_delay
-from agent.topics import Topics
 from bench.models import DigitsModel, build_digits
-from fleet.mqtt import connect, read_retained
+from edgeinfer.agent import mqtt_session
+from edgeinfer.agent.config import BrokerConfig
+from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, backoff_delay
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.mqtt import connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import (
@@ -341,7 +341,7 @@ def _session(url: str, client_id: str, routes: list[Route],
 def test_handlers_that_raise_never_break_the_session(
     broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.mqtt_session")
+    caplog.set_level(logging.INFO, logger="edgeinfer.agent.mqtt_session")
     got: queue.Queue[Inbound] = queue.Queue()
     connects = threading.Event()
     sessions: list[MqttSession] = []

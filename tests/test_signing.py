@@ -15,14 +15,14 @@ import rfc8785
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import ConfigError, load_config
-from agent.manifest import ManifestError, decode_manifest, decode_published
-from agent.topics import Topics
-from agent.trust import TrustConfig, load_trusted_keys
-from agent.verifier import ManifestVerifier
-from fleet.cli import main as fleet
-from fleet.mqtt import read_retained
-from fleet.signing import Signer, SigningError, generate_key, load_signer
+from edgeinfer.agent.config import ConfigError, load_config
+from edgeinfer.agent.manifest import ManifestError, decode_manifest, decode_published
+from edgeinfer.agent.topics import Topics
+from edgeinfer.agent.trust import TrustConfig, load_trusted_keys
+from edgeinfer.agent.verifier import ManifestVerifier
+from edgeinfer.fleet.cli import main as fleet
+from edgeinfer.fleet.mqtt import read_retained
+from edgeinfer.fleet.signing import Signer, SigningError, generate_key, load_signer
 from tests.broker import Broker
 
 SHA = "ab" * 32

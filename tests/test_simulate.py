@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from fleet.cli import main as fleet
-from fleet.controller import Controller
-from fleet.mqtt import connect, read_retained
-from fleet.registry import SqlRegistry, open_registry
-from fleet.rollout import COMPLETED, HALTED, RolloutRunner, RolloutStore
-from fleet.simulate import SimConfig, Simulator
+from edgeinfer.fleet.cli import main as fleet
+from edgeinfer.fleet.controller import Controller
+from edgeinfer.fleet.mqtt import connect, read_retained
+from edgeinfer.fleet.registry import SqlRegistry, open_registry
+from edgeinfer.fleet.rollout import COMPLETED, HALTED, RolloutRunner, RolloutStore
+from edgeinfer.fleet.simulate import SimConfig, Simulator
 from tests.broker import Broker
 from tests.helpers import PREFIX
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import pytest
 
-from runtimes.structcheck import StructError, convert, describe, not_utf8, wants_text
+from edgeinfer.runtimes.structcheck import StructError, convert, describe, not_utf8, wants_text
 
 
 class Leaf(msgspec.Struct, forbid_unknown_fields=True):

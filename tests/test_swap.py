@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from agent.manifest import ModelSpec
-from agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.manifest import ModelSpec
+from edgeinfer.agent.registry import ModelRegistry, ServingModel
 
 
 class FakeSession:

@@ -26,13 +26,13 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.config import ServiceConfig
-from agent.credentials import DEFAULT_CREDENTIAL
-from agent.lifecycle import changed_keys, flatten, health_problem
-from agent.systemd import Notifier, Watchdog, watchdog_interval
 from bench.models import IR_VERSION, OPSET, build_mlp
-from fleet.client import InferenceClient, InferResult
-from fleet.errors import NotFound
+from edgeinfer.agent.config import ServiceConfig
+from edgeinfer.agent.credentials import DEFAULT_CREDENTIAL
+from edgeinfer.agent.lifecycle import changed_keys, flatten, health_problem
+from edgeinfer.agent.systemd import Notifier, Watchdog, watchdog_interval
+from edgeinfer.fleet.client import InferenceClient, InferResult
+from edgeinfer.fleet.errors import NotFound
 from tests.agentproc import AgentProcess
 from tests.broker import Broker, free_port
 from tests.helpers import deploy, wait_state
@@ -265,7 +265,7 @@ def test_watchdog_withholds_pings_while_unhealthy_and_resumes() -> None:
 
 
 def test_reload_diff_names_changed_keys() -> None:
-    from agent.config import load_config
+    from edgeinfer.agent.config import load_config
 
     old = flatten(load_config(None, {}))
     new = flatten(load_config(None, {"EDGE_AGENT_LOG__LEVEL": "DEBUG",

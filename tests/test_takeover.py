@@ -16,10 +16,10 @@ from pathlib import Path
 import mqtt5
 import pytest
 
-from agent import linkstate
-from agent.config import BrokerConfig, ConfigError, load_config
-from agent.mqtt_session import MqttSession, Retained, Route, session_of_mid, takeover_delay
-from agent.topics import Topics
+from edgeinfer.agent import linkstate
+from edgeinfer.agent.config import BrokerConfig, ConfigError, load_config
+from edgeinfer.agent.mqtt_session import MqttSession, Retained, Route, session_of_mid, takeover_delay
+from edgeinfer.agent.topics import Topics
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, Watch, wait_state
@@ -187,7 +187,7 @@ def test_two_agents_with_one_device_id_back_off_and_say_why(tmp_path: Path) -> N
                      if (json.loads((a.state_dir / linkstate.FILE).read_text())
                          if (a.state_dir / linkstate.FILE).exists() else {}
                          ).get("last_takeover_at") is not None)
-        res = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--config",
+        res = subprocess.run([sys.executable, "-m", "edgeinfer.agent.cli", "doctor", "--config",
                               str(which.config)], capture_output=True, text=True, timeout=120)
         assert "broker session: taken over" in res.stdout, res.stdout + res.stderr
         assert "two agents share this device id" in res.stdout

@@ -14,11 +14,11 @@ import pytest
 
 from bench.models import build_mlp
 from bench.tinylm import EOS, TinyLm, TinyLmConfig, build_tiny_lm
-from runtimes.base import LoadOptions, Session
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
-from runtimes.pipelines import build_pipeline, pipeline_requirements
-from runtimes.pipelines.textgen import (
+from edgeinfer.runtimes.base import LoadOptions, Session
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.runtimes.pipelines import build_pipeline, pipeline_requirements
+from edgeinfer.runtimes.pipelines.textgen import (
     Cancellations,
     TextGeneration,
     _held_back,

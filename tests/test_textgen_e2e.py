@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from bench.tinylm import TinyLm, build_tiny_lm
-from fleet.client import InferenceClient
-from runtimes.base import LoadOptions
-from runtimes.onnxruntime_cpu import BACKEND as ORT
-from runtimes.pipelines import build_pipeline
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.runtimes.base import LoadOptions
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT
+from edgeinfer.runtimes.pipelines import build_pipeline
 from tests.broker import Broker
 from tests.helpers import deploy, running_agent
 

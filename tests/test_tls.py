@@ -27,15 +27,15 @@ import pytest
 import yaml
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.brokerurl import parse_broker_url
-from agent.config import ConfigError, load_config
-from agent.credentials import Secret, resolve_password
-from agent.tls import TransportError, TransportSecurity, security_from_config
-from agent.topics import Topics
 from bench.models import DigitsModel, build_digits
-from fleet.cli import main as fleet
-from fleet.client import InferenceClient
-from fleet.mqtt import BrokerError, Connection, connect, read_retained
+from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.agent.config import ConfigError, load_config
+from edgeinfer.agent.credentials import Secret, resolve_password
+from edgeinfer.agent.tls import TransportError, TransportSecurity, security_from_config
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.cli import main as fleet
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.mqtt import BrokerError, Connection, connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 
@@ -422,7 +422,7 @@ def test_agent_password_from_credentials_directory_never_logged(
                       "--json"]) == 0
         assert [d["device"] for d in json.loads(capsys.readouterr().out)] == ["gw-p"]
         doctor = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "doctor", "--config", str(agent.config)],
+            [sys.executable, "-m", "edgeinfer.agent.cli", "doctor", "--config", str(agent.config)],
             capture_output=True, text=True, timeout=120, check=False,
         )
     finally:
@@ -452,7 +452,7 @@ def test_wrong_password_is_refused_and_not_logged(
     try:
         agent.wait_log("refused the connection", timeout=30)
         doctor = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "doctor", "--config", str(agent.config)],
+            [sys.executable, "-m", "edgeinfer.agent.cli", "doctor", "--config", str(agent.config)],
             capture_output=True, text=True, timeout=120, check=False,
         )
     finally:

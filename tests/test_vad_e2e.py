@@ -14,11 +14,11 @@ import pytest
 import soundfile as sf
 
 from bench.models import silero_vad_path
-from fleet.client import InferenceClient
-from fleet.errors import InvalidArgument
-from runtimes.base import LoadOptions
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.pipelines import build_pipeline
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import InvalidArgument
+from edgeinfer.runtimes.base import LoadOptions
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.pipelines import build_pipeline
 from tests.broker import Broker
 from tests.helpers import deploy, reported, running_agent
 

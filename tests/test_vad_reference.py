@@ -38,11 +38,11 @@ import pytest
 import soundfile as sf
 
 from bench.models import silero_vad_path
-from runtimes.base import LoadOptions, Session
-from runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
-from runtimes.openvino_backend import BACKEND as OPENVINO
-from runtimes.pipelines import build_pipeline
-from runtimes.pipelines.audio import SAMPLE_RATE, WINDOW, VoiceActivityDetection, resample
+from edgeinfer.runtimes.base import LoadOptions, Session
+from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
+from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
+from edgeinfer.runtimes.pipelines import build_pipeline
+from edgeinfer.runtimes.pipelines.audio import SAMPLE_RATE, WINDOW, VoiceActivityDetection, resample
 
 ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"

@@ -36,7 +36,7 @@ def main() -> None:
             environ["EDGE_AGENT_STATE_DIR"] = str(Path(tmp) / "state")
             environ.update(env)
             try:
-                res = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config",
+                res = subprocess.run([sys.executable, "-m", "edgeinfer.agent.cli", "run", "--config",
                                       str(path)], check=False, capture_output=True, text=True,
                                      timeout=6,
                                      env=environ, errors="backslashreplace")

@@ -23,13 +23,13 @@ from typing import Any
 
 import msgspec
 
-from agent.manifest import ArtifactFile, Manifest, ModelSpec
-from agent.topics import Topics
 from bench.models import build_scaled
-from fleet.deploy import publish_desired
-from fleet.localbroker import Broker
-from fleet.mqtt import connect
-from fleet.signing import Signer, generate_key, load_signer
+from edgeinfer.agent.manifest import ArtifactFile, Manifest, ModelSpec
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.deploy import publish_desired
+from edgeinfer.fleet.localbroker import Broker
+from edgeinfer.fleet.mqtt import connect
+from edgeinfer.fleet.signing import Signer, generate_key, load_signer
 from tests.agentproc import AgentProcess
 from tests.helpers import Watch, reported, wait_state
 from tests.slowhttp import SlowServer

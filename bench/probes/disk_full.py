@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.journal import SPOOL_MIN_BYTES
-from agent.topics import Topics
+from edgeinfer.agent.journal import SPOOL_MIN_BYTES
+from edgeinfer.agent.topics import Topics
 
 DEVICE = "gw-diskfull"
 TMPFS_BYTES = 8 * 1024 * 1024

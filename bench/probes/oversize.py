@@ -33,12 +33,12 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import JobsConfig
-from agent.topics import Topics
 from bench.models import build_mlp
-from fleet.cli import main as fleet
-from fleet.localbroker import Broker
-from fleet.mqtt import connect, new_client_id
+from edgeinfer.agent.config import JobsConfig
+from edgeinfer.agent.topics import Topics
+from edgeinfer.fleet.cli import main as fleet
+from edgeinfer.fleet.localbroker import Broker
+from edgeinfer.fleet.mqtt import connect, new_client_id
 
 PREFIX = "edge/v1"
 DEVICE = "probe-oversize"
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         (root / "agent.yaml").write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
         log = (root / "agent.log").open("wb")
-        agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
+        agent = subprocess.Popen([sys.executable, "-m", "edgeinfer.agent.cli", "run", "--config",
                                   str(root / "agent.yaml")], stdout=log, stderr=log, env=env)
         topics = Topics(PREFIX, DEVICE)
         client = None

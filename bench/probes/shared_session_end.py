@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mqtt5
 
-from fleet.localbroker import Broker
+from edgeinfer.fleet.localbroker import Broker
 
 TOPIC = "probe/pool/jobs"
 Q1 = mqtt5.QoS.AT_LEAST_ONCE

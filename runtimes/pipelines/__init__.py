@@ -25,8 +25,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from runtimes.base import Session, one_line
-from runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline
+from edgeinfer.runtimes.base import Session, one_line
+from edgeinfer.runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline
 
 OCR_EXTRA_HINT = "pip install 'edgeinfer[ocr]'"
 
@@ -36,12 +36,12 @@ __all__ = ["KNOWN_TASKS", "MULTI_MODEL_TASKS", "Pipeline", "build_pipeline", "pi
 # task -> (module exposing `build(settings, model_dir, session)`, optional library it
 # needs as (import name, distribution name), or None).
 _TASKS: dict[str, tuple[str, tuple[str, str] | None]] = {
-    "tensor": ("runtimes.pipelines.tensor", None),
-    "image-classification": ("runtimes.pipelines.image", ("PIL", "pillow")),
-    "voice-activity-detection": ("runtimes.pipelines.audio", ("soundfile", "soundfile")),
-    "embedding": ("runtimes.pipelines.embedding", None),
-    "text-generation": ("runtimes.pipelines.textgen", ("tokenizers", "tokenizers")),
-    "ocr": ("runtimes.pipelines.ocr", ("cv2", "opencv")),  # and pillow: the ocr extra has both
+    "tensor": ("edgeinfer.runtimes.pipelines.tensor", None),
+    "image-classification": ("edgeinfer.runtimes.pipelines.image", ("PIL", "pillow")),
+    "voice-activity-detection": ("edgeinfer.runtimes.pipelines.audio", ("soundfile", "soundfile")),
+    "embedding": ("edgeinfer.runtimes.pipelines.embedding", None),
+    "text-generation": ("edgeinfer.runtimes.pipelines.textgen", ("tokenizers", "tokenizers")),
+    "ocr": ("edgeinfer.runtimes.pipelines.ocr", ("cv2", "opencv")),  # and pillow: the ocr extra has both
 }
 # Tasks that run several models: task -> (required roles, optional roles). build_pipeline
 # takes a mapping role -> Session for them, and so does their pipeline's run.

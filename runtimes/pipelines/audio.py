@@ -20,8 +20,8 @@ import msgspec
 import numpy as np
 import soundfile as sf
 
-from runtimes.base import Session, TensorSpec
-from runtimes.pipelines.base import media_items, parse_settings, require
+from edgeinfer.runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, require
 
 TASK = "voice-activity-detection"
 AUDIO_INPUT = "audio"

@@ -14,8 +14,8 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import numpy as np
 
-from runtimes.base import Session, TensorSpec
-from runtimes.structcheck import StructError, convert
+from edgeinfer.runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.structcheck import StructError, convert
 
 # The extra that installs the optional decoders (pillow, soundfile).
 MEDIA_EXTRA_HINT = "pip install 'edgeinfer[media]'"

@@ -26,9 +26,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from runtimes.base import Session, TensorSpec, one_line
-from runtimes.datatypes import to_numpy_dtype
-from runtimes.pipelines.base import MEDIA_EXTRA_HINT, parse_settings
+from edgeinfer.runtimes.base import Session, TensorSpec, one_line
+from edgeinfer.runtimes.datatypes import to_numpy_dtype
+from edgeinfer.runtimes.pipelines.base import MEDIA_EXTRA_HINT, parse_settings
 
 TASK = "embedding"
 EPS = 1e-12

@@ -18,9 +18,9 @@ import msgspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runtimes.base import Session, TensorSpec
-from runtimes.datatypes import to_numpy_dtype
-from runtimes.pipelines.base import media_items, parse_settings, pick_input, require, sniff_image
+from edgeinfer.runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.datatypes import to_numpy_dtype
+from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, pick_input, require, sniff_image
 
 TASK = "image-classification"
 IMAGE_INPUT = "image"

@@ -33,9 +33,9 @@ import msgspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runtimes.base import Session, TensorSpec
-from runtimes.pipelines import MULTI_MODEL_TASKS
-from runtimes.pipelines.base import media_items, parse_settings, require, sniff_image
+from edgeinfer.runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS
+from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, require, sniff_image
 
 TASK = "ocr"
 IMAGE_INPUT = "image"

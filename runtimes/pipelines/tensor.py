@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.base import Session, TensorSpec
 
 TASK = "tensor"
 

@@ -36,9 +36,9 @@ import msgspec
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtimes.base import Session, TensorSpec
-from runtimes.datatypes import to_numpy_dtype
-from runtimes.pipelines.base import parse_settings, require
+from edgeinfer.runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.datatypes import to_numpy_dtype
+from edgeinfer.runtimes.pipelines.base import parse_settings, require
 
 TASK = "text-generation"
 TEXT_INPUT = "text_input"

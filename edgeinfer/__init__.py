@@ -1,0 +1,1 @@
+"""edgeinfer: machine-learning inference on edge gateways, steered over MQTT."""
