@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeinfer.agent.registry import ServingModel
+from edgeinfer.agent.served import ServingModel
 from edgeinfer.runtimes.base import TensorSpec
 
 

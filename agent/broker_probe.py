@@ -30,9 +30,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeinfer.agent.brokerurl import parse_broker_url
 from edgeinfer.agent.config import BrokerConfig
-from edgeinfer.agent.tls import TransportError, describe_connect_error, security_from_config
+from edgeinfer.agent.tls import security_from_config
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.transport import TransportError, describe_connect_error
 
 # The leaf under `{prefix}/dev/{device}/` that the probe uses and the agent never does;
 # deploy/acl grants each device `readwrite` there.

@@ -10,8 +10,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edgeinfer.agent.brokerurl import parse_broker_url
-from edgeinfer.agent.cliargs import Parser, version_line
 from edgeinfer.agent.config import (
     DEFAULT_CONFIG_PATH,
     AgentConfig,
@@ -22,6 +20,8 @@ from edgeinfer.agent.config import (
 )
 from edgeinfer.agent.extras import missing_for_agent
 from edgeinfer.agent.preflight import environment_problems
+from edgeinfer.cliargs import Parser, version_line
+from edgeinfer.contract.brokerurl import parse_broker_url
 
 # A bad config found by --validate-config or doctor (README: "exit 2 naming the key").
 EXIT_CONFIG = 2
@@ -74,8 +74,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", line)
     for problem in problems:  # none lasting: e.g. DNS not up yet at boot
         log.warning("%s: %s; starting anyway, the broker is tried again", where, problem)
+    from edgeinfer.agent.daemon import Agent  # heavy imports (runtimes) only when running
     from edgeinfer.agent.lifecycle import run_service
-    from edgeinfer.agent.service import Agent  # heavy imports (runtimes) only when running
 
     try:
         agent = Agent(cfg)  # creates state_dir, the store and the journal
@@ -93,7 +93,8 @@ def _broker_answers(broker: BrokerConfig, timeout: float = 3.0) -> tuple[bool, l
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edgeinfer.agent.tls import TransportError, describe_connect_error, security_from_config
+    from edgeinfer.agent.tls import security_from_config
+    from edgeinfer.contract.transport import TransportError, describe_connect_error
 
     addr = parse_broker_url(broker.url)
     try:

@@ -14,21 +14,21 @@ from typing import Annotated, Any
 
 import msgspec
 
-from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
+from edgeinfer.agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
+from edgeinfer.agent.trust import TrustConfig, load_trusted_keys
 
 # ConfigError lives with the reader the fleet's config shares; agent.config.ConfigError
 # stays its public name on the agent's side (the alias is mypy's explicit re-export).
-from edgeinfer.agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
-from edgeinfer.agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
-from edgeinfer.agent.faults import CRASH_ENV, FAIL_RUNTIME_ENV
-from edgeinfer.agent.topics import (
+from edgeinfer.configfile import ConfigError as ConfigError  # noqa: PLC0414
+from edgeinfer.configfile import env_overrides, merge, read_yaml_mapping, to_struct
+from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL, parse_broker_url
+from edgeinfer.contract.topics import (
     DEFAULT_PREFIX,
     DEVICE_ID_RE,
     POOL_RE,
     reply_prefix_problem,
     topic_prefix_problem,
 )
-from edgeinfer.agent.trust import TrustConfig, load_trusted_keys
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
@@ -97,7 +97,7 @@ class JobsConfig(_Section):
     # Response Topics must lie under one of these; "{prefix}" is the topic prefix.
     reply_prefixes: list[str] = msgspec.field(default_factory=lambda: ["{prefix}/reply/"])
     pools: list[str] = msgspec.field(default_factory=list)
-    # Pool jobs come on a session of their own with session expiry 0 (agent/service.py):
+    # Pool jobs come on a session of their own with session expiry 0 (agent/daemon.py):
     # the broker stops handing a member pool jobs once it sees the member's link is gone:
     # at once when the process dies, within 1.5 x this keepalive when the host or network
     # goes silent. That is the bound on pool jobs routed to a dead member.
@@ -148,7 +148,7 @@ class DeployConfig(_Section):
     # A deadline for the whole download of one artifact, from connecting to the last byte.
     download_timeout_s: PositiveFloat = 60.0
     max_artifact_bytes: PositiveInt = 2 * 1024 * 1024 * 1024
-    # mqtt:// artifacts (agent/mqtt_artifacts.py): bytes asked for per chunk, chunks asked
+    # mqtt:// artifacts (agent/chunk_client.py): bytes asked for per chunk, chunks asked
     # for at once, an optional cap in bytes/s (0: none), and how long an unanswered chunk
     # waits before it is asked for again.
     mqtt_chunk_bytes: Annotated[int, msgspec.Meta(ge=4096, le=16 * 1024 * 1024)] = 256 * 1024

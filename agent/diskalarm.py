@@ -24,7 +24,7 @@ from edgeinfer.agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[..., None]  # agent/service.py's emit_event(kind, **fields)
+Emit = Callable[..., None]  # agent/daemon.py's emit_event(kind, **fields)
 
 
 class DiskAlarm:
@@ -54,7 +54,7 @@ class DiskAlarm:
         log.error("%s: %s", writer, exc)
         if first:
             self._metrics.state_disk(full=True)
-            # Sent directly (agent/service.py emit_event): the outbox is on this disk.
+            # Sent directly (agent/daemon.py emit_event): the outbox is on this disk.
             self._emit("disk_full", state_dir=str(self._state_dir), writer=writer,
                        cause=exc.cause, free_bytes=_free(self._state_dir))
 

@@ -6,7 +6,7 @@ NaN or Inf although every floating-point input was finite. After `runtime.failov
 consecutive failed runs (default 3) the watch fires once; the failover thread then loads the
 model's next candidate (the auto-tuner's next fastest agreeing candidate, or the next entry
 of a pinned preference list), warms it up through the same health gate, and swaps a new
-`ServingModel` in with `ModelRegistry.replace`: jobs in flight finish on the old one (those
+`ServingModel` in with `ServedModels.replace`: jobs in flight finish on the old one (those
 that fail get their INTERNAL answers as before), new jobs go to the new one. Event
 `runtime_failover` says from what to what and why; `runtime_failover_failed` says that no
 candidate was left or none loaded, and the old one keeps serving.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeinfer.agent import faults
-from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.runtimes.autotune import Choice
 from edgeinfer.runtimes.base import Session, one_line
 
@@ -108,7 +108,7 @@ class _Demotion:
 class FailoverManager:
     """The failover thread: demotes failing models one at a time, never on a job thread."""
 
-    def __init__(self, registry: ModelRegistry, threshold: int, load_next: LoadNext,
+    def __init__(self, registry: ServedModels, threshold: int, load_next: LoadNext,
                  on_swapped: OnSwapped, emit: EmitEvent, swap_lock: threading.RLock) -> None:
         self._registry = registry
         self._threshold = threshold

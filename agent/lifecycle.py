@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from edgeinfer.agent.brokerurl import parse_broker_url
 from edgeinfer.agent.config import AgentConfig, ConfigError, ServiceConfig, load_config
 from edgeinfer.agent.systemd import Notifier, Watchdog, one_line, watchdog_interval
+from edgeinfer.contract.brokerurl import parse_broker_url
 
 if TYPE_CHECKING:
-    from edgeinfer.agent.service import Agent
+    from edgeinfer.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-class Service:
+class Lifecycle:
     """Runs an `Agent` as a systemd service; `run()` returns the exit code."""
 
     def __init__(
@@ -267,4 +267,4 @@ class Service:
 
 
 def run_service(agent: Agent, config_path: Path | None) -> int:
-    return Service(agent, config_path).run()
+    return Lifecycle(agent, config_path).run()

@@ -33,7 +33,7 @@ connects each in 30 s, measured before this on mosquitto 2.0.11). So a takeover 
 `session_taken_over`, `last_disconnect`) and the next connect waits
 `broker.takeover_backoff_s`, doubling on each repeat up to `broker.takeover_backoff_max_s`.
 A broker that follows MQTT 5 says so with DISCONNECT 0x8E; mosquitto before 2.0.15 (2.0.11
-measured here) closes the old link without a word, so the owner (agent/service.py) also
+measured here) closes the old link without a word, so the owner (agent/daemon.py) also
 calls `note_twin` when the device's retained state shows another process's session: a link
 the broker then closes counts as a takeover too.
 
@@ -68,7 +68,6 @@ from typing import Any
 
 import mqtt5
 
-from edgeinfer.agent.brokerurl import parse_broker_url
 from edgeinfer.agent.config import BrokerConfig
 from edgeinfer.agent.mqtt_wire import (
     PACKET_NAMES,
@@ -80,7 +79,9 @@ from edgeinfer.agent.mqtt_wire import (
     salvage_ack,
     salvage_publish,
 )
-from edgeinfer.agent.tls import describe_connect_error, security_from_config
+from edgeinfer.agent.tls import security_from_config
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.transport import describe_connect_error
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from edgeinfer.agent.brokerurl import BrokerAddress
+from edgeinfer.contract.brokerurl import BrokerAddress
 
 PACKET_NAMES = {
     1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",
@@ -229,7 +229,7 @@ def open_socket(addr: BrokerAddress, context: ssl.SSLContext | None, timeout: fl
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if context is not None:
             # The context checks the certificate against the host name (or against
-            # broker.tls.server_name, agent/tls.py); the handshake runs under `timeout`.
+            # broker.tls.server_name, edgeinfer/contract/transport.py); the handshake runs under `timeout`.
             sock = context.wrap_socket(sock, server_hostname=addr.host)
     except BaseException:
         sock.close()

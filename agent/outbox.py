@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgeinfer.agent.diskalarm import DiskAlarm
-from edgeinfer.agent.errors import Code
 from edgeinfer.agent.journal import DiskFull, Journal, OutMessage
 from edgeinfer.agent.protocol import encode_error, peek_id
+from edgeinfer.contract.errors import Code
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeinfer.agent.brokerurl import parse_broker_url
 from edgeinfer.agent.config import AgentConfig, BrokerConfig
+from edgeinfer.contract.brokerurl import parse_broker_url
 
 _PROBE_PREFIX = ".edge-agent-write-check-"
 

@@ -14,11 +14,12 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from edgeinfer.agent.errors import Code, JobError
-from edgeinfer.agent.topics import NAME_RE
+from edgeinfer.contract.datatypes import OIP_DATATYPES
+from edgeinfer.contract.errors import Code, JobError
+from edgeinfer.contract.topics import NAME_RE
 from edgeinfer.runtimes.base import TensorSpec
-from edgeinfer.runtimes.datatypes import OIP_DATATYPES, from_numpy_dtype, to_numpy_dtype
-from edgeinfer.runtimes.structcheck import StructError, convert, not_utf8
+from edgeinfer.runtimes.datatypes import from_numpy_dtype, to_numpy_dtype
+from edgeinfer.structcheck import StructError, convert, not_utf8
 
 # Triton's binary-data extension: the JSON header's length, as an MQTT user property.
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"

@@ -33,19 +33,8 @@ from typing import Any
 
 import msgspec
 
-from edgeinfer.agent import faults, health
+from edgeinfer.agent import faults, health_gate
 from edgeinfer.agent.config import AgentConfig
-from edgeinfer.agent.errors import JobError
-from edgeinfer.agent.manifest import (
-    Manifest,
-    ManifestError,
-    ModelSpec,
-    Published,
-    RoleModel,
-    decode_published,
-    model_roles,
-)
-from edgeinfer.agent.registry import ModelRegistry, ServingModel
 from edgeinfer.agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
@@ -54,6 +43,7 @@ from edgeinfer.agent.runtime_choice import (
     role_warmup_inputs,
     task_warmup_inputs,
 )
+from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.agent.store import (
     ArtifactError,
     DownloadCut,
@@ -64,6 +54,16 @@ from edgeinfer.agent.store import (
 )
 from edgeinfer.agent.trust import load_trusted_keys
 from edgeinfer.agent.verifier import ManifestVerifier
+from edgeinfer.contract.errors import JobError
+from edgeinfer.contract.manifest import (
+    Manifest,
+    ManifestError,
+    ModelSpec,
+    Published,
+    RoleModel,
+    decode_published,
+    model_roles,
+)
 from edgeinfer.runtimes.autotune import Choice
 from edgeinfer.runtimes.base import Session
 from edgeinfer.runtimes.hardware import HardwareInfo
@@ -141,7 +141,7 @@ class Reconciler:
         self,
         cfg: AgentConfig,
         store: ModelStore,
-        registry: ModelRegistry,
+        registry: ServedModels,
         hardware: HardwareInfo,
         emit_event: EmitEvent,
         on_change: Callable[[], None],
@@ -385,11 +385,11 @@ class Reconciler:
         if roles is not None:
             return self._bring_up_roles(spec, roles, model_dir, check_latency)
         try:
-            warmup_inputs = health.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
-        except health.HealthError as exc:
+            warmup_inputs = health_gate.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
+        except health_gate.HealthError as exc:
             return self._failed_to(spec, "health", f"{label} failed its health check: {exc}")
         refusals: list[str] = []
-        reports: dict[int, health.HealthReport] = {}  # by id(session): auto judges several
+        reports: dict[int, health_gate.HealthReport] = {}  # by id(session): auto judges several
         gate = self._gate(spec, check_latency, refusals, reports)
         self._crash.reached("load")
         try:
@@ -499,7 +499,7 @@ class Reconciler:
         )
 
     def _gate(self, spec: ModelSpec, check_latency: bool, refusals: list[str],
-              reports: dict[int, health.HealthReport]) -> WarmupCheck:
+              reports: dict[int, health_gate.HealthReport]) -> WarmupCheck:
         """The health gate on each candidate's warm-up: one that fails it on a runtime falls
         back to the next, like a failed load (an FP16 device's overflow, say). Reports go to
         `reports` by id(session) (auto judges several), refusals to `refusals`."""
@@ -507,9 +507,9 @@ class Reconciler:
         def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
             self._crash.reached("warm-up")
             try:
-                reports[id(session)] = health.judge(session, feed, outputs, spec.health,
+                reports[id(session)] = health_gate.judge(session, feed, outputs, spec.health,
                                                     check_latency=check_latency)
-            except health.HealthError as exc:
+            except health_gate.HealthError as exc:
                 refusals.append(f"{session.runtime}/{session.device}: {exc}")
                 raise
 
@@ -537,7 +537,7 @@ class Reconciler:
             except ValueError as exc:
                 return give_up("load", f"{label}: {exc}")
             refusals: list[str] = []
-            reports: dict[int, health.HealthReport] = {}
+            reports: dict[int, health_gate.HealthReport] = {}
             gate = self._gate(spec, check_latency, refusals, reports)
             self._crash.reached("load")
             try:

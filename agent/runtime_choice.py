@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeinfer.agent import faults, health
+from edgeinfer.agent import faults, health_gate
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.failover import EmitEvent, FailoverManager, OnSwapped, RuntimeFault
-from edgeinfer.agent.manifest import ModelSpec, RoleModel
-from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.agent.store import ModelStore
+from edgeinfer.contract.manifest import ModelSpec, RoleModel
 from edgeinfer.runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
 from edgeinfer.runtimes.base import LoadOptions, Session
 from edgeinfer.runtimes.hardware import HardwareInfo
@@ -102,7 +102,7 @@ def role_warmup_inputs(task: str, role: str) -> dict[str, np.ndarray]:
 
 class ModelLoader:
     def __init__(self, cfg: AgentConfig, hw: HardwareInfo, store: ModelStore,
-                 registry: ModelRegistry, emit: EmitEvent, on_swapped: OnSwapped,
+                 registry: ServedModels, emit: EmitEvent, on_swapped: OnSwapped,
                  swap_lock: threading.RLock) -> None:
         self._cfg = cfg
         self._hw = hw
@@ -159,12 +159,12 @@ class ModelLoader:
         """`choice` loaded and warmed up through the health gate (no latency budget)."""
         spec = old.spec
         try:
-            sample = health.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
-        except health.HealthError as exc:
+            sample = health_gate.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
+        except health_gate.HealthError as exc:
             return str(exc)
 
         def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-            health.judge(session, feed, outputs, spec.health, check_latency=False)
+            health_gate.judge(session, feed, outputs, spec.health, check_latency=False)
 
         warm = load_choice(self._store.path_for(spec.sha256), choice, self._options(spec), sample, gate)
         if isinstance(warm, str):

@@ -65,7 +65,6 @@ from edgeinfer.agent import failover
 from edgeinfer.agent.batching import Batcher, Prepared, batchable, split_outputs
 from edgeinfer.agent.config import JobsConfig
 from edgeinfer.agent.diskalarm import DiskAlarm
-from edgeinfer.agent.errors import Code, JobError
 from edgeinfer.agent.journal import Completion, DiskFull, Journal, OutMessage, StoredJob
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound
@@ -86,8 +85,9 @@ from edgeinfer.agent.protocol import (
     peek_id,
     peek_meta,
 )
-from edgeinfer.agent.registry import ModelRegistry, ServingModel
-from edgeinfer.agent.topics import has_wildcard
+from edgeinfer.agent.served import ServedModels, ServingModel
+from edgeinfer.contract.errors import Code, JobError
+from edgeinfer.contract.topics import has_wildcard
 from edgeinfer.runtimes.base import BadInput, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def revived(job: StoredJob) -> Inbound:
 class Scheduler:
     def __init__(
         self,
-        registry: ModelRegistry,
+        registry: ServedModels,
         metrics: Metrics,
         journal: Journal,
         outbox: OutboxPublisher,

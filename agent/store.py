@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from edgeinfer.agent.manifest import ModelSpec
+from edgeinfer.contract.manifest import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ CHUNK = 1 << 20
 # Called with a stage name ("download", "verify", "install") as a fetch reaches it.
 Checkpoint = Callable[[str], None]
 # Opens the source of a spec's artifact for a URI scheme the store does not know itself
-# (mqtt://: agent/mqtt_artifacts.py); given the spec, the whole download's timeout and the
+# (mqtt://: agent/chunk_client.py); given the spec, the whole download's timeout and the
 # cut that, once fired, must end a blocked read soon (the source checks `cut.fired`).
 SourceOpener = Callable[[ModelSpec, float, "DownloadCut"],
                         contextlib.AbstractContextManager[BinaryIO]]

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edgeinfer.agent.manifest import ManifestError, Published, parse_rfc3339
+from edgeinfer.contract.manifest import ManifestError, Published, parse_rfc3339
 
 ALG = "ed25519"
 SIGNATURE_BYTES = 64

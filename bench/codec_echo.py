@@ -29,8 +29,8 @@ from typing import Any, NoReturn
 import mqtt5
 
 from bench.echo import load_canned
-from edgeinfer.agent.brokerurl import parse_broker_url
 from edgeinfer.agent.mqtt_wire import frame_length
+from edgeinfer.contract.brokerurl import parse_broker_url
 
 READY = "codec echo ready"
 _READ_SIZE = 1 << 20

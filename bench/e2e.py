@@ -31,7 +31,7 @@ from bench.echo import READY as ECHO_READY
 from bench.naive import READY as NAIVE_READY
 from bench.raw import busy_cpu_s
 from bench.refmodels import RefModel
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.artifacts import ArtifactStore
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.deploy import (

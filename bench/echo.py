@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from bench.responder import serve
-from edgeinfer.agent.paho_properties import PackedPublishProperties
+from edgeinfer.contract.properties import PackedPublishProperties
 from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY
 
 READY = "echo ready"

@@ -46,8 +46,8 @@ import numpy as np
 import psutil
 import yaml
 
-from edgeinfer.agent.cliargs import parse_duration
-from edgeinfer.agent.topics import Topics
+from edgeinfer.cliargs import parse_duration
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.artifacts import ArtifactStore
 from edgeinfer.fleet.cli import main as fleet_cli
 from edgeinfer.fleet.deploy import artifact_uri, model_spec, next_manifest, publish_desired, store_artifact

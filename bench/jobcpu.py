@@ -35,7 +35,7 @@ import psutil
 from bench import e2e, loadgen, models, profile, refmodels
 from bench.codec_echo import READY as CODEC_ECHO_READY
 from bench.echo import READY as ECHO_READY
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.artifacts import ArtifactStore
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.localbroker import Broker
@@ -78,8 +78,8 @@ def runtime_cpu(path: Path, runtime: str, device: str, precision: str | None,
     Calls take turns over copies of the input (~8 MB of them in all): each job the agent
     runs brings a tensor it has not read yet, and one input read over and over would sit in
     the CPU's cache and look cheaper than it is."""
+    from edgeinfer.runtimes.backends import import_backend
     from edgeinfer.runtimes.base import LoadOptions
-    from edgeinfer.runtimes.registry import import_backend
 
     size = sum(a.nbytes for a in feed.values())
     feeds = [{k: a.copy() for k, a in feed.items()}

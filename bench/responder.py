@@ -15,7 +15,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeinfer.agent.brokerurl import parse_broker_url
+from edgeinfer.contract.brokerurl import parse_broker_url
 
 OnMessage = Callable[[paho.Client, Any, paho.MQTTMessage], None]
 

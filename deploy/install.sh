@@ -258,7 +258,7 @@ UNIT_CHANGED=$CHANGES
 say "== credentials"
 if [ -n "$PASSWORD_FILE" ]; then
     ensure_dir "$CREDSTORE" 0700
-    # Only the password, without a trailing newline (agent/credentials.py strips it anyway).
+    # Only the password, without a trailing newline (edgeinfer/contract/credentials.py strips it anyway).
     printf '%s' "$(head -n1 "$PASSWORD_FILE")" > "$TMP/mqtt-password"
     put "$TMP/mqtt-password" "$CREDSTORE/mqtt-password" 0600
     # systemd before 250 does not look into /etc/credstore for a credential named without

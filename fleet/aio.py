@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
-from edgeinfer.agent.tls import TransportSecurity
-from edgeinfer.agent.topics import DEFAULT_PREFIX
+from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.contract.topics import DEFAULT_PREFIX
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.mqtt import BrokerError
 from edgeinfer.fleet.oip import InferResult

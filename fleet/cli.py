@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
-from edgeinfer.agent.cliargs import Parser, UsageError, duration
-from edgeinfer.agent.manifest import ModelSpec
-from edgeinfer.agent.tls import TransportSecurity
-from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, topic_prefix_problem
+from edgeinfer.cliargs import Parser, UsageError, duration
+from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.contract.manifest import ModelSpec
+from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics, topic_prefix_problem
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, default_artifact_dir
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.deploy import (
@@ -52,7 +52,7 @@ from edgeinfer.fleet.registry import (
     open_registry,
 )
 from edgeinfer.fleet.signing import SIGNING_KEY_ENV, Signer, SigningError, generate_key, load_signer
-from edgeinfer.fleet.transport import add_security_args, check_broker, security_from_args
+from edgeinfer.fleet.tls_options import add_security_args, check_broker, security_from_args
 
 PROG = "edge-fleet"
 
@@ -636,7 +636,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
-    from edgeinfer.agent.tls import TransportError
+    from edgeinfer.contract.transport import TransportError
     from edgeinfer.fleet.controller import Controller
     from edgeinfer.fleet.http_api import Api, ControllerServer
 
@@ -669,7 +669,7 @@ def _serve(args: argparse.Namespace, stop: threading.Event) -> int:
         raise UsageError(f"cannot serve on {host}:{port}: {exc}") from None
     controller.start()
     # mqtt:///artifacts/sha256/<hex>: the same store in chunks over the broker.
-    from edgeinfer.fleet.artifact_mqtt import ChunkServer
+    from edgeinfer.fleet.chunk_server import ChunkServer
     chunks = ChunkServer(store, broker, prefix=prefix, client_id=f"{cfg.broker.client_id}-artifacts",
                          security=security).start()
     # Rollouts (fleet/rollout.py) are driven here, from the registry: a restart resumes them.

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import paho.mqtt.client as paho
 
-from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
-from edgeinfer.agent.errors import Code
-from edgeinfer.agent.paho_properties import PackedPublishProperties
-from edgeinfer.agent.tls import TransportSecurity
-from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
+from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.contract.errors import Code
+from edgeinfer.contract.properties import PackedPublishProperties
+from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.errors import (
     DeadlineExceeded,
     InferenceError,

@@ -29,9 +29,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgeinfer.agent.brokerurl import parse_broker_url
-from edgeinfer.agent.tls import TransportSecurity
-from edgeinfer.agent.topics import DEVICE_ID_RE, device_wildcard
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.topics import DEVICE_ID_RE, device_wildcard
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.registry import Registry, RegistryError, RegistryUnavailable, normalize_ts, utc_now
 from edgeinfer.fleet.reports import applied_revision, device_state, models_of, parse_json_object
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 
-from edgeinfer.agent.manifest import (
+from edgeinfer.contract.manifest import (
     Manifest,
     ManifestError,
     ModelSpec,
@@ -27,7 +27,7 @@ from edgeinfer.agent.manifest import (
     decode_manifest,
     encode_manifest,
 )
-from edgeinfer.agent.topics import NAME_RE, Topics
+from edgeinfer.contract.topics import NAME_RE, Topics
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from edgeinfer.fleet.models import file_digest
 from edgeinfer.fleet.mqtt import BrokerError, Connection
@@ -39,7 +39,7 @@ from edgeinfer.fleet.reports import (
     parse_json_object,
 )
 from edgeinfer.fleet.signing import Signer
-from edgeinfer.runtimes.structcheck import StructError, convert
+from edgeinfer.structcheck import StructError, convert
 
 
 class DeployError(Exception):
@@ -59,7 +59,7 @@ def check_name(what: str, value: str) -> str:
 def parse_base_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "mqtt" and not parts.netloc and parts.path in ("", "/"):
-        return "mqtt://"  # chunks over the device's own broker (fleet/artifact_mqtt.py)
+        return "mqtt://"  # chunks over the device's own broker (fleet/chunk_server.py)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"artifact base URL {url!r} must look like http://host:port "
                          "(or be mqtt:// for chunks over the device's broker)")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgeinfer.agent.topics import device_of, device_wildcard
+from edgeinfer.contract.topics import device_of, device_wildcard
 from edgeinfer.fleet.mqtt import Connection
 from edgeinfer.fleet.reports import applied_revision, device_state, int_or_none, models_of, parse_json_object
 

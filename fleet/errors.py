@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from edgeinfer.agent.errors import Code
+from edgeinfer.contract.errors import Code
 
 
 class InferenceError(Exception):

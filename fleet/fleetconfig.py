@@ -9,7 +9,7 @@
     events: {keep: 10000}
 
 Every key has a default; an unknown or ill-typed key, or a key given twice, is an error
-naming the key and the file (agent/configfile.py, the agent's reader too). Command-line
+naming the key and the file (edgeinfer/configfile.py, the agent's reader too). Command-line
 flags win over EDGE_FLEET_<KEY> variables (EDGE_FLEET_BROKER__URL, EDGE_FLEET_HTTP__PORT:
 double underscore for nesting), which win over the file, the file over the defaults.
 EDGE_FLEET_STATE_DIR and EDGE_FLEET_ARTIFACT_DIR only fill in what the file leaves out.
@@ -24,12 +24,11 @@ from typing import Annotated
 
 import msgspec
 
-from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL
-
 # fleet.fleetconfig.ConfigError stays the fleet's name for it (the alias: an explicit re-export).
-from edgeinfer.agent.configfile import ConfigError as ConfigError  # noqa: PLC0414
-from edgeinfer.agent.configfile import env_overrides, merge, read_yaml_mapping, to_struct
-from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, topic_prefix_problem
+from edgeinfer.configfile import ConfigError as ConfigError  # noqa: PLC0414
+from edgeinfer.configfile import env_overrides, merge, read_yaml_mapping, to_struct
+from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, topic_prefix_problem
 from edgeinfer.fleet.artifacts import ARTIFACT_DIR_ENV, default_artifact_dir
 from edgeinfer.fleet.registry import DEFAULT_MAX_EVENTS
 

@@ -20,7 +20,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from edgeinfer.agent.topics import DEVICE_ID_RE
+from edgeinfer.contract.topics import DEVICE_ID_RE
 from edgeinfer.fleet import dashboard
 from edgeinfer.fleet.artifacts import ArtifactHandler, ArtifactServer, ArtifactStore
 from edgeinfer.fleet.registry import Registry, RegistryError, RegistryUnavailable, parse_selector

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeinfer.agent.topics import NAME_RE
+from edgeinfer.contract.topics import NAME_RE
 from edgeinfer.fleet.artifacts import ArtifactStore
 from edgeinfer.fleet.registry import ModelConflict, ModelVersion, Registry, RegistryError
 

@@ -22,9 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgeinfer.agent.brokerurl import parse_broker_url
-from edgeinfer.agent.tls import TransportError, TransportSecurity, describe_connect_error
-from edgeinfer.agent.topics import has_wildcard
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.topics import has_wildcard
+from edgeinfer.contract.transport import TransportError, TransportSecurity, describe_connect_error
 
 log = logging.getLogger(__name__)
 

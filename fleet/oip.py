@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from edgeinfer.agent.errors import Code
+from edgeinfer.contract.errors import Code
 from edgeinfer.fleet.errors import Internal, error_from_code
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"

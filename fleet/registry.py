@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from edgeinfer.agent.topics import DEVICE_ID_RE, NAME_RE
+from edgeinfer.contract.topics import DEVICE_ID_RE, NAME_RE
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_EVENTS = 10_000

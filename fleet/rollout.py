@@ -39,8 +39,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from edgeinfer.agent.manifest import Manifest, ModelSpec
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.manifest import Manifest, ModelSpec
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.deploy import DeployError, next_manifest, publish_desired, read_current
 from edgeinfer.fleet.mqtt import BrokerError, Connection
 from edgeinfer.fleet.registry import (

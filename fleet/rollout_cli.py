@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from edgeinfer.agent.cliargs import UsageError, duration
-from edgeinfer.agent.tls import TransportError, TransportSecurity
+from edgeinfer.cliargs import UsageError, duration
+from edgeinfer.contract.transport import TransportError, TransportSecurity
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from edgeinfer.fleet.cli import (
     PROG,

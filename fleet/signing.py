@@ -22,8 +22,8 @@ import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgeinfer.agent.manifest import Manifest, canonical_json, decode_manifest
-from edgeinfer.agent.topics import NAME_RE
+from edgeinfer.contract.manifest import Manifest, canonical_json, decode_manifest
+from edgeinfer.contract.topics import NAME_RE
 
 ALG = "ed25519"
 SIGNING_KEY_ENV = "EDGE_FLEET_SIGNING_KEY"

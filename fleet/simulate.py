@@ -51,12 +51,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgeinfer.agent.brokerurl import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
-from edgeinfer.agent.cliargs import UsageError, duration, parse_duration
-from edgeinfer.agent.tls import TransportSecurity
-from edgeinfer.agent.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics
+from edgeinfer.cliargs import UsageError, duration, parse_duration
+from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL, BrokerAddress, parse_broker_url
+from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.cli import _prefix
-from edgeinfer.fleet.transport import security_from_args
+from edgeinfer.fleet.tls_options import security_from_args
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeinfer.runtimes.backends import get_backend
 from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError, Session, one_line
 from edgeinfer.runtimes.hardware import HardwareInfo
-from edgeinfer.runtimes.registry import get_backend
 from edgeinfer.runtimes.selection import (
     Attempt,
     NoRuntimeError,

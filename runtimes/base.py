@@ -52,7 +52,7 @@ class LoadOptions:
     threads: int = 0  # intra-op threads per running job; 0 = the cores split between instances
     # Jobs that run on the session at once (the manifest's `instances`). The runtime gets
     # threads for that: ONNX Runtime the cores divided between them, OpenVINO as many
-    # streams (THROUGHPUT hint). The caller keeps to it (agent/registry.py).
+    # streams (THROUGHPUT hint). The caller keeps to it (agent/served.py).
     instances: int = 1
     # Inference precision: "f32" everywhere; "bf16" only on OpenVINO's CPU (a CPU with
     # AVX512-BF16 or AMX-BF16), which other backends refuse with a RuntimeLoadError.

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeinfer.contract.datatypes import OIP_DATATYPES
+
 # BYTES has no fixed-width numpy type: a tensor of variable-length byte strings is an
 # object array of `bytes`, which is also what ONNX Runtime returns for tensor(string).
 _TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -28,7 +30,7 @@ _TO_NUMPY: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(object),
 }
 
-OIP_DATATYPES: frozenset[str] = frozenset(_TO_NUMPY)
+assert frozenset(_TO_NUMPY) == OIP_DATATYPES  # one counterpart per contract datatype
 
 _FROM_NUMPY: dict[np.dtype[Any], str] = {dt: name for name, dt in _TO_NUMPY.items()}
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeinfer.runtimes.backends import KNOWN_RUNTIMES, get_backend
 from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError, Session, make_sample_inputs, one_line
 from edgeinfer.runtimes.hardware import HardwareInfo
-from edgeinfer.runtimes.registry import KNOWN_RUNTIMES, get_backend
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.mqtt import Connection, connect, new_client_id, read_retained
 from tests.broker import Broker

@@ -21,8 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeinfer.agent.brokerurl import parse_broker_url
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.topics import Topics
 
 
 @dataclass

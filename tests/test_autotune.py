@@ -19,8 +19,8 @@ from bench.models import build_cnn, build_digits, build_mlp
 from edgeinfer.agent.config import ConfigError, load_config
 from edgeinfer.agent.failover import RunWatch, note_outputs
 from edgeinfer.agent.faults import FAIL_RUNTIME_ENV, failing_runtime_from_env
-from edgeinfer.agent.registry import ServingModel
-from edgeinfer.agent.topics import Topics
+from edgeinfer.agent.served import ServingModel
+from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.autotune import (
     AutotuneCache,
     Choice,

@@ -15,7 +15,7 @@ import struct
 import msgspec
 import pytest
 
-from edgeinfer.agent.manifest import ManifestError, canonical_json, decode_published
+from edgeinfer.contract.manifest import ManifestError, canonical_json, decode_published
 
 
 def _jcs(json_text: str) -> bytes:

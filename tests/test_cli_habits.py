@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeinfer.agent.cliargs import parse_duration
+from edgeinfer.cliargs import parse_duration
 from edgeinfer.fleet.cli import build_parser, main
 
 # -- --version ------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import pytest
 
 from bench.models import build_nan, build_scaled
 from edgeinfer.agent.faults import CRASH_ENV, STAGES
-from edgeinfer.agent.manifest import Manifest, ModelSpec
 from edgeinfer.agent.reconciler import APPLIED_FILE
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.manifest import Manifest, ModelSpec
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.client import InferenceClient, InferResult
 from edgeinfer.fleet.deploy import publish_desired

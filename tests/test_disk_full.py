@@ -22,7 +22,7 @@ import pytest
 
 from bench.probes.disk_full import fill, journal_keys, mount_tmpfs, unmount
 from edgeinfer.agent.journal import SPOOL_MIN_BYTES, DiskFull
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import Replies, Watch, build_slow, deploy, wait_state

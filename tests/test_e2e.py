@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.models import DigitsModel, build_digits, build_mlp
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import DeadlineExceeded, InvalidArgument, NotFound
 from edgeinfer.fleet.mqtt import connect, read_retained

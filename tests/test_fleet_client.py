@@ -21,8 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeinfer.agent.errors import Code
-from edgeinfer.agent.topics import DEFAULT_PREFIX
+from edgeinfer.contract.errors import Code
+from edgeinfer.contract.topics import DEFAULT_PREFIX
 from edgeinfer.fleet.client import InferenceClient, InferenceError, NotFound, ResourceExhausted
 from edgeinfer.fleet.mqtt import BrokerError, connect, publish_packet_size
 from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY, split_response

@@ -12,8 +12,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeinfer.agent.manifest import Manifest, ModelSpec, decode_manifest, encode_manifest
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.manifest import Manifest, ModelSpec, decode_manifest, encode_manifest
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main
 from edgeinfer.fleet.deploy import DeployError, next_manifest, older_than_served, version_order
 from edgeinfer.fleet.mqtt import connect, read_retained

@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from edgeinfer.agent.errors import Code
+from edgeinfer.contract.errors import Code
 from edgeinfer.fleet.errors import (
     DeadlineExceeded,
     InferenceError,

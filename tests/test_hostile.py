@@ -26,9 +26,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.models import build_heavy, build_mlp
-from edgeinfer.agent.manifest import ManifestError, decode_manifest
 from edgeinfer.agent.protocol import HEADER_LENGTH_PROPERTY
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.manifest import ManifestError, decode_manifest
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import ResourceExhausted
 from tests.agentproc import AgentProcess

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from bench.models import DigitsModel, build_digits
-from edgeinfer.agent.errors import Code
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.protocol import (
     HEADER_LENGTH_PROPERTY,
@@ -23,6 +22,7 @@ from edgeinfer.agent.protocol import (
     mark_replayed,
 )
 from edgeinfer.agent.scheduler import request_digest
+from edgeinfer.contract.errors import Code
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import InvalidArgument
 from tests.agentproc import AgentProcess

@@ -23,7 +23,7 @@ import pytest
 
 from bench.models import build_mlp
 from edgeinfer.agent.mqtt_wire import PUBLISH_HEAD_MAX
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.base import BadInput, TensorSpec, check_request
 from tests.agentproc import AgentProcess
 from tests.broker import Broker

@@ -24,12 +24,12 @@ import edgeinfer.agent.scheduler as scheduler_module
 from edgeinfer.agent import protocol
 from edgeinfer.agent.config import JobsConfig
 from edgeinfer.agent.journal import Completion, Journal, OutMessage, StoredJob
-from edgeinfer.agent.manifest import ModelSpec
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.outbox import OutboxPublisher
-from edgeinfer.agent.registry import ModelRegistry, ServingModel
 from edgeinfer.agent.scheduler import Scheduler
+from edgeinfer.agent.served import ServedModels, ServingModel
+from edgeinfer.contract.manifest import ModelSpec
 from edgeinfer.runtimes.base import TensorSpec
 
 REPLY = "edge/v1/reply/c1"
@@ -91,7 +91,7 @@ class Stack:
         connected = threading.Event()
         connected.set()
         self.outbox = OutboxPublisher(self.journal, self._publish, connected, lambda: 1 << 20)
-        registry = ModelRegistry()
+        registry = ServedModels()
         spec = msgspec.convert({"name": "m", "version": "1", "uri": "file:///m",
                                 "sha256": "ab" * 32, "size": 1}, ModelSpec)
         registry.replace([ServingModel(spec, session, [])])

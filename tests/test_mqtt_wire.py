@@ -23,7 +23,7 @@ from edgeinfer.agent import mqtt_session as session_mod
 from edgeinfer.agent.config import BrokerConfig
 from edgeinfer.agent.mqtt_session import Inbound, Retained, Route
 from edgeinfer.agent.mqtt_wire import frame_length, salvage_publish
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from tests.broker import Broker
 from tests.helpers import PREFIX, deploy, job_body, running_agent
 

@@ -25,8 +25,15 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
-from edgeinfer.agent.manifest import ArtifactFile, Health, ManifestError, ModelSpec, check_model, model_roles
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.manifest import (
+    ArtifactFile,
+    Health,
+    ManifestError,
+    ModelSpec,
+    check_model,
+    model_roles,
+)
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import InvalidArgument, NotFound
 from edgeinfer.fleet.mqtt import connect, read_retained

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.models import DigitsModel, build_digits
 from edgeinfer.agent import __version__
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.mqtt import read_retained
 from edgeinfer.runtimes.hardware import detect
 from tests.agentproc import AgentProcess

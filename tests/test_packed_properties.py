@@ -7,7 +7,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeinfer.agent.paho_properties import PackedPublishProperties
+from edgeinfer.contract.properties import PackedPublishProperties
 
 CASES = [
     (b"corr-1", ()),

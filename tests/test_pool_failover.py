@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, Replies, job_body, wait_state

@@ -8,7 +8,6 @@ import msgspec
 import numpy as np
 import pytest
 
-from edgeinfer.agent.errors import Code, JobError
 from edgeinfer.agent.protocol import (
     HEADER_LENGTH_PROPERTY,
     check_inputs,
@@ -18,6 +17,7 @@ from edgeinfer.agent.protocol import (
     encode_response,
     peek_id,
 )
+from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.runtimes.base import TensorSpec
 
 SPECS = [TensorSpec("x", "FP32", (-1, 4))]
@@ -179,8 +179,8 @@ def test_header_length_property_with_non_ascii_digits_reads_as_absent() -> None:
 
 
 def test_bytes_that_are_not_utf8_inside_json_strings_are_refused_not_crashed() -> None:
-    from edgeinfer.agent.manifest import ManifestError, decode_manifest
     from edgeinfer.agent.protocol import peek_meta
+    from edgeinfer.contract.manifest import ManifestError, decode_manifest
 
     bad = b'{"id": "\xd2", "inputs": []}'
     e = err(bad)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from bench.models import build_digits, build_heavy, build_mlp
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.controller import Controller
 from edgeinfer.fleet.mqtt import connect, read_retained

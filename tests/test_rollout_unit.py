@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from edgeinfer.agent.manifest import Manifest
+from edgeinfer.contract.manifest import Manifest
 from edgeinfer.fleet.registry import SqlRegistry, open_registry, utc_now
 from edgeinfer.fleet.rollout import (
     Amount,

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from bench.models import DigitsModel, build_cnn, build_digits, build_mlp, silero_vad_path
-from edgeinfer.runtimes import datatypes, registry
+from edgeinfer.contract.datatypes import OIP_DATATYPES
+from edgeinfer.runtimes import backends as registry
+from edgeinfer.runtimes import datatypes
 from edgeinfer.runtimes.base import Backend, LoadOptions, Session, TensorSpec, make_sample_inputs
 from edgeinfer.runtimes.hardware import HardwareInfo, NvidiaGpu, detect
 from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
@@ -123,7 +125,7 @@ def test_runtime_import_failure_is_reported_not_hidden(monkeypatch: pytest.Monke
 
 
 def test_datatypes_round_trip() -> None:
-    for name in datatypes.OIP_DATATYPES:
+    for name in OIP_DATATYPES:  # every datatype of the contract has its numpy counterpart
         assert datatypes.from_numpy_dtype(datatypes.to_numpy_dtype(name)) == name
     assert datatypes.to_numpy_dtype("BYTES") == np.dtype(object)
     assert datatypes.from_numpy_dtype(np.dtype("U5")) == "BYTES"

@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeinfer.agent.topics import DEFAULT_PREFIX
+from edgeinfer.contract.topics import DEFAULT_PREFIX
 from edgeinfer.fleet.client import AsyncInferenceClient, InferenceClient, NotFound, ResponseStream
 from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY, split_response
 from tests.broker import Broker

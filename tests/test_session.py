@@ -26,7 +26,7 @@ from bench.models import DigitsModel, build_digits
 from edgeinfer.agent import mqtt_session
 from edgeinfer.agent.config import BrokerConfig
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, backoff_delay
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.mqtt import connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeinfer.agent.config import ConfigError, load_config
-from edgeinfer.agent.manifest import ManifestError, decode_manifest, decode_published
-from edgeinfer.agent.topics import Topics
 from edgeinfer.agent.trust import TrustConfig, load_trusted_keys
 from edgeinfer.agent.verifier import ManifestVerifier
+from edgeinfer.contract.manifest import ManifestError, decode_manifest, decode_published
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.mqtt import read_retained
 from edgeinfer.fleet.signing import Signer, SigningError, generate_key, load_signer

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeinfer.agent.manifest import ModelSpec
 from edgeinfer.agent.store import ArtifactError, DownloadCut, ModelStore, atomic_write, remove_stale_temps
+from edgeinfer.contract.manifest import ModelSpec
 from tests.slowhttp import SlowServer
 
 

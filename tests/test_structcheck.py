@@ -1,4 +1,4 @@
-"""runtimes/structcheck.py: key paths and messages of our own, whatever msgspec's wording."""
+"""edgeinfer/structcheck.py: key paths and messages of our own, whatever msgspec's wording."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import pytest
 
-from edgeinfer.runtimes.structcheck import StructError, convert, describe, not_utf8, wants_text
+from edgeinfer.structcheck import StructError, convert, describe, not_utf8, wants_text
 
 
 class Leaf(msgspec.Struct, forbid_unknown_fields=True):

@@ -11,8 +11,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from edgeinfer.agent.manifest import ModelSpec
-from edgeinfer.agent.registry import ModelRegistry, ServingModel
+from edgeinfer.agent.served import ServedModels, ServingModel
+from edgeinfer.contract.manifest import ModelSpec
 
 
 class FakeSession:
@@ -46,7 +46,7 @@ def serving(version: str, session: FakeSession) -> ServingModel:
 
 
 def test_a_job_in_flight_finishes_on_the_version_it_started_on() -> None:
-    registry = ModelRegistry()
+    registry = ServedModels()
     s1, s2 = FakeSession(1.0), FakeSession(2.0)
     registry.replace([serving("1", s1)])
     x = np.ones(3, np.float32)

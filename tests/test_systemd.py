@@ -28,9 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bench.models import IR_VERSION, OPSET, build_mlp
 from edgeinfer.agent.config import ServiceConfig
-from edgeinfer.agent.credentials import DEFAULT_CREDENTIAL
 from edgeinfer.agent.lifecycle import changed_keys, flatten, health_problem
 from edgeinfer.agent.systemd import Notifier, Watchdog, watchdog_interval
+from edgeinfer.contract.credentials import DEFAULT_CREDENTIAL
 from edgeinfer.fleet.client import InferenceClient, InferResult
 from edgeinfer.fleet.errors import NotFound
 from tests.agentproc import AgentProcess
@@ -502,7 +502,7 @@ def test_unit_file_asks_for_what_the_agent_does() -> None:
     assert service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
     assert service["StateDirectory"] == "edge-agent"
     assert service["CapabilityBoundingSet"] == ""
-    assert service["LoadCredential"] == DEFAULT_CREDENTIAL  # what agent/credentials.py reads
+    assert service["LoadCredential"] == DEFAULT_CREDENTIAL  # what edgeinfer/contract/credentials.py reads
 
 
 def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:

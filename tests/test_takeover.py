@@ -19,7 +19,7 @@ import pytest
 from edgeinfer.agent import linkstate
 from edgeinfer.agent.config import BrokerConfig, ConfigError, load_config
 from edgeinfer.agent.mqtt_session import MqttSession, Retained, Route, session_of_mid, takeover_delay
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, Watch, wait_state

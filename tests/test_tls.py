@@ -28,11 +28,12 @@ import yaml
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.models import DigitsModel, build_digits
-from edgeinfer.agent.brokerurl import parse_broker_url
 from edgeinfer.agent.config import ConfigError, load_config
-from edgeinfer.agent.credentials import Secret, resolve_password
-from edgeinfer.agent.tls import TransportError, TransportSecurity, security_from_config
-from edgeinfer.agent.topics import Topics
+from edgeinfer.agent.tls import security_from_config
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.credentials import Secret, resolve_password
+from edgeinfer.contract.topics import Topics
+from edgeinfer.contract.transport import TransportError, TransportSecurity
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.mqtt import BrokerError, Connection, connect, read_retained

@@ -24,8 +24,8 @@ from typing import Any
 import msgspec
 
 from bench.models import build_scaled
-from edgeinfer.agent.manifest import ArtifactFile, Manifest, ModelSpec
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.manifest import ArtifactFile, Manifest, ModelSpec
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.deploy import publish_desired
 from edgeinfer.fleet.localbroker import Broker
 from edgeinfer.fleet.mqtt import connect

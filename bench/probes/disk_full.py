@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeinfer.agent.journal import SPOOL_MIN_BYTES
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 
 DEVICE = "gw-diskfull"
 TMPFS_BYTES = 8 * 1024 * 1024

@@ -35,7 +35,7 @@ from paho.mqtt.properties import Properties
 
 from bench.models import build_mlp
 from edgeinfer.agent.config import JobsConfig
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.localbroker import Broker
 from edgeinfer.fleet.mqtt import connect, new_client_id

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from edgeinfer.contract.tasks import KNOWN_TASKS, MULTI_MODEL_TASKS
 from edgeinfer.runtimes.base import Session, one_line
 from edgeinfer.runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline
 
@@ -43,13 +44,9 @@ _TASKS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "text-generation": ("edgeinfer.runtimes.pipelines.textgen", ("tokenizers", "tokenizers")),
     "ocr": ("edgeinfer.runtimes.pipelines.ocr", ("cv2", "opencv")),  # and pillow: the ocr extra has both
 }
-# Tasks that run several models: task -> (required roles, optional roles). build_pipeline
-# takes a mapping role -> Session for them, and so does their pipeline's run.
-MULTI_MODEL_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "ocr": (("det", "rec"), ("cls",)),
-}
-
-KNOWN_TASKS: tuple[str, ...] = tuple(_TASKS)
+assert tuple(_TASKS) == KNOWN_TASKS  # one pipeline per task of the contract's table
+# For the tasks of MULTI_MODEL_TASKS, build_pipeline takes a mapping role -> Session, and
+# so does their pipeline's run.
 
 
 def _missing(requirement: tuple[str, str] | None) -> str | None:

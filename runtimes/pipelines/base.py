@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from edgeinfer.runtimes.base import Session, TensorSpec
-from edgeinfer.runtimes.structcheck import StructError, convert
+from edgeinfer.structcheck import StructError, convert
 
 # The extra that installs the optional decoders (pillow, soundfile).
 MEDIA_EXTRA_HINT = "pip install 'edgeinfer[media]'"

@@ -33,8 +33,8 @@ import msgspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from edgeinfer.contract.tasks import MULTI_MODEL_TASKS
 from edgeinfer.runtimes.base import Session, TensorSpec
-from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS
 from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, require, sniff_image
 
 TASK = "ocr"

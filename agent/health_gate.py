@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeinfer.agent.manifest import Health, HealthTensor
+from edgeinfer.contract.manifest import Health, HealthTensor
 from edgeinfer.runtimes.base import Session, check_request, make_sample_inputs, one_line
 from edgeinfer.runtimes.datatypes import from_numpy_dtype, to_numpy_dtype
 

@@ -17,10 +17,10 @@ from typing import Annotated, Any
 import msgspec
 import rfc8785
 
-from edgeinfer.agent.topics import NAME_RE
-from edgeinfer.runtimes.datatypes import OIP_DATATYPES
-from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS
-from edgeinfer.runtimes.structcheck import StructError, convert, not_utf8
+from edgeinfer.contract.datatypes import OIP_DATATYPES
+from edgeinfer.contract.tasks import MULTI_MODEL_TASKS
+from edgeinfer.contract.topics import NAME_RE
+from edgeinfer.structcheck import StructError, convert, not_utf8
 
 SHA256_RE = r"^[0-9a-f]{64}$"
 

@@ -1,5 +1,5 @@
 """Artifacts over MQTT (`mqtt:///artifacts/sha256/<hex>`): a real mosquitto, a real agent
-process, the fleet's chunk server (fleet/artifact_mqtt.py) in this process, real models.
+process, the fleet's chunk server (fleet/chunk_server.py) in this process, real models.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from bench.models import DigitsModel, build_digits
-from edgeinfer.agent.manifest import ManifestError, decode_manifest
-from edgeinfer.agent.topics import Topics
-from edgeinfer.fleet.artifact_mqtt import ChunkServer, mqtt_artifact_uri
+from edgeinfer.contract.manifest import ManifestError, decode_manifest
+from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.artifacts import ArtifactStore
+from edgeinfer.fleet.chunk_server import ChunkServer, mqtt_artifact_uri
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.deploy import deploy as deploy_spec
 from edgeinfer.fleet.deploy import model_spec, parse_base_url, store_artifact

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from edgeinfer.agent.credentials import DEFAULT_CREDENTIAL, CredentialError, resolve_password
-from edgeinfer.agent.tls import TransportError, TransportSecurity
+from edgeinfer.contract.credentials import DEFAULT_CREDENTIAL, CredentialError, resolve_password
+from edgeinfer.contract.transport import TransportError, TransportSecurity
 from edgeinfer.fleet.mqtt import BrokerError, Connection
 
 _OPTIONS = (

@@ -1,6 +1,6 @@
 """The models being served, by name and version, safe to swap under load.
 
-A job holds its model for the whole run (`ModelRegistry.use`); a model that a
+A job holds its model for the whole run (`ServedModels.use`); a model that a
 deploy replaces is retired and closed only when its last job has finished, so
 jobs in flight finish on the version they started on.
 """
@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeinfer.agent.errors import Code, JobError
-from edgeinfer.agent.manifest import ModelSpec
+from edgeinfer.contract.errors import Code, JobError
+from edgeinfer.contract.manifest import ModelSpec
 from edgeinfer.runtimes.base import Session
 from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
 from edgeinfer.runtimes.selection import Attempt
@@ -113,7 +113,7 @@ class ServingModel:
                 log.exception("closing %s failed", self.label)
 
 
-class ModelRegistry:
+class ServedModels:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # name -> versions in manifest order; the last one answers jobs that name no version.

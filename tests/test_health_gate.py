@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bench.models import build_nan, build_scaled
-from edgeinfer.agent import health
-from edgeinfer.agent.manifest import Health, ManifestError, decode_manifest
+from edgeinfer.agent import health_gate as health
+from edgeinfer.contract.manifest import Health, ManifestError, decode_manifest
 from edgeinfer.runtimes.base import LoadOptions
 from edgeinfer.runtimes.hardware import detect
 from edgeinfer.runtimes.selection import NoRuntimeError, load_first_workable

@@ -2,7 +2,7 @@
 
 One reader, so both sides refuse the same things in the same words: a key given twice
 (PyYAML would silently keep the last), an unknown or ill-typed key (named by its path,
-runtimes/structcheck.py), and environment variables that override keys
+edgeinfer/structcheck.py), and environment variables that override keys
 (`<PREFIX>BROKER__URL`: double underscore for nesting). Every error is a `ConfigError`
 of one line that names the file.
 """
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 import yaml
 
-from edgeinfer.runtimes.structcheck import StructError, convert, wants_text
+from edgeinfer.structcheck import StructError, convert, wants_text
 
 T = TypeVar("T")
 
@@ -172,7 +172,7 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 def to_struct(data: Mapping[str, Any], cls: type[T], source: str) -> T:
     """The config as `cls`; an unknown or ill-typed key is a ConfigError naming it and `source`.
 
-    Lax (runtimes/structcheck.py): YAML and the environment write "4" for 4 at times.
+    Lax (edgeinfer/structcheck.py): YAML and the environment write "4" for 4 at times.
     """
     check_text(data, source)
     try:

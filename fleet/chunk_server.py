@@ -1,7 +1,7 @@
 """The fleet's chunk server: artifacts of an ArtifactStore over MQTT, for `mqtt://` URIs.
 
 Agents that may reach only the broker fetch `mqtt:///artifacts/sha256/<hex>` in ranges
-(agent/mqtt_artifacts.py, docs/protocol.md "Artifacts over MQTT"). This server subscribes
+(agent/chunk_client.py, docs/protocol.md "Artifacts over MQTT"). This server subscribes
 to `{prefix}/artifacts/req` (a shared subscription, so several `edge-fleet serve` split the
 work) and answers each request `{"sha256", "offset", "length", "reply_to"}` on `reply_to`
 (which must be `{prefix}/dev/<device id>/artifacts`) with the bytes and the user
@@ -33,10 +33,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgeinfer.agent.brokerurl import parse_broker_url
-from edgeinfer.agent.mqtt_artifacts import ChunkRequest
-from edgeinfer.agent.tls import TransportSecurity
-from edgeinfer.agent.topics import artifact_requests
+from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.chunks import ChunkRequest
+from edgeinfer.contract.topics import artifact_requests
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)

@@ -13,19 +13,19 @@ from typing import Any
 import msgspec
 
 from edgeinfer.agent import __version__, linkstate
+from edgeinfer.agent.chunk_client import ChunkClient
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.diskalarm import DiskAlarm
 from edgeinfer.agent.journal import DiskFull, Journal, OutMessage
 from edgeinfer.agent.metrics import Metrics
-from edgeinfer.agent.mqtt_artifacts import MqttArtifacts
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, session_of_mid
 from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.reconciler import Reconciler
-from edgeinfer.agent.registry import ModelRegistry
 from edgeinfer.agent.scheduler import Scheduler
+from edgeinfer.agent.served import ServedModels
 from edgeinfer.agent.store import ModelStore
 from edgeinfer.agent.telemetry import TelemetryLoop, start_prometheus
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.hardware import HardwareInfo, detect
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Agent:
         self.hardware = hardware if hardware is not None else detect()
         cfg.state_path.mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(cfg.state_path)
-        self.registry = ModelRegistry()
+        self.registry = ServedModels()
         self.metrics = Metrics()
         self.journal = Journal(cfg.state_path / "journal.sqlite3", cfg.journal.synchronous)
         self.events_dropped = 0
@@ -73,8 +73,8 @@ class Agent:
         self.reconciler = Reconciler(
             cfg, self.store, self.registry, self.hardware, self.emit_event, self.publish_reported
         )
-        # mqtt:// artifacts: chunks asked for over this session (agent/mqtt_artifacts.py).
-        self.artifacts = MqttArtifacts(self.topics, cfg.deploy, self.store.tmp)
+        # mqtt:// artifacts: chunks asked for over this session (agent/chunk_client.py).
+        self.artifacts = ChunkClient(self.topics, cfg.deploy, self.store.tmp)
         self.store.sources["mqtt"] = self.artifacts.open
         routes = [
             Route(self.topics.desired, 1, self._on_desired),

@@ -7,7 +7,7 @@ import argparse
 import re
 from typing import NoReturn
 
-from edgeinfer.agent import __version__
+from edgeinfer import __version__
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}  # a bare number: seconds

@@ -1,7 +1,7 @@
 """Artifacts over the agent's own broker: `mqtt:///artifacts/sha256/<hex>`, in chunks.
 
 For gateways that may reach only the broker. The agent asks the fleet's chunk server
-(fleet/artifact_mqtt.py) for byte ranges on `{prefix}/artifacts/req`:
+(fleet/chunk_server.py) for byte ranges on `{prefix}/artifacts/req`:
 
     {"sha256": "<hex of the URI>", "offset": 0, "length": 262144,
      "reply_to": "{prefix}/dev/{dev}/artifacts"}
@@ -10,7 +10,7 @@ and each answer comes to `{prefix}/dev/{dev}/artifacts` with the bytes as payloa
 user properties `sha256`, `offset`, `length`, `size` (the whole artifact) and
 `chunk_sha256` (of these bytes), or `error` and an empty payload.
 
-`MqttArtifacts.open` is a source for `ModelStore.fetch` (`ModelStore.sources["mqtt"]`): it
+`ChunkClient.open` is a source for `ModelStore.fetch` (`ModelStore.sources["mqtt"]`): it
 reads like a file, so the store's own hashing, size checks, deadline and atomic install
 apply unchanged. Underneath, it keeps at most `deploy.mqtt_chunks_in_flight` requests of
 `deploy.mqtt_chunk_bytes` outstanding, paced to `deploy.mqtt_max_bytes_per_s` (0: no
@@ -45,23 +45,17 @@ from typing import BinaryIO, cast
 import msgspec
 
 from edgeinfer.agent.config import DeployConfig
-from edgeinfer.agent.manifest import MQTT_URI_RE, ModelSpec
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession
 from edgeinfer.agent.store import ArtifactError, DownloadCut
-from edgeinfer.agent.topics import Topics
+from edgeinfer.contract.chunks import ChunkRequest
+from edgeinfer.contract.manifest import MQTT_URI_RE, ModelSpec
+from edgeinfer.contract.topics import Topics
 
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = "mqtt"
 STALE_PARTIAL_S = 24 * 3600.0
 CHECKPOINT_EVERY_S = 1.0
-
-
-class ChunkRequest(msgspec.Struct, forbid_unknown_fields=True):
-    sha256: str
-    offset: int
-    length: int
-    reply_to: str
 
 
 _encode = msgspec.json.Encoder().encode
@@ -85,7 +79,7 @@ class DownloadStats:
     corrupt: int = 0
 
 
-class MqttArtifacts:
+class ChunkClient:
     """The `mqtt` source of the agent's ModelStore and the handler of chunk answers."""
 
     def __init__(self, topics: Topics, cfg: DeployConfig, tmp_dir: Path) -> None:
