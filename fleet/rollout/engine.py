@@ -69,7 +69,6 @@ class DesiredIO(Protocol):
     def publish(self, device_id: str, manifest: Manifest) -> None: ...
 
 
-
 class RolloutEngine:
     """Moves rollouts on, one `step()` at a time; state lives in the registry only."""
 

@@ -37,7 +37,6 @@ class MqttDesired:
         publish_desired(self.conn, Topics(self.prefix, device_id), manifest, signer=self.signer)
 
 
-
 class RolloutRunner:
     """The engine on a thread with its own MQTT connection (inside `edge-fleet serve`, or
     `rollout start --drive`). Survives broker and database outages: it retries."""
