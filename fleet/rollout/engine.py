@@ -29,11 +29,12 @@ from typing import Protocol
 
 import msgspec
 
+from edgeinfer.contract import lenient
+from edgeinfer.contract.documents import ModelEntry, Reported
 from edgeinfer.contract.manifest import Manifest, ModelSpec
 from edgeinfer.fleet.deploy import DeployError, next_manifest
 from edgeinfer.fleet.mqtt import BrokerError
 from edgeinfer.fleet.registry import Device, RegistryError, RegistryUnavailable, parse_selector
-from edgeinfer.fleet.reports import find_model
 from edgeinfer.fleet.rollout.health import Verdict, evaluate, model_stats
 from edgeinfer.fleet.rollout.spec import (
     ABORTED,
@@ -220,14 +221,14 @@ class RolloutEngine:
     def _install_outcome(self, r: Rollout, d: RolloutDevice, dev: Device | None,
                          now: float) -> tuple[str, str | None] | None:
         if dev is not None:
-            entry = find_model({"models": dev.models}, r.model, r.version)
+            entry = _served(dev, r)
             fresh = dev.reported_at != d.reported_before or (
                 dev.revision is not None and d.revision is not None and dev.revision >= d.revision)
-            if entry is not None and entry.get("sha256") in (None, r.sha256):
-                if entry.get("state") == "serving":
+            if entry is not None and entry.sha256 in (None, r.sha256):
+                if entry.state == "serving":
                     return SERVING, None
-                if entry.get("state") == "failed" and fresh:
-                    return FAILED, str(entry.get("error") or "failed")
+                if entry.state == "failed" and fresh:
+                    return FAILED, entry.error or "failed"
             error = dev.last_error or ""
             if d.revision is not None and error.startswith(f"manifest revision {d.revision} refused"):
                 return FAILED, error
@@ -241,8 +242,8 @@ class RolloutEngine:
         for dev in self.registry.devices(parse_selector(r.selector)):
             if dev.device_id in touched or not dev.online:
                 continue
-            entry = find_model({"models": dev.models}, r.model, r.version)
-            if entry is not None and entry.get("state") == "serving":
+            entry = _served(dev, r)
+            if entry is not None and entry.state == "serving":
                 # Already serves it (deployed by hand): nothing to publish.
                 self.store.put_device(RolloutDevice(
                     r.id, dev.device_id, last_wave, SERVING, None, self.clock(), self.clock()))
@@ -284,3 +285,9 @@ class RolloutEngine:
     def evaluate(self, r: Rollout, devices: list[RolloutDevice]) -> Verdict:
         """The health gate over every device serving the version in this rollout."""
         return evaluate(r, devices, self.registry.telemetry)
+
+
+def _served(dev: Device, r: Rollout) -> ModelEntry | None:
+    """The rollout's model version in what `dev` last reported (read leniently)."""
+    reported = lenient.convert({"models": dev.models}, Reported)
+    return reported.find_model(r.model, r.version) if reported is not None else None

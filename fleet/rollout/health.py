@@ -11,19 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeinfer.contract import lenient
+from edgeinfer.contract.telemetry import Telemetry as TelemetryDocument
 from edgeinfer.fleet.registry import Telemetry
 from edgeinfer.fleet.rollout.spec import SERVING, Rollout, RolloutDevice, parse_health
-
-
-def _count(value: Any) -> int:
-    """`ok` is a number; `errors` is a number or (what agents send) a count per code."""
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int | float):
-        return int(value)
-    if isinstance(value, dict):
-        return sum(_count(v) for v in value.values())
-    return 0
 
 
 @dataclass(frozen=True)
@@ -34,19 +25,14 @@ class ModelStats:
 
 
 def model_stats(telemetry: dict[str, Any] | None, key: str) -> ModelStats | None:
-    """`inference.models[key]` of a telemetry document, tolerating any shape."""
-    if not isinstance(telemetry, dict):
+    """`inference.models[key]` of a telemetry document (read leniently: any shape)."""
+    tele = lenient.convert(telemetry, TelemetryDocument)
+    entry = tele.inference.models.get(key) if tele is not None else None
+    if entry is None:
         return None
-    inference = telemetry.get("inference")
-    models = inference.get("models") if isinstance(inference, dict) else None
-    entry = models.get(key) if isinstance(models, dict) else None
-    if not isinstance(entry, dict):
-        return None
-    lat = entry.get("latency_ms")
-    latency = {k: float(v) for k, v in lat.items()
-               if isinstance(v, int | float) and not isinstance(v, bool)} \
-        if isinstance(lat, dict) else {}
-    return ModelStats(_count(entry.get("ok")), _count(entry.get("errors")), latency)
+    latency = {q: v for q in ("p50", "p95", "p99")
+               if (v := getattr(entry.latency_ms, q)) is not None}
+    return ModelStats(entry.ok, entry.error_count(), latency)
 
 
 @dataclass(frozen=True)
