@@ -44,6 +44,9 @@ from bench.tinylm_training import TinyLmConfig, train
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+# TinyLmConfig is defined beside the training it configures; callers import it from here.
+__all__ = ["CORPUS", "EOS", "TinyLm", "TinyLmConfig", "build_tiny_lm", "main", "train_tokenizer"]
+
 EOS = "<|endoftext|>"
 
 # Public-domain texts (Lincoln 1863, Dickens 1859, Austen 1813, Carroll 1865, Melville 1851).
