@@ -25,8 +25,8 @@ import msgspec
 
 from edgeinfer.agent.diskalarm import DiskAlarm
 from edgeinfer.agent.inflight import Ledger
-from edgeinfer.agent.journal import Completion, DiskFull, Journal, OutMessage
 from edgeinfer.agent.jobs import Answer
+from edgeinfer.agent.journal import Completion, DiskFull, Journal, OutMessage
 from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.protocol import Encoded, mark_replayed
 
@@ -87,6 +87,10 @@ class Answers:
     def no_room(self, exc: DiskFull) -> None:
         self.went_through = False
         self._alarm.full("journal", exc)
+
+    def clear_alarm(self) -> None:
+        """Nothing waits for room on the disk any more."""
+        self._alarm.clear("journal")
 
     # --- the group commit ----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
 from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.contract.manifest import ModelSpec
 from edgeinfer.runtimes.base import Session

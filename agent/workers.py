@@ -29,6 +29,7 @@ import numpy as np
 from edgeinfer.agent.answers import Answers
 from edgeinfer.agent.batching import Batcher, Prepared, batchable, split_outputs
 from edgeinfer.agent.config import JobsConfig
+from edgeinfer.agent.headers import decode_deferred
 from edgeinfer.agent.inflight import Ledger
 from edgeinfer.agent.jobs import (
     Answer,
@@ -43,13 +44,7 @@ from edgeinfer.agent.jobs import (
 from edgeinfer.agent.journal import Journal
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.outbox import OutboxPublisher
-from edgeinfer.agent.protocol import (
-    check_inputs,
-    check_outputs,
-    decode_request,
-    encode_error,
-    encode_response,
-)
+from edgeinfer.agent.protocol import check_inputs, check_outputs, encode_error, encode_response
 from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.runtimes.base import BadInput, Session
@@ -207,7 +202,7 @@ class Workers:
             if job.request is not None:  # decoded, timeout checked, by the intake
                 req, deadline = job.request, job.deadline
             else:  # a header over INTAKE_DECODE_MAX: only peeked at by the intake
-                req = decode_request(inbound.payload, inbound.user_properties)
+                req = decode_deferred(inbound)
                 deadline = deadline_of(inbound, req.timeout_ms, req.sent_at_ms)
             check_deadline(deadline)
             model = self._registry.acquire(req.model_name, req.model_version)

@@ -21,7 +21,7 @@ from edgeinfer.agent.protocol import (
     encode_response,
     mark_replayed,
 )
-from edgeinfer.agent.scheduler import request_digest
+from edgeinfer.agent.jobs import request_digest
 from edgeinfer.contract.errors import Code
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import InvalidArgument
