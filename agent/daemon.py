@@ -125,6 +125,8 @@ class Agent:
             reply_prefixes=cfg.reply_prefixes_resolved(),
             cfg=cfg.jobs,
             alarm=self.disk,
+            # Told each run's outcome: demotes a runtime that keeps failing (failover.py).
+            observer=self.reconciler.loader.failover,
         )
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,

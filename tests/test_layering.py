@@ -135,5 +135,5 @@ def test_the_sdk_and_the_cli_load_no_daemon_and_no_runtime() -> None:
 def test_the_graph_sees_imports() -> None:
     # The checks above are only as good as the graph: it must see known edges.
     graph = _graph()
-    assert "edgeinfer.contract.topics" in graph["edgeinfer.agent.scheduler"]
+    assert "edgeinfer.contract.topics" in graph["edgeinfer.agent.jobs"]
     assert "edgeinfer.contract.manifest" in graph["edgeinfer.fleet.deploy"]
