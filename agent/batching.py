@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeinfer.agent.jobs import Reply
+from edgeinfer.agent.mqtt_session import Inbound
+from edgeinfer.agent.protocol import RawRequest
 from edgeinfer.agent.served import ServingModel
 from edgeinfer.runtimes.base import TensorSpec
 
@@ -34,9 +37,9 @@ class Prepared:
     """A checked job, holding its model, ready to run alone or in a batch."""
 
     key: str
-    inbound: Any  # agent.mqtt_session.Inbound
-    reply: Any  # agent.scheduler.Reply
-    request: Any  # agent.protocol.RawRequest
+    inbound: Inbound
+    reply: Reply
+    request: RawRequest
     model: ServingModel
     arrays: dict[str, np.ndarray]
     wanted: list[str] | None
