@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bench.models import DigitsModel, build_digits
+from bench.models import RAPIDOCR_MODELS, DigitsModel, build_digits, rapidocr_models_dir
 from tests.broker import Broker
 from tests.pgtest import pg_schema_url
 
@@ -88,6 +88,33 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where the fleet registry lives, once per backend: a SQLite file in a folder not made
+    yet, or a throwaway PostgreSQL schema (tests/pgtest.py: skips, with the reason, where
+    no server answers)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "state" / "registry.sqlite3")
+    else:
+        with pg_schema_url() as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def ocr_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ocr version's folder from PaddleOCR's models in the rapidocr-onnxruntime wheel:
+    det.onnx, rec.onnx, cls.onnx (the file stem is the role); skips where the wheel is not
+    installed."""
+    src = rapidocr_models_dir()
+    if src is None:
+        pytest.skip("the rapidocr-onnxruntime wheel is not installed (scripts/bootstrap.sh "
+                    "installs it)")
+    out = tmp_path_factory.mktemp("ocr-models")
+    for role, name in RAPIDOCR_MODELS.items():
+        (out / f"{role}.onnx").symlink_to(src / name)
+    return out
 
 
 @pytest.fixture(scope="session")
