@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench.models import DigitsModel, build_digits
+from bench.models import DigitsModel
 from edgeinfer.contract.manifest import ManifestError, decode_manifest
 from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.artifacts import ArtifactStore
@@ -33,11 +33,6 @@ from tests.helpers import build_slow, deploy, persistent_broker, reported, wait_
 
 KIB = 1024
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
-    return build_digits(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
