@@ -25,12 +25,13 @@ from edgeinfer.agent.scheduler import Scheduler
 from edgeinfer.agent.served import ServedModels
 from edgeinfer.agent.store import ModelStore
 from edgeinfer.agent.telemetry import TelemetryLoop, start_prometheus
+from edgeinfer.contract import documents
+from edgeinfer.contract.documents import Hardware, Reported, State
+from edgeinfer.contract.telemetry import Durability
 from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.hardware import HardwareInfo, detect
 
 log = logging.getLogger(__name__)
-
-_json = msgspec.json.Encoder()
 
 # `mid_tag`s of the agent's MQTT sessions: a job's PUBACK goes back on the one it came on.
 DEVICE_SESSION = 0
@@ -63,6 +64,8 @@ class Agent:
         self.session_id = uuid.uuid4().hex
         self.started_at = _now_iso()
         self.hardware = hardware if hardware is not None else detect()
+        # `reported.hardware`: the machine does not change while the agent runs.
+        self.hardware_report = msgspec.convert(self.hardware.summary(), Hardware)
         cfg.state_path.mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(cfg.state_path)
         self.registry = ServedModels()
@@ -122,13 +125,15 @@ class Agent:
             reply_prefixes=cfg.reply_prefixes_resolved(),
             cfg=cfg.jobs,
             alarm=self.disk,
+            # Told each run's outcome: demotes a runtime that keeps failing (failover.py).
+            observer=self.reconciler.loader.failover,
         )
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,
             cfg.state_path,
             self.metrics,
             self.scheduler.depth,
-            lambda doc: self._publish(self.topics.telemetry, _json.encode(doc), qos=0),
+            lambda doc: self._publish(self.topics.telemetry, documents.encode(doc), qos=0),
             self.durability,
         )
         self._stop_prometheus: Any = None
@@ -261,20 +266,17 @@ class Agent:
     def _on_state(self, inbound: Inbound) -> None:
         """Our retained state, as the broker hands it over on every subscribe (I/O thread)."""
         self.mqtt.ack(inbound.mid, inbound.qos)
-        try:
-            doc = msgspec.json.decode(inbound.payload)
-        except msgspec.DecodeError:
-            return
-        other = doc.get("session_id") if isinstance(doc, dict) else None
-        if not isinstance(other, str) or other == self.session_id:
+        doc = documents.read_state(inbound.payload)
+        other = doc.session_id if doc is not None else None
+        if doc is None or other is None or other == self.session_id:
             return
         # On the first connect a foreign session id is most likely our own previous run
         # (its will says offline); on a reconnect, between our last link and this one,
         # another process with our device id connected and wrote it.
-        if self.mqtt.connect_count > 1 or doc.get("state") == "online":
+        if self.mqtt.connect_count > 1 or doc.state == "online":
             self.mqtt.note_twin(
                 f"the retained state on {self.topics.state} is from another agent's session "
-                f"{other} (state {doc.get('state')!r}, started {doc.get('started_at')})")
+                f"{other} (state {doc.state!r}, started {doc.started_at})")
 
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         return self.mqtt.publish(topic, payload, qos=qos, retain=retain)
@@ -307,43 +309,37 @@ class Agent:
         self.publish_reported()
 
     def _state_payload(self, state: str) -> bytes:
-        return _json.encode(
-            {
-                "state": state,
-                "agent_version": __version__,
-                "session_id": self.session_id,
-                "started_at": self.started_at,
-            }
+        return documents.encode(State(state=state, agent_version=__version__,
+                                      session_id=self.session_id, started_at=self.started_at))
+
+    def durability(self) -> Durability:
+        """Journal and outbox fill and what their bounds turned away, for telemetry."""
+        return Durability(
+            journal_queued=self.scheduler.depth(),
+            journal_limit=self.cfg.jobs.queue_size,
+            jobs_rejected_full=self.scheduler.rejected,
+            duplicates_answered=self.scheduler.duplicates,
+            executions=self.scheduler.executed,
+            outbox_messages=self.outbox.messages,
+            outbox_bytes=self.outbox.bytes,
+            outbox_limit_messages=self.cfg.outbox.max_messages,
+            outbox_limit_bytes=self.cfg.outbox.max_bytes,
+            outbox_refused_by_broker=self.outbox.refused,
+            outbox_oversize_replaced=self.outbox.oversize,
+            events_dropped=self.events_dropped,
         )
 
-    def durability(self) -> dict[str, Any]:
-        """Journal and outbox fill and what their bounds turned away, for telemetry."""
-        return {
-            "journal_queued": self.scheduler.depth(),
-            "journal_limit": self.cfg.jobs.queue_size,
-            "jobs_rejected_full": self.scheduler.rejected,
-            "duplicates_answered": self.scheduler.duplicates,
-            "executions": self.scheduler.executed,
-            "outbox_messages": self.outbox.messages,
-            "outbox_bytes": self.outbox.bytes,
-            "outbox_limit_messages": self.cfg.outbox.max_messages,
-            "outbox_limit_bytes": self.cfg.outbox.max_bytes,
-            "outbox_refused_by_broker": self.outbox.refused,
-            "outbox_oversize_replaced": self.outbox.oversize,
-            "events_dropped": self.events_dropped,
-        }
-
-    def reported(self) -> dict[str, Any]:
-        return {
-            "device_id": self.cfg.device_id,
-            "agent_version": __version__,
-            "revision": self.reconciler.applied_revision,
-            "rollback": self.reconciler.applied_rollback,
-            "models": self.reconciler.statuses(),
-            "last_error": self.reconciler.last_error,
-            "hardware": self.hardware.summary(),
-            "updated_at": _now_iso(),
-        }
+    def reported(self) -> Reported:
+        return Reported(
+            device_id=self.cfg.device_id,
+            agent_version=__version__,
+            revision=self.reconciler.applied_revision,
+            rollback=self.reconciler.applied_rollback,
+            models=self.reconciler.statuses(),
+            last_error=self.reconciler.last_error,
+            hardware=self.hardware_report,
+            updated_at=_now_iso(),
+        )
 
     def publish_reported(self) -> None:
         # Offline, a queued copy would be resent after the fresh one that every reconnect
@@ -352,16 +348,17 @@ class Agent:
             return
         # Build and publish under one lock: a snapshot taken earlier never goes out later.
         with self._reported_lock:
-            self._publish(self.topics.reported, _json.encode(self.reported()), retain=True)
+            self._publish(self.topics.reported, documents.encode(self.reported()), retain=True)
 
     def emit_event(self, kind: str, **fields: Any) -> None:
-        event = {"ts": _now_iso(), "type": kind, "device_id": self.cfg.device_id}
-        event.update({k: v for k, v in fields.items() if v is not None})
+        """Publish event `kind` (docs/protocol.md "Events"); fields that are None are left
+        out. Every emitter in the agent comes through here."""
         log.info("event %s %s", kind, fields)
         if not self.outbox.has_room():
             self.events_dropped += 1  # answers have the outbox's room; events give way
             return
-        payload = _json.encode(event)
+        event, extra = documents.event(kind, _now_iso(), self.cfg.device_id, fields)
+        payload = documents.encode_event(event, extra)
         try:
             self.journal.enqueue(self.topics.events, payload)
         except DiskFull:

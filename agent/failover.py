@@ -1,15 +1,17 @@
 """Live failover: a serving runtime that starts failing jobs is demoted to the next candidate.
 
-The scheduler tells each run's outcome to the model's `RunWatch` (`note_failure`,
-`note_outputs`): a run fails when the runtime raises, or when a floating-point output holds
-NaN or Inf although every floating-point input was finite. After `runtime.failover_after`
-consecutive failed runs (default 3) the watch fires once; the failover thread then loads the
-model's next candidate (the auto-tuner's next fastest agreeing candidate, or the next entry
-of a pinned preference list), warms it up through the same health gate, and swaps a new
-`ServingModel` in with `ServedModels.replace`: jobs in flight finish on the old one (those
-that fail get their INTERNAL answers as before), new jobs go to the new one. Event
-`runtime_failover` says from what to what and why; `runtime_failover_failed` says that no
-candidate was left or none loaded, and the old one keeps serving.
+The FailoverManager is the scheduler's RunObserver (agent/workers.py; agent/daemon.py
+hands it over): the workers tell it each run's outcome (`failed`, `returned`), and it keeps
+a `RunWatch` per ServingModel it was asked to `attach`. A run fails when the runtime
+raises, or when a floating-point output holds NaN or Inf although every floating-point
+input was finite. After `runtime.failover_after` consecutive failed runs (default 3) the
+watch fires once; the failover thread then loads the model's next candidate (the
+auto-tuner's next fastest agreeing candidate, or the next entry of a pinned preference
+list), warms it up through the same health gate, and swaps a new `ServingModel` in with
+`ServedModels.replace`: jobs in flight finish on the old one (those that fail get their
+INTERNAL answers as before), new jobs go to the new one. Event `runtime_failover` says
+from what to what and why; `runtime_failover_failed` says that no candidate was left or
+none loaded, and the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,35 +66,21 @@ class RunWatch:
         if fire:
             self._on_failing(f"{count} consecutive failed runs; the last: {reason}")
 
+    def returned(self, inputs: Sequence[Mapping[str, np.ndarray]],
+                 results: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """A run returned; NaN/Inf from finite inputs counts as a failure.
 
-def note_failure(model: ServingModel, exc: BaseException) -> None:
-    """Scheduler: a run of `model` raised."""
-    watch = model.watch
-    if watch is not None:
-        watch.failed(f"{type(exc).__name__}: {one_line(exc, 300)}")
-
-
-def note_outputs(
-    model: ServingModel,
-    inputs: Sequence[Mapping[str, np.ndarray]],
-    results: Sequence[Mapping[str, np.ndarray]],
-) -> None:
-    """Scheduler: a run of `model` returned; NaN/Inf from finite inputs counts as a failure.
-
-    Only floating-point outputs are looked at (np.isfinite on the outputs; the inputs only
-    when an output is not finite), so an integer model pays nothing.
-    """
-    watch = model.watch
-    if watch is None:
-        return
-    for outputs in results:
-        for name, arr in outputs.items():
-            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-                if not _finite_inputs(inputs):
-                    return  # NaN in, NaN out: the client's data, neither good nor bad
-                watch.failed(f"output {name!r} holds NaN or Inf for finite inputs")
-                return
-    watch.ok()
+        Only floating-point outputs are looked at (np.isfinite on the outputs; the inputs
+        only when an output is not finite), so an integer model pays nothing.
+        """
+        for outputs in results:
+            for name, arr in outputs.items():
+                if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                    if not _finite_inputs(inputs):
+                        return  # NaN in, NaN out: the client's data, neither good nor bad
+                    self.failed(f"output {name!r} holds NaN or Inf for finite inputs")
+                    return
+        self.ok()
 
 
 def _finite_inputs(inputs: Sequence[Mapping[str, np.ndarray]]) -> bool:
@@ -106,7 +95,8 @@ class _Demotion:
 
 
 class FailoverManager:
-    """The failover thread: demotes failing models one at a time, never on a job thread."""
+    """The failover thread: demotes failing models one at a time, never on a job thread;
+    and the workers' RunObserver, counting each attached model's failed runs."""
 
     def __init__(self, registry: ServedModels, threshold: int, load_next: LoadNext,
                  on_swapped: OnSwapped, emit: EmitEvent, swap_lock: threading.RLock) -> None:
@@ -118,12 +108,43 @@ class FailoverManager:
         self._swap_lock = swap_lock  # held by the reconciler while it applies a manifest
         self._queue: queue.Queue[_Demotion | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        # A retired model's watch goes with it.
+        self._watches: weakref.WeakKeyDictionary[ServingModel, RunWatch] = (
+            weakref.WeakKeyDictionary())
+        self._watches_lock = threading.Lock()
         self.failovers = 0
 
     def attach(self, model: ServingModel, fallbacks: Sequence[Choice]) -> None:
         """Watch `model`'s runs; `fallbacks` are its next candidates, in order."""
-        model.watch = RunWatch(self._threshold, fallbacks,
-                               lambda reason: self._queue.put(_Demotion(model, reason)))
+        # Weakly: the watch is the dictionary's value, and must not keep its key alive.
+        ref = weakref.ref(model)
+
+        def on_failing(reason: str) -> None:
+            failing = ref()
+            if failing is not None:
+                self._queue.put(_Demotion(failing, reason))
+
+        with self._watches_lock:
+            self._watches[model] = RunWatch(self._threshold, fallbacks, on_failing)
+
+    def watch(self, model: ServingModel) -> RunWatch | None:
+        with self._watches_lock:
+            return self._watches.get(model)
+
+    # --- RunObserver (agent/workers.py): told on the job threads ------------------------
+
+    def failed(self, model: ServingModel, exc: BaseException) -> None:
+        """A run of `model` raised."""
+        watch = self.watch(model)
+        if watch is not None:
+            watch.failed(f"{type(exc).__name__}: {one_line(exc, 300)}")
+
+    def returned(self, model: ServingModel, inputs: Sequence[Mapping[str, np.ndarray]],
+                 outputs: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """A run of `model` returned `outputs` for `inputs`."""
+        watch = self.watch(model)
+        if watch is not None:
+            watch.returned(inputs, outputs)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="failover", daemon=True)
@@ -149,7 +170,7 @@ class FailoverManager:
 
     def demote(self, old: ServingModel, reason: str) -> ServingModel | None:
         """Swap the next workable candidate in for `old`; the new model, or None."""
-        watch = old.watch
+        watch = self.watch(old)
         if watch is None or not self._serving(old):
             return None
         was = f"{old.session.runtime}/{old.session.device}"

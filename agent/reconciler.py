@@ -27,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,8 @@ from edgeinfer.agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
     Serving,
+    attempt_reports,
+    autotune_report,
     failover_record,
     role_warmup_inputs,
     task_warmup_inputs,
@@ -54,6 +55,7 @@ from edgeinfer.agent.store import (
 )
 from edgeinfer.agent.trust import load_trusted_keys
 from edgeinfer.agent.verifier import ManifestVerifier
+from edgeinfer.contract.documents import ModelEntry, RoleServing
 from edgeinfer.contract.errors import JobError
 from edgeinfer.contract.manifest import (
     Manifest,
@@ -106,36 +108,6 @@ _ABANDON_AFTER_S = 2.0
 _CUT_GRACE_S = 5.0
 
 
-@dataclass
-class ModelStatus:
-    name: str
-    version: str
-    sha256: str
-    state: str  # "loading" | "serving" | "failed"
-    runtime: str | None = None
-    device: str | None = None
-    error: str | None = None
-    attempts: list[Attempt] = field(default_factory=list)
-    # precision, candidates, autotune, failovers (agent/runtime_choice.py) when serving
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.extra,
-            "name": self.name,
-            "version": self.version,
-            "sha256": self.sha256,
-            "state": self.state,
-            "runtime": self.runtime,
-            "device": self.device,
-            "error": self.error,
-            "attempts": [
-                {"runtime": a.runtime, "device": a.device, "ok": a.ok, "reason": a.reason}
-                for a in self.attempts
-            ],
-        }
-
-
 class Reconciler:
     def __init__(
         self,
@@ -154,7 +126,8 @@ class Reconciler:
         self._on_change = on_change
         self._applied_path = cfg.state_path / APPLIED_FILE
         self._lock = threading.Lock()
-        self._statuses: dict[tuple[str, str], ModelStatus] = {}
+        # Each version's entry in `reported.models`, by (name, version).
+        self._statuses: dict[tuple[str, str], ModelEntry] = {}
         self.applied_revision: int | None = None
         self.applied_digest: str | None = None
         self.applied_rollback = False
@@ -181,11 +154,11 @@ class Reconciler:
 
     # --- status, read by the service for `reported` --------------------------------------
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[ModelEntry]:
         with self._lock:
-            return [s.to_json() for s in self._statuses.values()]
+            return list(self._statuses.values())
 
-    def _set_status(self, status: ModelStatus) -> None:
+    def _set_status(self, status: ModelEntry) -> None:
         with self._lock:
             self._statuses[(status.name, status.version)] = status
 
@@ -368,7 +341,7 @@ class Reconciler:
         if self._failed.get(spec.key) == version_dir_name(spec):
             status = self._statuses.get(spec.key)
             return None, (status.error if status and status.error else f"{spec.name} failed")
-        self._set_status(ModelStatus(spec.name, spec.version, spec.sha256, "loading"))
+        self._set_status(ModelEntry(spec.name, spec.version, spec.sha256, "loading"))
         self._on_change()
         label = f"{spec.name}:{spec.version}"
         try:
@@ -480,11 +453,7 @@ class Reconciler:
         tuned = served.tuned
         session = tuned.session
         self._failed.pop(spec.key, None)
-        self._set_status(
-            ModelStatus(spec.name, spec.version, spec.sha256, "serving", runtime=session.runtime,
-                        device=session.device, attempts=tuned.attempts,
-                        extra=served.status_fields())
-        )
+        self._set_status(served.entry(spec))
         self._emit(
             "model_serving",
             model=spec.name,
@@ -494,7 +463,7 @@ class Reconciler:
             fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in tuned.attempts if not a.ok],
             latency_ms=None if latency_ms is None else round(latency_ms, 3),
             precision=tuned.choice.precision,
-            autotune=tuned.summary(),
+            autotune=autotune_report(tuned),
             **event,
         )
 
@@ -566,10 +535,11 @@ class Reconciler:
             return self._failed_to(spec, "pipeline", exc.message)
         self._announce_serving(
             spec, served, latencies.get(roles[0].role),
-            roles={role: {"runtime": r.tuned.session.runtime, "device": r.tuned.session.device,
-                          "precision": r.tuned.choice.precision,
-                          "latency_ms": (None if role not in latencies
-                                         else round(latencies[role], 3))}
+            roles={role: RoleServing(runtime=r.tuned.session.runtime,
+                                     device=r.tuned.session.device,
+                                     precision=r.tuned.choice.precision,
+                                     latency_ms=(None if role not in latencies
+                                                 else round(latencies[role], 3)))
                    for role, r in loaded.items()},
         )
         log.info("%s serving: %s", label, ", ".join(
@@ -583,14 +553,11 @@ class Reconciler:
         with self._lock:
             status = self._statuses.get(old.spec.key)
             if status is not None:
-                extra = dict(status.extra)
-                extra["precision"] = choice.precision
-                extra["failovers"] = [*extra.get("failovers", []),
-                                      failover_record(old, new, reason)]
-                self._statuses[old.spec.key] = ModelStatus(
-                    status.name, status.version, status.sha256, status.state,
-                    runtime=new.session.runtime, device=new.session.device,
-                    attempts=new.attempts, extra=extra)
+                before = status.failovers if isinstance(status.failovers, list) else []
+                self._statuses[old.spec.key] = msgspec.structs.replace(
+                    status, runtime=new.session.runtime, device=new.session.device,
+                    attempts=attempt_reports(new.attempts), precision=choice.precision,
+                    failovers=[*before, failover_record(old, new, reason)])
         self._on_change()
 
     def _failed_to(
@@ -600,8 +567,8 @@ class Reconciler:
         """`cause`: an artifact's ArtifactError.cause ("deadline", ...), put in the event."""
         self._failed[spec.key] = version_dir_name(spec)
         self._set_status(
-            ModelStatus(spec.name, spec.version, spec.sha256, "failed", error=reason,
-                        attempts=attempts or [])
+            ModelEntry(spec.name, spec.version, spec.sha256, "failed", error=reason,
+                       attempts=attempt_reports(attempts or []))
         )
         self._emit("model_failed", model=spec.name, version=spec.version, stage=stage,
                    message=reason, **({"cause": cause} if cause else {}))

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from edgeinfer.agent import faults, health_gate
@@ -26,6 +27,7 @@ from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.failover import EmitEvent, FailoverManager, OnSwapped, RuntimeFault
 from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.agent.store import ModelStore
+from edgeinfer.contract import documents
 from edgeinfer.contract.manifest import ModelSpec, RoleModel
 from edgeinfer.runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
 from edgeinfer.runtimes.base import LoadOptions, Session
@@ -36,12 +38,21 @@ from edgeinfer.runtimes.selection import Attempt, WarmupCheck, WarmupFeed
 AUTOTUNE_FILE = "autotune.json"
 
 
-def _tuned_fields(tuned: Tuned) -> dict[str, Any]:
-    return {
-        "precision": tuned.choice.precision,
-        "candidates": [r.to_json() for r in tuned.candidates],
-        "autotune": tuned.summary(),
-    }
+def attempt_reports(attempts: list[Attempt]) -> list[documents.Attempt]:
+    """Runtimes tried, as `reported` lists them."""
+    return [documents.Attempt(runtime=a.runtime, device=a.device, ok=a.ok, reason=a.reason)
+            for a in attempts]
+
+
+def candidate_reports(tuned: Tuned) -> list[documents.Candidate]:
+    """The candidates auto-tuning measured, as `reported` lists them ([] when pinned)."""
+    return [documents.Candidate(**r.to_json()) for r in tuned.candidates]
+
+
+def autotune_report(tuned: Tuned) -> documents.Autotune | None:
+    """How auto-tuning chose (`reported` and `model_serving`); None when pinned."""
+    summary = tuned.summary()
+    return None if summary is None else documents.Autotune(**summary)
 
 
 @dataclass
@@ -51,32 +62,43 @@ class RoleLoaded:
     model: RoleModel
     tuned: Tuned
 
-    def to_json(self) -> dict[str, Any]:
+    def report(self) -> documents.RoleEntry:
+        """This model's entry in `reported.models[].roles`."""
         session = self.tuned.session
-        return {
-            "file": self.model.file,
-            "sha256": self.model.sha256,
-            "runtime": session.runtime,
-            "device": session.device,
-            **_tuned_fields(self.tuned),
-            "attempts": [{"runtime": a.runtime, "device": a.device, "ok": a.ok, "reason": a.reason}
-                         for a in self.tuned.attempts],
-        }
+        return documents.RoleEntry(
+            file=self.model.file,
+            sha256=self.model.sha256,
+            runtime=session.runtime,
+            device=session.device,
+            precision=self.tuned.choice.precision,
+            candidates=candidate_reports(self.tuned),
+            autotune=autotune_report(self.tuned),
+            attempts=attempt_reports(self.tuned.attempts),
+        )
 
 
 @dataclass
 class Serving:
-    """What the reconciler reports for a served model beyond runtime and device."""
+    """A served model version and what its `reported` entry says about how it was chosen."""
 
     model: ServingModel
     tuned: Tuned  # of the first role for a multi-model version
     roles: dict[str, RoleLoaded] | None = None  # multi-model versions only
 
-    def status_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {**_tuned_fields(self.tuned), "failovers": []}
-        if self.roles is not None:
-            fields["roles"] = {role: r.to_json() for role, r in self.roles.items()}
-        return fields
+    def entry(self, spec: ModelSpec) -> documents.ModelEntry:
+        """The version's entry in `reported.models` now that it serves."""
+        tuned = self.tuned
+        return documents.ModelEntry(
+            name=spec.name, version=spec.version, sha256=spec.sha256, state="serving",
+            runtime=tuned.session.runtime, device=tuned.session.device,
+            attempts=attempt_reports(tuned.attempts),
+            precision=tuned.choice.precision,
+            candidates=candidate_reports(tuned),
+            autotune=autotune_report(tuned),
+            failovers=[],
+            roles=(msgspec.UNSET if self.roles is None
+                   else {role: r.report() for role, r in self.roles.items()}),
+        )
 
 
 def task_warmup_inputs(task: str) -> WarmupFeed | None:
@@ -173,11 +195,11 @@ class ModelLoader:
         return ServingModel(spec, self.fault.wrap(warm.session), attempts)
 
 
-def failover_record(old: ServingModel, new: ServingModel, reason: str) -> dict[str, Any]:
+def failover_record(old: ServingModel, new: ServingModel, reason: str) -> documents.Failover:
     """One entry of a model's reported `failovers`."""
-    return {
-        "from": f"{old.session.runtime}/{old.session.device}",
-        "to": f"{new.session.runtime}/{new.session.device}",
-        "reason": reason,
-        "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-    }
+    return documents.Failover(
+        from_=f"{old.session.runtime}/{old.session.device}",
+        to=f"{new.session.runtime}/{new.session.device}",
+        reason=reason,
+        at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    )

@@ -12,16 +12,12 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.contract.manifest import ModelSpec
 from edgeinfer.runtimes.base import Session
 from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
 from edgeinfer.runtimes.selection import Attempt
-
-if TYPE_CHECKING:
-    from edgeinfer.agent.failover import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +33,6 @@ class ServingModel:
         self.session = session
         self.attempts = attempts
         self.sessions: dict[str, Session] | None = None if sessions is None else dict(sessions)
-        # Counts consecutive failed runs and triggers a failover (agent/failover.py).
-        self.watch: RunWatch | None = None
         self._lock = threading.Lock()
         self._inflight = 0
         self._retired = False

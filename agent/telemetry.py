@@ -1,4 +1,5 @@
-"""Periodic health and inference figures: published over MQTT, optionally served to Prometheus."""
+"""Periodic health and inference figures: published over MQTT (the `telemetry` document of
+edgeinfer.contract.telemetry), optionally served to Prometheus."""
 
 from __future__ import annotations
 
@@ -9,31 +10,40 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edgeinfer.agent.metrics import Metrics
+from edgeinfer.contract.telemetry import (
+    DiskFigures,
+    Durability,
+    Health,
+    Inference,
+    MemoryFigures,
+    ProcessFigures,
+    Telemetry,
+)
 
 log = logging.getLogger(__name__)
 
 
-def host_health(state_dir: Path) -> dict[str, Any]:
+def host_health(state_dir: Path) -> Health:
+    """The host now; `temperatures_c` only where it has sensors."""
     vm = psutil.virtual_memory()
     disk = psutil.disk_usage(str(state_dir))
     proc = psutil.Process()
-    health: dict[str, Any] = {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "load_avg": list(psutil.getloadavg()),
-        "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
-        "disk": {"total": disk.total, "free": disk.free, "percent": disk.percent},
-        "process": {"rss": proc.memory_info().rss, "threads": proc.num_threads()},
-    }
     temps = _temperatures()
-    if temps:
-        health["temperatures_c"] = temps
-    return health
+    return Health(
+        cpu_percent=psutil.cpu_percent(interval=None),
+        load_avg=list(psutil.getloadavg()),
+        memory=MemoryFigures(total=vm.total, available=vm.available, percent=vm.percent),
+        disk=DiskFigures(total=disk.total, free=disk.free, percent=disk.percent),
+        process=ProcessFigures(rss=proc.memory_info().rss, threads=proc.num_threads()),
+        temperatures_c=temps if temps else msgspec.UNSET,
+    )
 
 
 def _temperatures() -> dict[str, float]:
@@ -61,8 +71,8 @@ class TelemetryLoop:
         state_dir: Path,
         metrics: Metrics,
         queue_depth: Callable[[], int],
-        publish: Callable[[dict[str, Any]], None],
-        durability: Callable[[], dict[str, Any]] | None = None,
+        publish: Callable[[Telemetry], None],
+        durability: Callable[[], Durability],
     ) -> None:
         self._durability = durability
         self._interval = interval_s
@@ -73,14 +83,15 @@ class TelemetryLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def document(self) -> dict[str, Any]:
-        return {
-            "ts": time.time(),
-            "health": host_health(self._state_dir),
-            "queue_depth": self._queue_depth(),
-            "inference": self._metrics.snapshot(),
-            "durability": self._durability() if self._durability is not None else {},
-        }
+    def document(self) -> Telemetry:
+        return Telemetry(
+            ts=time.time(),
+            health=host_health(self._state_dir),
+            queue_depth=self._queue_depth(),
+            # Metrics keeps its snapshot as plain data (Prometheus reads it too).
+            inference=msgspec.convert(self._metrics.snapshot(), Inference),
+            durability=self._durability(),
+        )
 
     def start(self) -> None:
         psutil.cpu_percent(interval=None)  # prime: the first call always says 0.0
@@ -127,12 +138,12 @@ def start_prometheus(
             yield latency
             yield GaugeMetricFamily("edge_queue_depth", "Jobs waiting", value=queue_depth())
             health = host_health(state_dir)
-            yield GaugeMetricFamily("edge_cpu_percent", "Host CPU use", value=health["cpu_percent"])
+            yield GaugeMetricFamily("edge_cpu_percent", "Host CPU use", value=health.cpu_percent)
             yield GaugeMetricFamily(
-                "edge_memory_percent", "Host memory use", value=health["memory"]["percent"]
+                "edge_memory_percent", "Host memory use", value=health.memory.percent
             )
             yield GaugeMetricFamily("edge_disk_free_bytes", "Free bytes on the state disk",
-                                    value=health["disk"]["free"])
+                                    value=health.disk.free)
             disk = snap["state_disk"]
             yield GaugeMetricFamily("edge_state_disk_full",
                                     "1 while the state disk refuses writes for lack of space",

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench import e2e, jobcpu, preprocess, raw, refmodels, report
+from bench import e2e, jobcpu, points, preprocess, raw, refmodels, report
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("raw", "preprocess", "e2e", "cpu")
@@ -85,7 +85,7 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def method(quick: bool, budget: raw.Budget, timing: e2e.Timing) -> list[str]:
+def method(quick: bool, budget: raw.Budget, timing: points.Timing) -> list[str]:
     return [
         f"Raw: per model, runtime and batch (1, 8): {raw.WARMUP_RUNS} warm-up calls, then a fixed "
         f"number of timed calls chosen from the warm-up time to last ~{budget.budget_s:g} s "
@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         budget = raw.Budget(0.15, 10, 1000)
-        timing = e2e.Timing(warmup_s=0.3, measure_s=0.8, max_s=3.0, online_runs=1)
+        timing = points.Timing(warmup_s=0.3, measure_s=0.8, max_s=3.0, online_runs=1)
     else:
         budget = raw.Budget(1.0, 20, 5000)
-        timing = e2e.Timing(warmup_s=0.5, measure_s=2.5, max_s=8.0, online_runs=3)
+        timing = points.Timing(warmup_s=0.5, measure_s=2.5, max_s=8.0, online_runs=3)
     profiling = (not args.quick) if args.profile is None else args.profile
 
     if args.wait_quiet > 0:

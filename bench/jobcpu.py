@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import e2e, loadgen, models, profile, refmodels
+from bench import agent_steps, loadgen, models, points, profile, refmodels, subprocs
 from bench.codec_echo import READY as CODEC_ECHO_READY
 from bench.echo import READY as ECHO_READY
 from edgeinfer.contract.topics import Topics
@@ -114,11 +114,11 @@ def runtime_cpu(path: Path, runtime: str, device: str, precision: str | None,
     return out
 
 
-def _level_timing(timing: e2e.Timing) -> e2e.Timing:
+def _level_timing(timing: points.Timing) -> points.Timing:
     # CPU time is read in clock ticks (10 ms): a window of at least 1.5 s keeps that under
     # ~1% of the figures at the rates seen here.
     measure = max(timing.measure_s, 1.5)
-    return e2e.Timing(timing.warmup_s, measure, max(timing.max_s, timing.warmup_s + measure + 3),
+    return points.Timing(timing.warmup_s, measure, max(timing.max_s, timing.warmup_s + measure + 3),
                       timing.online_runs)
 
 
@@ -134,7 +134,7 @@ def _say_point(say: Say, job: str, who: str, p: dict[str, Any]) -> None:
         + (f"  errors {p['errors']} ({p.get('error_sample')})" if p["errors"] else ""))
 
 
-def run(work: Path, timing: e2e.Timing, say: Say, *, level: int = LEVEL,
+def run(work: Path, timing: points.Timing, say: Say, *, level: int = LEVEL,
         runtime_budget_s: float = 1.0, res: dict[str, Any] | None = None) -> dict[str, Any]:
     """The part; fills `res` as it goes (what was measured survives a failure)."""
     res = res if res is not None else {}
@@ -142,7 +142,7 @@ def run(work: Path, timing: e2e.Timing, say: Say, *, level: int = LEVEL,
     res.update(level=level, qos=1, payload="binary OIP", responders=list(RESPONDERS), jobs={})
     work.mkdir(parents=True, exist_ok=True)
     todo = jobs(work / "models")
-    with e2e.processes(work) as started:
+    with subprocs.processes(work) as started:
         broker = Broker(work / "broker")
         broker.start()
         started.append(broker)
@@ -151,22 +151,22 @@ def run(work: Path, timing: e2e.Timing, say: Say, *, level: int = LEVEL,
         conn = connect(url)
         started.append(conn)
 
-        agent = e2e.new_agent(work / "agent", url, DEVICE)
+        agent = agent_steps.new_agent(work / "agent", url, DEVICE)
         started.append(agent)
-        e2e.start_until_online(conn, agent)
+        agent_steps.start_until_online(conn, agent)
         assert agent.proc is not None
         agent_ps = psutil.Process(agent.proc.pid)
         store = ArtifactStore(work / "artifacts")
         client = InferenceClient(url, client_id="bench-cpu-client")
         started.append(client)
         names = profile.thread_names(agent_ps.pid)
-        watched = e2e.Watched(agent_ps, broker_ps)
+        watched = subprocs.Watched(agent_ps, broker_ps)
         canned: dict[str, tuple[bytes, int | None]] = {}
         templates: dict[str, loadgen.Template] = {}
         for job in todo:
             m = job.model
             assert m.feed is not None and m.path is not None
-            d = e2e.deploy_timed(conn, store, m, DEVICE)
+            d = agent_steps.deploy_timed(conn, store, m, DEVICE)
             entry: dict[str, Any] = {"title": job.title, "model": m.name,
                                      "deploy": {k: d.get(k) for k in ("ok", "seconds", "runtime",
                                                                       "device", "precision",
@@ -176,14 +176,14 @@ def run(work: Path, timing: e2e.Timing, say: Say, *, level: int = LEVEL,
             if not d["ok"]:
                 raise RuntimeError(f"{m.name} not serving: {d['message']}")
             say(f"cpu: {m.name} serving on {d['runtime']}/{d['device']}")
-            template = loadgen.oip_template(Topics(e2e.PREFIX, DEVICE).jobs, m.name, m.feed(1),
+            template = loadgen.oip_template(Topics(agent_steps.PREFIX, DEVICE).jobs, m.name, m.feed(1),
                                             binary=True)
             templates[job.key] = template
-            canned[job.key] = e2e.capture_answer(conn, DEVICE, template)
+            canned[job.key] = agent_steps.capture_answer(conn, DEVICE, template)
             entry["request_bytes"] = template.size
             entry["answer_bytes"] = len(canned[job.key][0])
             # Per-thread figures need py-spy's thread names; without them, none.
-            p = e2e.run_point(client, template, level, timing, watched,
+            p = points.run_point(client, template, level, timing, watched,
                               thread_names=names or None)
             entry["points"]["agent"] = p
             _say_point(say, job.key, "agent", p)
@@ -211,17 +211,17 @@ def run(work: Path, timing: e2e.Timing, say: Say, *, level: int = LEVEL,
                 (folder / f"{who}-{key}.body").write_bytes(body)
                 if hlen is not None:
                     (folder / f"{who}-{key}.hlen").write_text(str(hlen))
-            proc = e2e.start_helper([module, url, str(folder)], ready, work / f"{who}.log")
+            proc = subprocs.start_helper([module, url, str(folder)], ready, work / f"{who}.log")
             started.append(proc)
-            w = e2e.Watched(psutil.Process(proc.pid), broker_ps)
+            w = subprocs.Watched(psutil.Process(proc.pid), broker_ps)
             for job in todo:
                 base = templates[job.key]
-                template = loadgen.Template(Topics(e2e.PREFIX, f"{who}-{job.key}").jobs,
+                template = loadgen.Template(Topics(agent_steps.PREFIX, f"{who}-{job.key}").jobs,
                                             base.head, base.tail, base.user_properties)
-                p = e2e.run_point(client, template, level, timing, w)
+                p = points.run_point(client, template, level, timing, w)
                 res["jobs"][job.key]["points"][who] = p
                 _say_point(say, job.key, who, p)
-            e2e.stop_process(proc)
+            subprocs.stop_process(proc)
     res["summary"] = summary(res)
     return res
 

@@ -1,9 +1,14 @@
 """Reference models shared by the tests, the demo and the benchmarks. Nothing is downloaded:
-models are built by code here, or shipped inside an installed wheel (silero-vad)."""
+models are built by code, or shipped inside an installed wheel (silero-vad, rapidocr).
+
+This module builds the synthetic graphs (mlp, cnn, heavy, scaled, reduce_mean, nan,
+mobilenet_like) and the scikit-learn digits classifier, and is the one place callers import
+every reference model from: the text models (`bench.textmodels`), the wheels' models
+(`bench.wheelmodels`) and the tiny language model (`bench.tinylm`) are imported back here.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +17,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# Opset 17 / IR 8: read by every ONNX Runtime since 1.13 and every OpenVINO since 2023.
-OPSET = 17
-IR_VERSION = 8
+from bench.onnx_common import IR_VERSION, OPSET, SEED, save_checked, seeded_weights
+from bench.textmodels import EncoderModel, build_encoder, build_wordpiece_tokenizer
+from bench.tinylm import TinyLm, TinyLmConfig, build_tiny_lm
+from bench.wheelmodels import RAPIDOCR_MODELS, rapidocr_models_dir, silero_vad_path
 
-_SEED = 0
+__all__ = [
+    "IR_VERSION", "OPSET", "RAPIDOCR_MODELS", "DigitsModel", "EncoderModel", "TinyLm",
+    "TinyLmConfig", "build_cnn", "build_digits", "build_digits_float", "build_encoder",
+    "build_heavy", "build_mlp", "build_mobilenet_like", "build_nan", "build_reduce_mean",
+    "build_scaled", "build_tiny_lm", "build_wordpiece_tokenizer", "rapidocr_models_dir",
+    "silero_vad_path",
+]
 
 
 @dataclass(frozen=True)
@@ -35,10 +47,10 @@ def _train_digits() -> tuple[Any, np.ndarray, np.ndarray]:
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=_SEED
+        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=SEED
     )
     # Converges in ~160 epochs (~0.3 s); 300 leaves headroom without a ConvergenceWarning.
-    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=_SEED)
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=SEED)
     clf.fit(x_train, y_train)
     return clf, x_test, y_test
 
@@ -75,19 +87,6 @@ def build_digits(out_dir: Path) -> DigitsModel:
     return DigitsModel(path, x_test, y_test, sklearn_pred)
 
 
-def _save(model: onnx.ModelProto, path: Path) -> Path:
-    onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def _weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    fan_in = int(np.prod(shape[1:])) if len(shape) > 2 else shape[0]
-    w: np.ndarray = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-    return w
-
-
 def _dense_softmax_model(graph_name: str, inits: list[Any], output: str) -> Any:
     """x FP32 [N, 64] -> MatMul w1 + b1 -> Relu -> MatMul w2 + b2 -> Softmax -> `output`
     FP32 [N, 10]; the weights are the initializers w1, b1, w2, b2."""
@@ -113,15 +112,15 @@ def _dense_softmax_model(graph_name: str, inits: list[Any], output: str) -> Any:
 
 def build_mlp(out_dir: Path, name: str = "mlp.onnx") -> Path:
     """Pure-float MLP: x FP32 [N, 64] -> MatMul+Add+Relu+MatMul+Add+Softmax -> y FP32 [N, 10]."""
-    rng = np.random.default_rng(_SEED)
+    rng = np.random.default_rng(SEED)
     inits = [
-        numpy_helper.from_array(_weights(rng, 64, 32), "w1"),
+        numpy_helper.from_array(seeded_weights(rng, 64, 32), "w1"),
         numpy_helper.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "b1"),
-        numpy_helper.from_array(_weights(rng, 32, 10), "w2"),
+        numpy_helper.from_array(seeded_weights(rng, 32, 10), "w2"),
         numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "b2"),
     ]
     model = _dense_softmax_model("mlp", inits, "y")
-    return _save(model, out_dir / name)
+    return save_checked(model, out_dir / name)
 
 
 def build_cnn(out_dir: Path, name: str = "cnn.onnx", size: int = 32) -> Path:
@@ -129,13 +128,13 @@ def build_cnn(out_dir: Path, name: str = "cnn.onnx", size: int = 32) -> Path:
     GlobalAveragePool+Flatten+Gemm -> logits FP32 [N, 10]."""
     if size < 4 or size % 2:
         raise ValueError(f"size must be an even number >= 4, got {size}")
-    rng = np.random.default_rng(_SEED + 1)
+    rng = np.random.default_rng(SEED + 1)
     inits = [
-        numpy_helper.from_array(_weights(rng, 8, 3, 3, 3), "c1_w"),
+        numpy_helper.from_array(seeded_weights(rng, 8, 3, 3, 3), "c1_w"),
         numpy_helper.from_array(np.zeros(8, np.float32), "c1_b"),
-        numpy_helper.from_array(_weights(rng, 16, 8, 3, 3), "c2_w"),
+        numpy_helper.from_array(seeded_weights(rng, 16, 8, 3, 3), "c2_w"),
         numpy_helper.from_array(np.zeros(16, np.float32), "c2_b"),
-        numpy_helper.from_array(_weights(rng, 10, 16), "fc_w"),  # Gemm with transB=1
+        numpy_helper.from_array(seeded_weights(rng, 10, 16), "fc_w"),  # Gemm with transB=1
         numpy_helper.from_array(np.zeros(10, np.float32), "fc_b"),
     ]
     nodes = [
@@ -158,47 +157,7 @@ def build_cnn(out_dir: Path, name: str = "cnn.onnx", size: int = 32) -> Path:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return _save(model, out_dir / name)
-
-
-def silero_vad_path() -> Path:
-    """silero_vad.onnx from the installed silero-vad wheel.
-
-    Found through the import system's spec, without importing the package (its __init__
-    imports torch, which an edge gateway does not have). Its `If` node on the sample rate
-    is what OpenVINO fails to convert.
-    """
-    spec = importlib.util.find_spec("silero_vad")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / "data" / "silero_vad.onnx"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        "silero_vad.onnx not found: the silero-vad wheel is not installed "
-        "(pip install --no-deps silero-vad)"
-        if spec is None
-        else f"silero-vad is installed at {locations} but ships no data/silero_vad.onnx"
-    )
-
-
-# The PaddleOCR models the rapidocr-onnxruntime wheel ships, by the ocr pipeline's roles.
-RAPIDOCR_MODELS = {
-    "det": "ch_PP-OCRv4_det_infer.onnx",
-    "rec": "ch_PP-OCRv4_rec_infer.onnx",
-    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-}
-
-
-def rapidocr_models_dir() -> Path | None:
-    """The `models` folder of the installed rapidocr-onnxruntime wheel (found without
-    importing it, which would import opencv), or None when the wheel is not installed."""
-    spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        folder = Path(location) / "models"
-        if (folder / RAPIDOCR_MODELS["rec"]).is_file():
-            return folder
-    return None
+    return save_checked(model, out_dir / name)
 
 
 def build_heavy(out_dir: Path, name: str = "heavy.onnx", width: int = 1024, layers: int = 8) -> Path:
@@ -208,10 +167,10 @@ def build_heavy(out_dir: Path, name: str = "heavy.onnx", width: int = 1024, laye
     warm-up at batch 1 is quick while a job of a few thousand rows keeps a core busy for
     seconds: for tests of slow jobs, stalls and backpressure.
     """
-    rng = np.random.default_rng(_SEED)
-    inits = [numpy_helper.from_array(_weights(rng, 64, width), "w_in"),
-             numpy_helper.from_array(_weights(rng, width, width), "w"),
-             numpy_helper.from_array(_weights(rng, width, 10), "w_out")]
+    rng = np.random.default_rng(SEED)
+    inits = [numpy_helper.from_array(seeded_weights(rng, 64, width), "w_in"),
+             numpy_helper.from_array(seeded_weights(rng, width, width), "w"),
+             numpy_helper.from_array(seeded_weights(rng, width, 10), "w_out")]
     nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h0"])]
     for i in range(layers):
         nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
@@ -227,7 +186,7 @@ def build_heavy(out_dir: Path, name: str = "heavy.onnx", width: int = 1024, laye
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return _save(model, out_dir / name)
+    return save_checked(model, out_dir / name)
 
 
 def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_layers: int = 0,
@@ -239,7 +198,7 @@ def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_lay
     copies of it whose result is multiplied by 0 and added: a knob for how long one
     inference takes that leaves y exact (the deploy tests' slow version: a latency budget).
     """
-    rng = np.random.default_rng(_SEED + 2)
+    rng = np.random.default_rng(SEED + 2)
     width = 512
     inits = [numpy_helper.from_array(np.array(factor, np.float32), "factor")]
     nodes = [helper.make_node("Mul", ["x", "factor"], ["scaled"])]
@@ -247,8 +206,8 @@ def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_lay
         inits += [
             numpy_helper.from_array(np.array([busy_rows, width // 64], np.int64), "repeats"),
             numpy_helper.from_array(np.array([busy_rows, -1, width], np.int64), "stacked"),
-            numpy_helper.from_array(_weights(rng, width, width), "w"),
-            numpy_helper.from_array(_weights(rng, width, 64), "w_out"),
+            numpy_helper.from_array(seeded_weights(rng, width, width), "w"),
+            numpy_helper.from_array(seeded_weights(rng, width, 64), "w_out"),
             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
         ]
         nodes.append(helper.make_node("Tile", ["x", "repeats"], ["h0"]))  # [rows*N, 512]
@@ -274,7 +233,7 @@ def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_lay
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return _save(model, out_dir / (name or f"scaled-{factor:g}.onnx"))
+    return save_checked(model, out_dir / (name or f"scaled-{factor:g}.onnx"))
 
 
 def build_reduce_mean(out_dir: Path, name: str = "reduce_mean.onnx", size: int = 150_000) -> Path:
@@ -291,7 +250,7 @@ def build_reduce_mean(out_dir: Path, name: str = "reduce_mean.onnx", size: int =
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return _save(model, out_dir / name)
+    return save_checked(model, out_dir / name)
 
 
 def build_nan(out_dir: Path, name: str = "nan.onnx") -> Path:
@@ -310,7 +269,7 @@ def build_nan(out_dir: Path, name: str = "nan.onnx") -> Path:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return _save(model, out_dir / name)
+    return save_checked(model, out_dir / name)
 
 
 def build_mobilenet_like(out_dir: Path, name: str = "mobilenet_like.onnx", classes: int = 1000) -> Path:
@@ -322,12 +281,12 @@ def build_mobilenet_like(out_dir: Path, name: str = "mobilenet_like.onnx", class
     GFLOP per image, the cost profile of the small vision models gateways run. Weights are
     random (seeded): for timing, not for accuracy.
     """
-    rng = np.random.default_rng(_SEED + 3)
+    rng = np.random.default_rng(SEED + 3)
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
     def conv(x: str, out: str, c_in: int, c_out: int, k: int, stride: int, group: int) -> str:
-        w = _weights(rng, c_out, c_in // group, k, k)
+        w = seeded_weights(rng, c_out, c_in // group, k, k)
         inits.append(numpy_helper.from_array(w, f"{out}_w"))
         inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), f"{out}_b"))
         pad = k // 2
@@ -348,7 +307,7 @@ def build_mobilenet_like(out_dir: Path, name: str = "mobilenet_like.onnx", class
         x = conv(x, f"b{i}_dw", c, c, 3, stride, c)
         x = conv(x, f"b{i}_pw", c, c_out, 1, 1, 1)
         c = c_out
-    inits.append(numpy_helper.from_array(_weights(rng, classes, c), "fc_w"))  # Gemm transB=1
+    inits.append(numpy_helper.from_array(seeded_weights(rng, classes, c), "fc_w"))  # Gemm transB=1
     inits.append(numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"))
     nodes += [
         helper.make_node("GlobalAveragePool", [x], ["pooled"]),
@@ -365,7 +324,7 @@ def build_mobilenet_like(out_dir: Path, name: str = "mobilenet_like.onnx", class
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    return _save(model, out_dir / name)
+    return save_checked(model, out_dir / name)
 
 
 def build_digits_float(out_dir: Path, name: str = "digits_float.onnx") -> DigitsModel:
@@ -390,100 +349,5 @@ def build_digits_float(out_dir: Path, name: str = "digits_float.onnx") -> Digits
     model = _dense_softmax_model("digits_float", inits, "probabilities")
     sklearn_pred = clf.predict(x_test).astype(np.int64)
     np.savez(sidecar, x_test=x_test, y_test=y_test, sklearn_pred=sklearn_pred)
-    _save(model, path)
+    save_checked(model, path)
     return DigitsModel(path, x_test, y_test, sklearn_pred)
-
-
-@dataclass(frozen=True)
-class EncoderModel:
-    path: Path
-    embeddings: np.ndarray  # FP32 [vocab, dim]: the token embedding table
-    weight: np.ndarray  # FP32 [dim, dim]
-    mask_bias: np.ndarray  # FP32 [dim]; zeros when the model has no mask input
-
-
-def build_encoder(out_dir: Path, name: str = "encoder.onnx", vocab: int = 100, dim: int = 16,
-                  with_mask: bool = True) -> EncoderModel:
-    """A tiny text encoder for the embedding pipeline:
-    input_ids INT64 [N, T] (and attention_mask INT64 [N, T]) -> last_hidden_state FP32 [N, T, dim]
-    = tanh(E[input_ids] @ W + mask[..., None] * b); without a mask input, tanh(E[ids] @ W).
-    """
-    rng = np.random.default_rng(_SEED + 4)
-    emb = rng.standard_normal((vocab, dim)).astype(np.float32)
-    weight = _weights(rng, dim, dim)
-    bias = (rng.standard_normal(dim) * 0.5).astype(np.float32)
-    inits = [numpy_helper.from_array(emb, "E"), numpy_helper.from_array(weight, "W")]
-    nodes = [
-        helper.make_node("Gather", ["E", "input_ids"], ["tok"], axis=0),
-        helper.make_node("MatMul", ["tok", "W"], ["proj"]),
-    ]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"])]
-    if with_mask:
-        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"]))
-        inits += [numpy_helper.from_array(bias, "b"),
-                  numpy_helper.from_array(np.array([-1], np.int64), "last")]
-        nodes += [
-            helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
-            helper.make_node("Mul", ["mask3", "b"], ["shift"]),
-            helper.make_node("Add", ["proj", "shift"], ["pre"]),
-            helper.make_node("Tanh", ["pre"], ["last_hidden_state"]),
-        ]
-    else:
-        nodes.append(helper.make_node("Tanh", ["proj"], ["last_hidden_state"]))
-    graph = helper.make_graph(
-        nodes,
-        "encoder",
-        inputs,
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", "T", dim])],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    path = _save(model, out_dir / name)
-    return EncoderModel(path, emb, weight, bias if with_mask else np.zeros(dim, np.float32))
-
-
-def build_wordpiece_tokenizer(out_dir: Path, texts: list[str] | tuple[str, ...], vocab_size: int = 200,
-                              name: str = "tokenizer.json") -> Path:
-    """A BERT-style WordPiece tokenizer.json for `texts` (the `tokenizers` library):
-    lower-cased, [CLS] ... [SEP] added, [PAD] = 0, [UNK] = 1. The vocabulary is built here,
-    not by tokenizers' trainer (whose ties fall differently from run to run): the special
-    tokens, every character of the texts alone and as a `##` continuation (so any word of
-    them splits into known pieces), then their most frequent words up to `vocab_size`. The
-    same texts give the same file. Its vocabulary (`get_vocab_size()`) fits an encoder of
-    build_encoder(vocab=...)."""
-    from collections import Counter
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words: Counter[str] = Counter()
-    for text in texts:
-        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
-    chars = sorted({c for w in words for c in w})
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
-    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(tokens) >= vocab_size:
-            break
-        if word not in tokens:
-            tokens.append(word)
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))  # noqa: S106 (a token, not a password)
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizer
-    tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    tok.save(str(path))
-    return path
-
-
-# The tiny KV-cached decoder LM of the text-generation pipeline: trained here in numpy
-# (~15 s on two cores) and cached per folder; see bench/tinylm.py.
-from bench.tinylm import TinyLm, TinyLmConfig, build_tiny_lm  # noqa: E402, F401

@@ -21,6 +21,9 @@ give the same bytes on one machine (float32 BLAS sums may differ across CPUs). A
 on two cores.
 
     python -m bench.tinylm [--out DIR] [--max-tokens N]   # train, then generate on both runtimes
+
+Here: the corpus, the tokenizer, the builder with its cache, and that command. The numpy
+model and its training are in `bench.tinylm_training`, the ONNX export in `bench.tinylm_onnx`.
 """
 
 from __future__ import annotations
@@ -34,17 +37,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+from bench.tinylm_onnx import export_onnx
+from bench.tinylm_training import TinyLmConfig, train
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-OPSET = 17
-IR_VERSION = 8
+# TinyLmConfig is defined beside the training it configures; callers import it from here.
+__all__ = ["CORPUS", "EOS", "TinyLm", "TinyLmConfig", "build_tiny_lm", "main", "train_tokenizer"]
 
 EOS = "<|endoftext|>"
-LN_EPS = 1e-5
 
 # Public-domain texts (Lincoln 1863, Dickens 1859, Austen 1813, Carroll 1865, Melville 1851).
 CORPUS = (
@@ -69,22 +72,6 @@ CORPUS = (
     "a little and see the watery part of the world.",
 )
 
-
-@dataclass(frozen=True)
-class TinyLmConfig:
-    vocab_size: int = 384  # byte-level BPE: 256 bytes + EOS + merges
-    layers: int = 2
-    heads: int = 4
-    dim: int = 64
-    context: int = 128  # max_position_embeddings
-    steps: int = 300
-    batch: int = 8
-    lr: float = 3e-3
-    seed: int = 0
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
 
 
 @dataclass(frozen=True)
@@ -115,278 +102,6 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(list(CORPUS), trainer=trainer)
     return tok
-
-
-# --- model (numpy) ------------------------------------------------------------------------
-
-
-def init_weights(cfg: TinyLmConfig, vocab: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(cfg.seed)
-    d = cfg.dim
-
-    def normal(*shape: int, std: float = 0.02) -> np.ndarray:
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    w: dict[str, np.ndarray] = {"tok": normal(vocab, d), "pos": normal(cfg.context, d)}
-    proj_std = 0.02 / np.sqrt(2 * cfg.layers)
-    for i in range(cfg.layers):
-        p = f"l{i}."
-        w[p + "ln1_g"], w[p + "ln1_b"] = np.ones(d, np.float32), np.zeros(d, np.float32)
-        for name in ("wq", "wk", "wv"):
-            w[p + name] = normal(d, d)
-        w[p + "wo"] = normal(d, d, std=proj_std)
-        w[p + "ln2_g"], w[p + "ln2_b"] = np.ones(d, np.float32), np.zeros(d, np.float32)
-        w[p + "w1"], w[p + "b1"] = normal(d, 4 * d), np.zeros(4 * d, np.float32)
-        w[p + "w2"], w[p + "b2"] = normal(4 * d, d, std=proj_std), np.zeros(d, np.float32)
-    w["lnf_g"], w["lnf_b"] = np.ones(d, np.float32), np.zeros(d, np.float32)
-    w["head"] = normal(d, vocab)
-    return w
-
-
-def _ln(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    mu = x.mean(-1, keepdims=True)
-    xc = x - mu
-    rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + LN_EPS)
-    xhat = xc * rstd
-    return xhat * g + b, (xhat, rstd, g)
-
-
-def _ln_back(dy: np.ndarray, cache: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    xhat, rstd, g = cache
-    dxhat = dy * g
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    axes = tuple(range(dy.ndim - 1))
-    return dx, (dy * xhat).sum(axes), dy.sum(axes)
-
-
-def loss_and_grads(
-    w: dict[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, cfg: TinyLmConfig
-) -> tuple[float, dict[str, np.ndarray]]:
-    """Mean next-token cross-entropy over [B, T] and its gradient, by hand."""
-    bsz, t = ids.shape
-    h_, hd = cfg.heads, cfg.head_dim
-    scale = np.float32(1.0 / np.sqrt(hd))
-    causal = np.triu(np.full((t, t), -np.inf, np.float32), 1)
-    x = w["tok"][ids] + w["pos"][:t]
-    caches = []
-    for i in range(cfg.layers):
-        p = f"l{i}."
-        h, c1 = _ln(x, w[p + "ln1_g"], w[p + "ln1_b"])
-
-        def heads(m: np.ndarray) -> np.ndarray:
-            return m.reshape(bsz, t, h_, hd).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(h @ w[p + "wq"]), heads(h @ w[p + "wk"]), heads(h @ w[p + "wv"])
-        s = q @ k.transpose(0, 1, 3, 2) * scale + causal
-        s = np.exp(s - s.max(-1, keepdims=True))
-        att = s / s.sum(-1, keepdims=True)
-        o = (att @ v).transpose(0, 2, 1, 3).reshape(bsz, t, -1)
-        x = x + o @ w[p + "wo"]
-        h2, c2 = _ln(x, w[p + "ln2_g"], w[p + "ln2_b"])
-        u = h2 @ w[p + "w1"] + w[p + "b1"]
-        r = np.maximum(u, 0)
-        x = x + r @ w[p + "w2"] + w[p + "b2"]
-        caches.append((h, c1, q, k, v, att, o, h2, c2, u, r))
-    hf, cf = _ln(x, w["lnf_g"], w["lnf_b"])
-    logits = hf @ w["head"]
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    n = bsz * t
-    loss = float(-np.take_along_axis(logp, targets[..., None], -1).mean())
-
-    g: dict[str, np.ndarray] = {}
-    dlogits = np.exp(logp)
-    np.put_along_axis(
-        dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1
-    )
-    dlogits /= n
-    g["head"] = hf.reshape(n, -1).T @ dlogits.reshape(n, -1)
-    dx, g["lnf_g"], g["lnf_b"] = _ln_back(dlogits @ w["head"].T, cf)
-    for i in reversed(range(cfg.layers)):
-        p = f"l{i}."
-        h, c1, q, k, v, att, o, h2, c2, u, r = caches[i]
-        # MLP
-        g[p + "w2"] = r.reshape(n, -1).T @ dx.reshape(n, -1)
-        g[p + "b2"] = dx.sum((0, 1))
-        du = (dx @ w[p + "w2"].T) * (u > 0)
-        g[p + "w1"] = h2.reshape(n, -1).T @ du.reshape(n, -1)
-        g[p + "b1"] = du.sum((0, 1))
-        dh2, g[p + "ln2_g"], g[p + "ln2_b"] = _ln_back(du @ w[p + "w1"].T, c2)
-        dx = dx + dh2
-        # attention
-        g[p + "wo"] = o.reshape(n, -1).T @ dx.reshape(n, -1)
-        do = (dx @ w[p + "wo"].T).reshape(bsz, t, h_, hd).transpose(0, 2, 1, 3)
-        datt = do @ v.transpose(0, 1, 3, 2)
-        dv = att.transpose(0, 1, 3, 2) @ do
-        ds = att * (datt - (datt * att).sum(-1, keepdims=True)) * scale
-        dq = ds @ k
-        dk = ds.transpose(0, 1, 3, 2) @ q
-
-        def merge(m: np.ndarray) -> np.ndarray:
-            return m.transpose(0, 2, 1, 3).reshape(n, -1)
-
-        hn = h.reshape(n, -1)
-        dqm, dkm, dvm = merge(dq), merge(dk), merge(dv)
-        g[p + "wq"], g[p + "wk"], g[p + "wv"] = hn.T @ dqm, hn.T @ dkm, hn.T @ dvm
-        dh = (dqm @ w[p + "wq"].T + dkm @ w[p + "wk"].T + dvm @ w[p + "wv"].T).reshape(bsz, t, -1)
-        dh1, g[p + "ln1_g"], g[p + "ln1_b"] = _ln_back(dh, c1)
-        dx = dx + dh1
-    g["pos"] = np.zeros_like(w["pos"])
-    g["pos"][:t] = dx.sum(0)
-    g["tok"] = np.zeros_like(w["tok"])
-    np.add.at(g["tok"], ids.reshape(-1), dx.reshape(n, -1))
-    return loss, {key: val.astype(np.float32, copy=False) for key, val in g.items()}
-
-
-def train(cfg: TinyLmConfig, stream: np.ndarray, vocab: int, eos: int) -> tuple[dict[str, np.ndarray], float]:
-    """Adam (warm-up, then cosine decay) on random windows of the token stream.
-
-    BLAS runs on one thread: these matrices are too small to share, a busy machine makes
-    threaded OpenBLAS spin (ten times slower), and one thread sums in one order every run.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # scikit-learn's dependency; without it BLAS keeps its own threads
-        return _train(cfg, stream, vocab, eos)
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _train(cfg, stream, vocab, eos)
-
-
-def _train(
-    cfg: TinyLmConfig, stream: np.ndarray, vocab: int, eos: int
-) -> tuple[dict[str, np.ndarray], float]:
-    w = init_weights(cfg, vocab)
-    rng = np.random.default_rng(cfg.seed + 1)
-    m = {k: np.zeros_like(v) for k, v in w.items()}
-    s = {k: np.zeros_like(v) for k, v in w.items()}
-    b1, b2, eps = 0.9, 0.99, 1e-8
-    t = min(cfg.context, len(stream) - 1)
-    # Half the windows start at a paragraph's first token, where a prompt starts (position
-    # 0), half anywhere. The stream wraps around so that every start has a whole window.
-    firsts = np.concatenate([[0], np.flatnonzero(stream == eos)[:-1] + 1])
-    ring = np.concatenate([stream, stream[: t + 1]])
-    loss = float("nan")
-    for step in range(1, cfg.steps + 1):
-        anywhere = rng.integers(0, len(stream), cfg.batch)
-        starts = np.where(rng.random(cfg.batch) < 0.5, rng.choice(firsts, cfg.batch), anywhere)
-        window = np.stack([ring[a : a + t + 1] for a in starts])
-        loss, grads = loss_and_grads(w, window[:, :-1], window[:, 1:], cfg)
-        warm = min(1.0, step / 20)
-        lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
-        for key, grad in grads.items():
-            m[key] = b1 * m[key] + (1 - b1) * grad
-            s[key] = b2 * s[key] + (1 - b2) * grad * grad
-            mh = m[key] / (1 - b1**step)
-            sh = s[key] / (1 - b2**step)
-            w[key] = (w[key] - lr * mh / (np.sqrt(sh) + eps)).astype(np.float32)
-    return w, loss
-
-
-# --- ONNX export --------------------------------------------------------------------------
-
-
-def export_onnx(w: dict[str, np.ndarray], cfg: TinyLmConfig, path: Path) -> Path:
-    """The KV-cached graph; every step computes positions and the causal mask from the cache length."""
-    h_, hd, d = cfg.heads, cfg.head_dim, cfg.dim
-    inits = [numpy_helper.from_array(v, k) for k, v in sorted(w.items())]
-
-    def const(name: str, value: np.ndarray) -> None:
-        inits.append(numpy_helper.from_array(value, name))
-
-    const("c_heads", np.array([0, 0, h_, hd], np.int64))
-    const("c_merge", np.array([0, 0, d], np.int64))
-    const("c_zero", np.array(0, np.int64))
-    const("c_one", np.array(1, np.int64))
-    const("c_ax0", np.array([0], np.int64))
-    const("c_ax1", np.array([1], np.int64))
-    const("c_scale", np.array(1.0 / np.sqrt(hd), np.float32))
-    const("c_neg", np.array(-1e9, np.float32))
-    const("c_fzero", np.array(0.0, np.float32))
-    nodes = [
-        helper.make_node("Shape", ["past_key_0"], ["past_len1"], start=2, end=3),
-        helper.make_node("Shape", ["input_ids"], ["new_len1"], start=1, end=2),
-        helper.make_node("Add", ["past_len1", "new_len1"], ["total1"]),
-        helper.make_node("Squeeze", ["past_len1", "c_ax0"], ["past_len"]),
-        helper.make_node("Squeeze", ["total1", "c_ax0"], ["total"]),
-        helper.make_node("Range", ["past_len", "total", "c_one"], ["qpos"]),  # [T]
-        helper.make_node("Range", ["c_zero", "total", "c_one"], ["kpos"]),  # [P+T]
-        helper.make_node("Unsqueeze", ["qpos", "c_ax1"], ["qpos_col"]),  # [T, 1]
-        helper.make_node("Unsqueeze", ["kpos", "c_ax0"], ["kpos_row"]),  # [1, P+T]
-        helper.make_node("Greater", ["kpos_row", "qpos_col"], ["future"]),
-        helper.make_node("Where", ["future", "c_neg", "c_fzero"], ["mask"]),  # [T, P+T]
-        helper.make_node("Gather", ["tok", "input_ids"], ["tok_emb"], axis=0),
-        helper.make_node("Gather", ["pos", "qpos"], ["pos_emb"], axis=0),
-        helper.make_node("Add", ["tok_emb", "pos_emb"], ["x0"]),
-    ]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", "vocab"])]
-    x = "x0"
-    for i in range(cfg.layers):
-        p = f"l{i}."
-
-        def n(name: str, p: str = p) -> str:
-            return p + name
-
-        past_k, past_v, pres_k, pres_v = (
-            f"past_key_{i}",
-            f"past_value_{i}",
-            f"present_key_{i}",
-            f"present_value_{i}",
-        )
-        for name in (past_k, past_v):
-            inputs.append(
-                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", h_, "past_sequence", hd])
-            )
-        for name in (pres_k, pres_v):
-            outputs.append(
-                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", h_, "total_sequence", hd])
-            )
-        nodes += [
-            helper.make_node(
-                "LayerNormalization", [x, n("ln1_g"), n("ln1_b")], [n("h")], axis=-1, epsilon=LN_EPS
-            ),
-        ]
-        for proj in ("q", "k", "v"):
-            nodes += [
-                helper.make_node("MatMul", [n("h"), n("w" + proj)], [n(proj + "_flat")]),
-                helper.make_node("Reshape", [n(proj + "_flat"), "c_heads"], [n(proj + "_4d")]),
-                helper.make_node("Transpose", [n(proj + "_4d")], [n(proj + "_new")], perm=[0, 2, 1, 3]),
-            ]
-        nodes += [
-            helper.make_node("Concat", [past_k, n("k_new")], [pres_k], axis=2),
-            helper.make_node("Concat", [past_v, n("v_new")], [pres_v], axis=2),
-            helper.make_node("Transpose", [pres_k], [n("kT")], perm=[0, 1, 3, 2]),
-            helper.make_node("MatMul", [n("q_new"), n("kT")], [n("s0")]),
-            helper.make_node("Mul", [n("s0"), "c_scale"], [n("s1")]),
-            helper.make_node("Add", [n("s1"), "mask"], [n("s2")]),
-            helper.make_node("Softmax", [n("s2")], [n("att")], axis=-1),
-            helper.make_node("MatMul", [n("att"), pres_v], [n("o4")]),
-            helper.make_node("Transpose", [n("o4")], [n("o_t")], perm=[0, 2, 1, 3]),
-            helper.make_node("Reshape", [n("o_t"), "c_merge"], [n("o")]),
-            helper.make_node("MatMul", [n("o"), n("wo")], [n("a")]),
-            helper.make_node("Add", [x, n("a")], [n("x1")]),
-            helper.make_node(
-                "LayerNormalization", [n("x1"), n("ln2_g"), n("ln2_b")], [n("h2")], axis=-1, epsilon=LN_EPS
-            ),
-            helper.make_node("MatMul", [n("h2"), n("w1")], [n("u0")]),
-            helper.make_node("Add", [n("u0"), n("b1")], [n("u")]),
-            helper.make_node("Relu", [n("u")], [n("r")]),
-            helper.make_node("MatMul", [n("r"), n("w2")], [n("m0")]),
-            helper.make_node("Add", [n("m0"), n("b2")], [n("m")]),
-            helper.make_node("Add", [n("x1"), n("m")], [n("x2")]),
-        ]
-        x = n("x2")
-    nodes += [
-        helper.make_node("LayerNormalization", [x, "lnf_g", "lnf_b"], ["hf"], axis=-1, epsilon=LN_EPS),
-        helper.make_node("MatMul", ["hf", "head"], ["logits"]),
-    ]
-    graph = helper.make_graph(nodes, "tiny_lm", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
-    return path
 
 
 # --- the builder --------------------------------------------------------------------------

@@ -29,11 +29,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeinfer.contract import lenient
 from edgeinfer.contract.brokerurl import parse_broker_url
+from edgeinfer.contract.documents import Hardware
 from edgeinfer.contract.topics import DEVICE_ID_RE, device_wildcard
 from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.registry import Registry, RegistryError, RegistryUnavailable, normalize_ts, utc_now
-from edgeinfer.fleet.reports import applied_revision, device_state, models_of, parse_json_object
+from edgeinfer.fleet.reports import (
+    device_state,
+    models_of,
+    parse_json_object,
+    read_reported,
+    read_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +55,19 @@ MAX_PENDING_TELEMETRY = 2000
 
 
 def summarize_hardware(hw: Any) -> dict[str, Any]:
-    """The part of `reported.hardware` an operator filters and sorts by."""
-    if not isinstance(hw, dict):
+    """The part of `reported.hardware` (as decoded JSON) an operator filters and sorts by;
+    {} when the agent sent no hardware object."""
+    summary = lenient.convert(hw, Hardware)
+    if summary is None:
         return {}
-    cpu, ort, ov = _obj(hw.get("cpu")), _obj(hw.get("onnxruntime")), _obj(hw.get("openvino"))
-    gpus = [g for g in _list(hw.get("nvidia_gpus")) if isinstance(g, dict)]
-    ov_devices = _obj(ov.get("devices"))
     return {
-        "cpu_model": cpu.get("model"),
-        "cores": cpu.get("cores_logical"),
-        "memory_mb": hw.get("memory_mb"),
-        "gpus": [str(g.get("name")) for g in gpus],
-        "onnxruntime_providers": [str(p) for p in _list(ort.get("providers"))],
-        "openvino_devices": sorted(str(d) for d in ov_devices),
+        "cpu_model": summary.cpu.model,
+        "cores": summary.cpu.cores_logical,
+        "memory_mb": summary.memory_mb,
+        "gpus": [str(g.name) for g in summary.nvidia_gpus],
+        "onnxruntime_providers": list(summary.onnxruntime.providers),
+        "openvino_devices": sorted(summary.openvino.devices),
     }
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
 
 
 @dataclass
@@ -125,35 +124,35 @@ class Ingestor:
         return normalize_ts(stamp)
 
     def _state(self, device: str, payload: bytes, retained: bool, now: str) -> bool:
-        doc = parse_json_object(payload) or {}
-        agent_version = doc.get("agent_version")
-        session_id = doc.get("session_id")
-        started_at = doc.get("started_at")
+        doc = read_state(payload)  # None for a bare word will
+        agent_version = doc.agent_version if doc else None
+        session_id = doc.session_id if doc else None
+        started_at = doc.started_at if doc else None
         self.registry.record_state(
             device, state=device_state(payload),
-            agent_version=str(agent_version) if agent_version else None,
-            session_id=str(session_id) if session_id else None,
+            agent_version=agent_version or None,
+            session_id=session_id or None,
             started_at=normalize_ts(started_at),
             seen_at=self._seen(retained, started_at, now),
         )
         return True
 
     def _reported(self, device: str, payload: bytes, retained: bool, now: str) -> bool:
-        doc = parse_json_object(payload)
-        if doc is None:
+        doc = read_reported(payload)
+        raw = parse_json_object(payload)
+        if doc is None or raw is None:
             log.warning("reported of %s is not a JSON object: ignored", device)
             return False
-        agent_version = doc.get("agent_version")
-        last_error = doc.get("last_error")
         self.registry.record_reported(
             device,
-            agent_version=str(agent_version) if agent_version else None,
-            revision=applied_revision(doc),
-            models=models_of(doc),
-            last_error=str(last_error) if last_error else None,
-            hardware=summarize_hardware(doc.get("hardware")),
-            reported_at=normalize_ts(doc.get("updated_at")),
-            seen_at=self._seen(retained, doc.get("updated_at"), now),
+            agent_version=doc.agent_version or None,
+            revision=doc.revision,
+            # Kept as the agent sent them: keys this fleet does not know yet included.
+            models=models_of(raw),
+            last_error=doc.last_error or None,
+            hardware=summarize_hardware(raw.get("hardware")),
+            reported_at=normalize_ts(doc.updated_at),
+            seen_at=self._seen(retained, doc.updated_at, now),
         )
         return True
 

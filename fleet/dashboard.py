@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +28,17 @@ from importlib import resources
 from typing import Any
 
 from edgeinfer.fleet.registry import Registry, RegistryError, SqlRegistry, parse_selector
+from edgeinfer.fleet.rollout import (
+    BAKING,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SERVING,
+    RolloutError,
+    RolloutStore,
+    parse_amount,
+)
 
 PAGE_PATHS = frozenset({"/", "/index.html", "/dashboard"})
 MAX_ROLLOUTS = 50
@@ -143,57 +153,29 @@ def health_summary(body: Any, received_at: str | None) -> dict[str, Any]:
 
 def device_health(registry: Registry, device_ids: list[str]) -> dict[str, dict[str, Any]]:
     """The health summary of each device's last telemetry (devices without any are left out)."""
-    found: dict[str, dict[str, Any]] = {}
-    if isinstance(registry, SqlRegistry):
-        wanted = set(device_ids)
-        rows = registry._run(lambda ex: ex("SELECT device_id, received_at, body FROM telemetry"))
-        for dev, received_at, body in rows:
-            if str(dev) not in wanted:
-                continue
-            try:
-                doc = json.loads(body)
-            except ValueError:
-                doc = {}
-            found[str(dev)] = health_summary(doc, str(received_at))
-        return found
-    for dev in device_ids:
-        t = registry.telemetry(dev)
-        if t is not None:
-            found[dev] = health_summary(t.body, t.received_at)
-    return found
+    return {dev: health_summary(t.body, t.received_at)
+            for dev, t in registry.telemetry_by_device(device_ids).items()}
 
 
 # -- rollouts -------------------------------------------------------------------------------
 
 
 class RolloutsView:
-    """`GET /api/rollouts` from fleet/rollout.py's tables (created on first use)."""
+    """`GET /api/rollouts` from the rollout store's tables (created on first use)."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._store: Any = None
+        self._store: RolloutStore | None = None
 
-    def _rollout_store(self) -> Any:
+    def _rollout_store(self) -> RolloutStore | None:
+        # Rollouts live in the SQL registry's database; any other registry has none.
         if self._store is None and isinstance(self.registry, SqlRegistry):
-            from edgeinfer.fleet.rollout import RolloutStore  # noqa: PLC0415 (engine not needed by the API)
-
             self._store = RolloutStore(self.registry)
         return self._store
 
     def document(self, status: str | None = None, limit: int = MAX_ROLLOUTS,
                  now: float | None = None) -> dict[str, Any]:
         """Newest first: each rollout's row, its devices, group size and one entry per wave."""
-        from edgeinfer.fleet.rollout import (  # noqa: PLC0415
-            BAKING,
-            COMPLETED,
-            FAILED,
-            PENDING,
-            RUNNING,
-            SERVING,
-            RolloutError,
-            parse_amount,
-        )
-
         store = self._rollout_store()
         if store is None:
             return {"rollouts": []}

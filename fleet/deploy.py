@@ -10,15 +10,18 @@ from __future__ import annotations
 import queue
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import paho.mqtt.client as paho
 
+from edgeinfer.contract import lenient
+from edgeinfer.contract.documents import ModelEntry, Reported
 from edgeinfer.contract.manifest import (
     Manifest,
     ManifestError,
@@ -31,13 +34,7 @@ from edgeinfer.contract.topics import NAME_RE, Topics
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from edgeinfer.fleet.models import file_digest
 from edgeinfer.fleet.mqtt import BrokerError, Connection
-from edgeinfer.fleet.reports import (
-    applied_revision,
-    attempts_text,
-    device_state,
-    find_model,
-    parse_json_object,
-)
+from edgeinfer.fleet.reports import attempts_text, device_state, read_reported
 from edgeinfer.fleet.signing import Signer
 from edgeinfer.structcheck import StructError, convert
 
@@ -186,7 +183,7 @@ def next_manifest(
 def read_current(conn: Connection, topics: Topics) -> tuple[Manifest | None, int | None]:
     """The device's retained desired manifest and its applied revision (None if absent)."""
     current, reported = _read_state(conn, topics)
-    return current, applied_revision(reported) if reported else None
+    return current, reported.revision if reported else None
 
 
 _VERSION_RE = re.compile(r"^v?(\d+(?:\.\d+)*)$")
@@ -199,12 +196,15 @@ def version_order(version: str) -> tuple[int, ...] | None:
 
 
 def older_than_served(spec: ModelSpec, current: Manifest | None,
-                      reported: dict[str, Any] | None) -> str | None:
+                      reported: Reported | Mapping[str, Any] | None) -> str | None:
     """The version of `spec.name` the device serves (else the one desired) when `spec`'s
-    version is older than it, by version_order; None when it is not, or nobody can tell."""
-    entry = find_model(reported, spec.name) if reported else None
-    served = entry.get("version") if entry and entry.get("state") == "serving" else None
-    if not isinstance(served, str):
+    version is older than it, by version_order; None when it is not, or nobody can tell.
+    `reported` may also be the document as decoded JSON."""
+    if reported is not None and not isinstance(reported, Reported):
+        reported = lenient.convert(reported, Reported)
+    entry = reported.find_model(spec.name) if reported else None
+    served = entry.version if entry and entry.state == "serving" else None
+    if served is None:
         served = next((m.version for m in (current.models if current else [])
                        if m.name == spec.name), None)
     if served is None:
@@ -214,10 +214,10 @@ def older_than_served(spec: ModelSpec, current: Manifest | None,
 
 
 def _read_state(conn: Connection, topics: Topics
-                ) -> tuple[Manifest | None, dict[str, Any] | None]:
+                ) -> tuple[Manifest | None, Reported | None]:
     """The device's retained desired manifest and `reported` document (None if absent)."""
     got = conn.read_retained([topics.desired, topics.reported])
-    reported = parse_json_object(got.get(topics.reported, b""))
+    reported = read_reported(got.get(topics.reported, b""))
     payload = got.get(topics.desired)
     if not payload:
         return None, reported
@@ -250,7 +250,7 @@ def publish_desired(conn: Connection, topics: Topics, manifest: Manifest,
 class WaitResult:
     ok: bool
     message: str
-    entry: dict[str, Any] | None = None
+    entry: dict[str, Any] | None = None  # the model's `reported` entry, as plain data
 
 
 class ReportWatcher:
@@ -265,7 +265,7 @@ class ReportWatcher:
         self._conn = conn
         self._inbox: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self.device_state: str | None = None
-        self.last_entry: dict[str, Any] | None = None
+        self.last_entry: ModelEntry | None = None
         for topic in (topics.reported, topics.state):
             conn.subscribe(topic, self._on_message)
 
@@ -276,7 +276,7 @@ class ReportWatcher:
         for topic in (self.topics.reported, self.topics.state):
             self._conn.unsubscribe(topic, timeout_s=1.0)
 
-    def _next_report(self, deadline: float) -> tuple[dict[str, Any], bool] | None:
+    def _next_report(self, deadline: float) -> tuple[Reported, bool] | None:
         """The next `reported` document and whether it is fresh, or None at the deadline."""
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -286,7 +286,7 @@ class ReportWatcher:
             if topic == self.topics.state:
                 self.device_state = device_state(payload)
                 continue
-            doc = parse_json_object(payload)
+            doc = read_reported(payload)
             if doc is not None:
                 return doc, retained
         return None
@@ -298,21 +298,22 @@ class ReportWatcher:
             doc, retained = got
             if (refused := _refusal(doc, revision)) is not None:
                 return refused
-            entry = find_model(doc, name, version)
-            if entry is None or entry.get("sha256") not in (None, sha256):
+            entry = doc.find_model(name, version)
+            if entry is None or entry.sha256 not in (None, sha256):
                 continue
             self.last_entry = entry
-            state = entry.get("state")
+            state = entry.state
             if state == "serving":
                 return WaitResult(True, (
                     f"{name}:{version} is serving on {self.topics.device_id} via "
-                    f"{entry.get('runtime')}/{entry.get('device')}"
-                ), entry)
+                    f"{entry.runtime}/{entry.device}"
+                ), _plain(entry))
             fresh = not retained or _revision(doc) >= revision
             if state == "failed" and fresh:
-                text = f"{name}:{version} failed on {self.topics.device_id}: {entry.get('error')}"
+                text = f"{name}:{version} failed on {self.topics.device_id}: {entry.error}"
                 attempts = attempts_text(entry)
-                return WaitResult(False, f"{text}\n{attempts}" if attempts else text, entry)
+                return WaitResult(False, f"{text}\n{attempts}" if attempts else text,
+                                  _plain(entry))
         return self._timed_out(f"serve {name}:{version}", timeout_s)
 
     def wait_removed(self, name: str, revision: int, timeout_s: float) -> WaitResult:
@@ -322,30 +323,34 @@ class ReportWatcher:
             if (refused := _refusal(doc, revision)) is not None:
                 return refused
             fresh = not retained or _revision(doc) >= revision
-            if fresh and find_model(doc, name) is None:
+            if fresh and doc.find_model(name) is None:
                 return WaitResult(True, f"{name} is no longer served on {self.topics.device_id}")
         return self._timed_out(f"stop serving {name}", timeout_s)
 
     def _timed_out(self, goal: str, timeout_s: float) -> WaitResult:
-        seen = self.last_entry.get("state") if self.last_entry else "nothing reported"
+        seen = self.last_entry.state if self.last_entry else "nothing reported"
         return WaitResult(False, (
             f"timed out after {timeout_s:g}s waiting for {self.topics.device_id} to {goal} "
             f"(last reported: {seen}; device state: {self.device_state or 'unknown'})"
-        ), self.last_entry)
+        ), _plain(self.last_entry) if self.last_entry else None)
 
 
-def _refusal(reported: dict[str, Any], revision: int) -> WaitResult | None:
+def _plain(entry: ModelEntry) -> dict[str, Any]:
+    plain: dict[str, Any] = msgspec.to_builtins(entry)
+    return plain
+
+
+def _refusal(reported: Reported, revision: int) -> WaitResult | None:
     """The agent refused our manifest (bad signature, rollback, expired, ...)."""
-    error = reported.get("last_error")
-    if isinstance(error, str) and error.startswith(f"manifest revision {revision} refused"):
-        device = reported.get("device_id", "the device")
+    error = reported.last_error
+    if error is not None and error.startswith(f"manifest revision {revision} refused"):
+        device = reported.device_id or "the device"
         return WaitResult(False, f"{device} refused the manifest: {error}")
     return None
 
 
-def _revision(reported: dict[str, Any]) -> int:
-    rev = applied_revision(reported)
-    return -1 if rev is None else rev
+def _revision(reported: Reported) -> int:
+    return -1 if reported.revision is None else reported.revision
 
 
 # -- the whole deploy ---------------------------------------------------------------
@@ -384,7 +389,7 @@ def deploy(
             f"{upsert.name}:{upsert.version} is older than {upsert.name}:{served}, which "
             f"{topics.device_id} serves; pass --rollback to roll back on purpose")
     manifest = next_manifest(current, upsert=upsert, remove=remove, rollback=rollback,
-                             applied=applied_revision(reported) if reported else None)
+                             applied=reported.revision if reported else None)
     # Subscribe before publishing so no report about this revision can slip by.
     watcher = ReportWatcher(conn, topics) if wait_s is not None else None
     try:

@@ -12,7 +12,14 @@ from typing import Any
 
 from edgeinfer.contract.topics import device_of, device_wildcard
 from edgeinfer.fleet.mqtt import Connection
-from edgeinfer.fleet.reports import applied_revision, device_state, int_or_none, models_of, parse_json_object
+from edgeinfer.fleet.reports import (
+    device_state,
+    int_or_none,
+    models_of,
+    parse_json_object,
+    read_reported,
+    read_state,
+)
 
 _LEAVES = ("state", "reported", "desired")
 _ERROR_WIDTH = 60
@@ -46,18 +53,18 @@ def rows_from_retained(retained: Mapping[str, bytes], prefix: str) -> list[Devic
         if device is None or leaf not in _LEAVES or topic.count("/") != prefix.count("/") + 3:
             continue
         row = rows.setdefault(device, DeviceRow(device))
-        doc = parse_json_object(payload)
         if leaf == "state":
             row.state = device_state(payload)
-            if doc and doc.get("agent_version"):
-                row.agent_version = str(doc["agent_version"])
-        elif leaf == "reported" and doc is not None:
-            row.revision = applied_revision(doc)
-            row.models = models_of(doc)
-            row.last_error = doc.get("last_error") or None
-            row.updated_at = doc.get("updated_at")
-            row.agent_version = row.agent_version or doc.get("agent_version")
-        elif leaf == "desired" and doc is not None:
+            state = read_state(payload)
+            if state is not None and state.agent_version:
+                row.agent_version = state.agent_version
+        elif leaf == "reported" and (reported := read_reported(payload)) is not None:
+            row.revision = reported.revision
+            row.models = models_of(parse_json_object(payload) or {})  # as the agent sent them
+            row.last_error = reported.last_error or None
+            row.updated_at = reported.updated_at
+            row.agent_version = row.agent_version or reported.agent_version
+        elif leaf == "desired" and (doc := parse_json_object(payload)) is not None:
             row.desired_revision = int_or_none(doc.get("revision"))
     return [rows[d] for d in sorted(rows)]
 

@@ -1,13 +1,60 @@
-"""Reading what agents publish: the retained `reported` and `state` documents.
+"""Reading what agents publish: `state`, `reported`, `telemetry` and `events`.
 
-Agents are written and upgraded separately, so every reader here tolerates missing
-keys and wrong types instead of failing on them.
+Agents are written and upgraded separately, so every reader here tolerates missing keys,
+extra keys and wrong types instead of failing on them. The typed readers (`read_state`,
+`read_reported`, `read_telemetry`, `read_event`) decode into the contract's Structs
+(edgeinfer.contract.documents, edgeinfer.contract.telemetry) leniently: a field of the
+wrong type is dropped, not the document.
+
+The dict helpers below them serve what keeps a document's parts as the agent sent them
+(the registry stores each model entry as it came, keys unknown to this version included)
+and the callers not yet moved to the Structs.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from edgeinfer.contract.documents import (
+    ModelEntry,
+    read_event,
+    read_reported,
+    read_state,
+    state_word,
+)
+from edgeinfer.contract.telemetry import read_telemetry
+
+__all__ = [
+    "applied_revision",
+    "attempts_text",
+    "device_state",
+    "find_model",
+    "int_or_none",
+    "models_of",
+    "parse_json_object",
+    "read_event",
+    "read_reported",
+    "read_state",
+    "read_telemetry",
+]
+
+
+def device_state(payload: bytes) -> str:
+    """`online`/`offline` from a `state` payload; a bare word (a hand-made will) works too."""
+    return state_word(payload)
+
+
+def attempts_text(entry: ModelEntry) -> str:
+    """One line per runtime the agent tried for a model, for an operator to read."""
+    lines = []
+    for a in entry.attempts:
+        verdict = "ok" if a.ok else f"failed: {a.reason}"
+        lines.append(f"  tried {a.runtime}/{a.device}: {verdict}")
+    return "\n".join(lines)
+
+
+# -- untyped: parts kept as sent, and callers not yet on the Structs -------------------
 
 
 def parse_json_object(payload: bytes) -> dict[str, Any] | None:
@@ -19,14 +66,6 @@ def parse_json_object(payload: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def device_state(payload: bytes) -> str:
-    """`online`/`offline` from a `state` payload; a bare word (a hand-made will) works too."""
-    doc = parse_json_object(payload)
-    if doc is not None:
-        return str(doc.get("state") or "unknown")
-    return payload.decode("utf-8", "replace").strip() or "unknown"
-
-
 def int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -36,23 +75,15 @@ def applied_revision(reported: dict[str, Any]) -> int | None:
 
 
 def models_of(reported: dict[str, Any]) -> list[dict[str, Any]]:
+    """`reported.models` entries as sent (those that are JSON objects)."""
     return [m for m in reported.get("models") or [] if isinstance(m, dict)]
 
 
 def find_model(reported: dict[str, Any], name: str, version: str | None = None
                ) -> dict[str, Any] | None:
-    """The entry of `name` (and `version`, when given) in a `reported` document."""
+    """The entry of `name` (and `version`, when given) in an untyped `reported` document
+    (typed: Reported.find_model)."""
     for m in models_of(reported):
         if m.get("name") == name and (version is None or m.get("version") == version):
             return m
     return None
-
-
-def attempts_text(entry: dict[str, Any]) -> str:
-    """One line per runtime the agent tried for a model, for an operator to read."""
-    lines = []
-    for a in entry.get("attempts") or []:
-        if isinstance(a, dict):
-            verdict = "ok" if a.get("ok") else f"failed: {a.get('reason')}"
-            lines.append(f"  tried {a.get('runtime')}/{a.get('device')}: {verdict}")
-    return "\n".join(lines)

@@ -17,9 +17,8 @@ import pytest
 
 from bench.models import build_cnn, build_digits, build_mlp
 from edgeinfer.agent.config import ConfigError, load_config
-from edgeinfer.agent.failover import RunWatch, note_outputs
+from edgeinfer.agent.failover import RunWatch
 from edgeinfer.agent.faults import FAIL_RUNTIME_ENV, failing_runtime_from_env
-from edgeinfer.agent.served import ServingModel
 from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.autotune import (
     AutotuneCache,
@@ -185,19 +184,18 @@ def test_auto_preference_is_checked(hw: HardwareInfo, tmp_path: Path) -> None:
 
 def test_nan_from_finite_inputs_counts_as_a_failed_run() -> None:
     fired: list[str] = []
-    model = ServingModel.__new__(ServingModel)  # only `watch` is used here
-    model.watch = RunWatch(2, [], fired.append)
+    watch = RunWatch(2, [], fired.append)
     x = {"x": np.ones((1, 2), np.float32)}
     good = {"y": np.ones((1, 2), np.float32)}
     bad = {"y": np.array([[np.nan, 1.0]], np.float32)}
-    note_outputs(model, [x], [bad])
-    note_outputs(model, [x], [good])  # a good run resets the count
-    note_outputs(model, [x], [bad])
-    note_outputs(model, [{"x": np.full((1, 2), np.nan, np.float32)}], [bad])  # NaN in: not counted
-    assert fired == [] and model.watch.consecutive == 1
-    note_outputs(model, [x], [bad])
+    watch.returned([x], [bad])
+    watch.returned([x], [good])  # a good run resets the count
+    watch.returned([x], [bad])
+    watch.returned([{"x": np.full((1, 2), np.nan, np.float32)}], [bad])  # NaN in: not counted
+    assert fired == [] and watch.consecutive == 1
+    watch.returned([x], [bad])
     assert len(fired) == 1 and "NaN or Inf" in fired[0]
-    note_outputs(model, [x], [bad])
+    watch.returned([x], [bad])
     assert len(fired) == 1  # fires once
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bench.models import DigitsModel
+from edgeinfer.agent.jobs import request_digest
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.protocol import (
     HEADER_LENGTH_PROPERTY,
@@ -21,7 +22,6 @@ from edgeinfer.agent.protocol import (
     encode_response,
     mark_replayed,
 )
-from edgeinfer.agent.scheduler import request_digest
 from edgeinfer.contract.errors import Code
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import InvalidArgument

@@ -20,7 +20,8 @@ import msgspec
 import numpy as np
 import pytest
 
-import edgeinfer.agent.scheduler as scheduler_module
+import edgeinfer.agent.headers as headers_module
+import edgeinfer.agent.intake as intake_module
 from edgeinfer.agent import protocol
 from edgeinfer.agent.config import JobsConfig
 from edgeinfer.agent.journal import Completion, Journal, OutMessage, StoredJob
@@ -229,8 +230,8 @@ def test_a_job_header_is_decoded_once(stack: Stack, monkeypatch: pytest.MonkeyPa
         calls["peek"] += 1
         return peek(*args)
 
-    monkeypatch.setattr(scheduler_module, "decode_request", counted_decode)
-    monkeypatch.setattr(scheduler_module, "peek_meta", counted_peek)
+    monkeypatch.setattr(headers_module, "decode_request", counted_decode)
+    monkeypatch.setattr(headers_module, "peek_meta", counted_peek)
     stack.scheduler.start()
     for n in range(1, 4):
         stack.scheduler.submit(job(n))
@@ -252,7 +253,7 @@ def test_a_short_job_runs_on_the_intake_when_nothing_waits(stack: Stack) -> None
 
 
 def test_a_slow_model_always_runs_on_a_worker(tmp_path: Path) -> None:
-    s = Stack(tmp_path, FakeSession(delay_s=scheduler_module.INLINE_MAX_S * 3))
+    s = Stack(tmp_path, FakeSession(delay_s=intake_module.INLINE_MAX_S * 3))
     try:
         s.scheduler.start()
         for n in range(1, 4):

@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from edgeinfer.runtimes.base import Session, TensorSpec
-from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, require
+from edgeinfer.runtimes.pipelines.base import Pipeline, media_items, parse_settings, require
 
 TASK = "voice-activity-detection"
 AUDIO_INPUT = "audio"
@@ -197,7 +197,7 @@ def speech_timestamps(
     return [(int(s["start"]), int(s["end"])) for s in speeches]
 
 
-class VoiceActivityDetection:
+class VoiceActivityDetection(Pipeline):
     task = TASK
 
     def __init__(self, cfg: VadSettings, session: Session) -> None:

@@ -4,12 +4,16 @@ A pipeline sits between a job's tensors and a model's session: it decodes and
 pre-processes what a job sends (an encoded image, an audio file, token ids), runs the
 session, and post-processes what the model gives back (top-k labels, speech segments,
 pooled embeddings). It holds no per-job state, so one pipeline serves every thread.
+Every task's pipeline is a `Pipeline` (a `StreamingPipeline` when it streams and can be
+cancelled: text generation), so its caller asks typed questions and probes for nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol, TypeVar
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 import numpy as np
@@ -21,22 +25,43 @@ from edgeinfer.structcheck import StructError, convert
 MEDIA_EXTRA_HINT = "pip install 'edgeinfer[media]'"
 
 
-class Pipeline(Protocol):
+class Pipeline(ABC):
     """One task on one model: what a job sends, what the answer holds, and how to get there."""
 
-    task: str
+    task: ClassVar[str]
 
+    @abstractmethod
     def inputs(self) -> list[TensorSpec]:
         """The tensors a job must send (their datatypes and shapes, -1 = any)."""
-        ...
 
+    def optional_inputs(self) -> list[TensorSpec]:
+        """Tensors a job may add to `inputs()` (knobs; the settings' defaults stand in for
+        those it leaves out). None unless the task takes some."""
+        return []
+
+    @abstractmethod
     def outputs(self) -> list[TensorSpec]:
         """The tensors the answer holds."""
-        ...
 
+    @abstractmethod
     def run(self, session: Session, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Pre-process, infer, post-process. Bad media raise ValueError saying what is wrong."""
-        ...
+
+
+class StreamingPipeline(Pipeline):
+    """A pipeline whose answer can come in chunks, and whose running job a cancel request
+    can stop: the caller sets `cancel` and the run ends early with what it has."""
+
+    @abstractmethod
+    def run(self, session: Session, inputs: Mapping[str, np.ndarray],
+            cancel: threading.Event | None = None) -> dict[str, np.ndarray]:
+        """The whole answer at once."""
+
+    @abstractmethod
+    def run_stream(self, session: Session, inputs: Mapping[str, np.ndarray],
+                   cancel: threading.Event | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The answer in chunks as it becomes final, the last one ending it. The job is
+        checked before this returns: a bad one raises ValueError here."""
 
 
 S = TypeVar("S", bound=msgspec.Struct)

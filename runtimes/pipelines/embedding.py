@@ -28,7 +28,7 @@ import numpy as np
 
 from edgeinfer.runtimes.base import Session, TensorSpec, one_line
 from edgeinfer.runtimes.datatypes import to_numpy_dtype
-from edgeinfer.runtimes.pipelines.base import MEDIA_EXTRA_HINT, parse_settings
+from edgeinfer.runtimes.pipelines.base import MEDIA_EXTRA_HINT, Pipeline, parse_settings
 
 TASK = "embedding"
 EPS = 1e-12
@@ -226,7 +226,7 @@ class _TextFeed:
         return calls
 
 
-class Embedding:
+class Embedding(Pipeline):
     task = TASK
 
     def __init__(self, cfg: EmbeddingSettings, session: Session,

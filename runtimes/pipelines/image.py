@@ -20,7 +20,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.datatypes import to_numpy_dtype
-from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, pick_input, require, sniff_image
+from edgeinfer.runtimes.pipelines.base import (
+    Pipeline,
+    media_items,
+    parse_settings,
+    pick_input,
+    require,
+    sniff_image,
+)
 
 TASK = "image-classification"
 IMAGE_INPUT = "image"
@@ -105,7 +112,7 @@ def _load_labels(cfg: ImageSettings, model_dir: Path | None) -> tuple[str, ...] 
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-class ImageClassification:
+class ImageClassification(Pipeline):
     task = TASK
 
     def __init__(self, cfg: ImageSettings, labels: tuple[str, ...] | None, session: Session) -> None:

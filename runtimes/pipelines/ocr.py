@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgeinfer.contract.tasks import MULTI_MODEL_TASKS
 from edgeinfer.runtimes.base import Session, TensorSpec
-from edgeinfer.runtimes.pipelines.base import media_items, parse_settings, require, sniff_image
+from edgeinfer.runtimes.pipelines.base import Pipeline, media_items, parse_settings, require, sniff_image
 
 TASK = "ocr"
 IMAGE_INPUT = "image"
@@ -332,7 +332,7 @@ def _check_model(role: str, session: Session, channels: int, rank: int = 4) -> s
     return spec.name
 
 
-class Ocr:
+class Ocr(Pipeline):
     task = TASK
 
     def __init__(self, cfg: OcrSettings, characters: list[str], sessions: Mapping[str, Session]) -> None:

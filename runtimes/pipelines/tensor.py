@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 
 from edgeinfer.runtimes.base import Session, TensorSpec
+from edgeinfer.runtimes.pipelines.base import Pipeline
 
 TASK = "tensor"
 
 
-class TensorPipeline:
+class TensorPipeline(Pipeline):
     task = TASK
 
     def __init__(self, session: Session) -> None:

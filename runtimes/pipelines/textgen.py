@@ -38,7 +38,7 @@ from tokenizers import Tokenizer
 
 from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.datatypes import to_numpy_dtype
-from edgeinfer.runtimes.pipelines.base import parse_settings, require
+from edgeinfer.runtimes.pipelines.base import StreamingPipeline, parse_settings, require
 
 TASK = "text-generation"
 TEXT_INPUT = "text_input"
@@ -216,7 +216,7 @@ def _chunk(text: str, ids: list[int], finish: str) -> dict[str, np.ndarray]:
     }
 
 
-class TextGeneration:
+class TextGeneration(StreamingPipeline):
     task = TASK
 
     def __init__(
