@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # System packages: mosquitto (the broker the demo and the tests start), mosquitto_passwd
 # (password-file tests), espeak-ng (speech for the voice-activity tests), chromium and
 # chromium-driver (the dashboard's browser tests; never a browser downloaded by a tool),
-# fonts-dejavu-core and systemd (see below).
+# fonts-dejavu-core and systemd (see below), postgresql (scripts/with-postgres.sh starts a
+# throwaway server from its programs for the registry tests when none answers).
 missing=""
 { command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || missing="$missing mosquitto"
 command -v mosquitto_passwd >/dev/null 2>&1 || missing="$missing mosquitto-clients"
@@ -20,6 +21,8 @@ command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 # The OCR tests render text in DejaVu Sans; the unit-file tests run systemd-analyze verify.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$missing fonts-dejavu-core"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 \
+    || missing="$missing postgresql"
 if [ -n "$missing" ]; then
     echo "bootstrap: installing from the system's packages:$missing" >&2
     SUDO=""

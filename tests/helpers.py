@@ -3,6 +3,7 @@ deploy through the real fleet CLI."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -81,6 +82,20 @@ def build_slow(out_dir: Path, matmuls: int = 32, size: int = 1024) -> Path:
 def deploy(url: str, tmp: Path, *args: str, device: str) -> int:
     return fleet(["deploy", "--broker", url, "--device", device,
                   "--artifact-dir", str(tmp / "artifacts"), *args])
+
+
+def http_request(server: Any, path: str, headers: dict[str, str] | None = None,
+                 method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to a server of ours listening at `server.server_address`: the
+    status, the headers and the body."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(str(host), port, timeout=5)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 class Watch:

@@ -1,8 +1,12 @@
 """The registry's PostgreSQL backend under test: a throwaway schema on the local server.
 
-Tests that take `registry_target` run once per backend; the PostgreSQL run skips (with
-the reason) when no server answers on 127.0.0.1:5432 (trust auth, database `test`), or
-`$EDGE_TEST_POSTGRES_URL` names another.
+Tests that take `registry_target` run once per backend, against the server at
+`$EDGE_TEST_POSTGRES_URL` (default postgresql://127.0.0.1:5432/test, trust auth).
+scripts/test.sh (through scripts/with-postgres.sh) starts a throwaway server and sets that
+variable when none answers there; a plain `pytest` skips the PostgreSQL runs, with the
+reason, where no server answers.
+
+`python -m tests.pgtest` exits 0 when a server answers, else prints why not and exits 1.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ def _unreachable() -> str | None:
         with psycopg.connect(PG_URL, connect_timeout=2):
             return None
     except psycopg.Error as exc:
-        return f"no PostgreSQL at {PG_URL}: {str(exc).strip().splitlines()[0]}"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"no PostgreSQL at {PG_URL}: {first} (scripts/test.sh, or "
+                "scripts/with-postgres.sh COMMAND, starts a throwaway one)")
 
 
 @contextmanager
@@ -44,3 +50,11 @@ def pg_schema_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as db:
             db.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+if __name__ == "__main__":
+    import sys
+
+    why = _unreachable()
+    if why is not None:
+        sys.exit(why)

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from edgeinfer.fleet.controller import Controller, Ingestor, summarize_hardware
 from edgeinfer.fleet.mqtt import connect
 from edgeinfer.fleet.registry import SqlRegistry, open_registry
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
-from tests.pgtest import pg_schema_url
 
 P = "edge/v1"
 
@@ -33,15 +30,6 @@ REPORTED = {
                  "openvino": {"version": "2025", "devices": {"CPU": "x"}}, "errors": []},
     "updated_at": "2026-01-01T00:00:05Z",
 }
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "registry.sqlite3")
-    else:
-        with pg_schema_url() as url:
-            yield url
 
 
 def _publish(broker: Broker, messages: dict[str, Any], *, retain: bool) -> None:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,14 @@ from edgeinfer.fleet.fleetconfig import ConfigError, load_fleet_config
 from edgeinfer.fleet.mqtt import connect
 from edgeinfer.fleet.registry import open_registry
 from tests.broker import Broker, free_port, wait_port
-from tests.pgtest import pg_schema_url
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "state" / "registry.sqlite3")
-    else:
-        with pg_schema_url() as url:
-            yield url
+@pytest.fixture
+def db(registry_target: str) -> str:
+    """The --db value, once per backend (registry_target: tests/conftest.py)."""
+    return registry_target
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from edgeinfer.fleet.artifacts import ArtifactStore, parse_range
 from edgeinfer.fleet.http_api import Api, ControllerServer
 from edgeinfer.fleet.registry import ModelVersion, SqlRegistry, open_registry
+from tests.helpers import http_request
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 
@@ -40,35 +40,23 @@ def sha(server: ControllerServer, tmp_path: Path) -> str:
     return server.store.put_file(f).sha256
 
 
-def _get(server: ControllerServer, path: str, headers: dict[str, str] | None = None,
-         method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(str(host), port, timeout=5)
-    try:
-        conn.request(method, path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def _json(server: ControllerServer, path: str) -> tuple[int, Any]:
-    status, headers, body = _get(server, path)
+    status, headers, body = http_request(server, path)
     assert headers["Content-Type"] == "application/json"
     return status, json.loads(body)
 
 
 def test_etag(server: ControllerServer, sha: str) -> None:
     path = f"/artifacts/sha256/{sha}"
-    status, headers, body = _get(server, path)
+    status, headers, body = http_request(server, path)
     assert (status, body) == (200, DATA)
     assert headers["ETag"] == f'"{sha}"'
     assert headers["Accept-Ranges"] == "bytes"
     for inm in (f'"{sha}"', f'"other", "{sha}"', "*", f'W/"{sha}"'):
-        status, headers, body = _get(server, path, {"If-None-Match": inm})
+        status, headers, body = http_request(server, path, {"If-None-Match": inm})
         assert (status, body) == (304, b""), inm
         assert headers["ETag"] == f'"{sha}"'
-    assert _get(server, path, {"If-None-Match": '"other"'})[0] == 200
+    assert http_request(server, path, {"If-None-Match": '"other"'})[0] == 200
 
 
 @pytest.mark.parametrize(("spec", "start", "end"), [
@@ -80,12 +68,12 @@ def test_etag(server: ControllerServer, sha: str) -> None:
     ("bytes=5-5", 5, 5),
 ])
 def test_range(server: ControllerServer, sha: str, spec: str, start: int, end: int) -> None:
-    status, headers, body = _get(server, f"/artifacts/sha256/{sha}", {"Range": spec})
+    status, headers, body = http_request(server, f"/artifacts/sha256/{sha}", {"Range": spec})
     assert status == 206
     assert headers["Content-Range"] == f"bytes {start}-{end}/{len(DATA)}"
     assert headers["Content-Length"] == str(end - start + 1)
     assert body == DATA[start:end + 1]
-    status, headers, body = _get(server, f"/artifacts/sha256/{sha}", {"Range": spec}, "HEAD")
+    status, headers, body = http_request(server, f"/artifacts/sha256/{sha}", {"Range": spec}, "HEAD")
     assert (status, body) == (206, b"")
     assert headers["Content-Length"] == str(end - start + 1)
 
@@ -93,7 +81,7 @@ def test_range(server: ControllerServer, sha: str, spec: str, start: int, end: i
 @pytest.mark.parametrize("spec", ["bytes=10240-", "bytes=99999-100000", "bytes=5-2",
                                   "bytes=-0", "bytes=abc", "bytes=-", "bytes=1-2-3"])
 def test_range_not_satisfiable(server: ControllerServer, sha: str, spec: str) -> None:
-    status, headers, body = _get(server, f"/artifacts/sha256/{sha}", {"Range": spec})
+    status, headers, body = http_request(server, f"/artifacts/sha256/{sha}", {"Range": spec})
     assert status == 416
     assert headers["Content-Range"] == f"bytes */{len(DATA)}"
     assert body == b""
@@ -105,12 +93,12 @@ def test_range_not_satisfiable(server: ControllerServer, sha: str, spec: str) ->
     {"Range": "bytes=0-1", "If-Range": '"not-this"'},  # resume of other content
 ])
 def test_range_ignored(server: ControllerServer, sha: str, headers: dict[str, str]) -> None:
-    status, _, body = _get(server, f"/artifacts/sha256/{sha}", headers)
+    status, _, body = http_request(server, f"/artifacts/sha256/{sha}", headers)
     assert (status, body) == (200, DATA)
 
 
 def test_if_range_matching(server: ControllerServer, sha: str) -> None:
-    status, _, body = _get(server, f"/artifacts/sha256/{sha}",
+    status, _, body = http_request(server, f"/artifacts/sha256/{sha}",
                            {"Range": "bytes=1-2", "If-Range": f'"{sha}"'})
     assert (status, body) == (206, DATA[1:3])
 
@@ -169,5 +157,5 @@ def test_api_errors(server: ControllerServer, path: str, status: int, message: s
 
 
 def test_artifact_404_still_html_free_of_api(server: ControllerServer) -> None:
-    assert _get(server, "/artifacts/sha256/" + "0" * 64)[0] == 404
-    assert _get(server, "/api")[0] == 404
+    assert http_request(server, "/artifacts/sha256/" + "0" * 64)[0] == 404
+    assert http_request(server, "/api")[0] == 404

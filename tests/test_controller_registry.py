@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,15 +22,6 @@ from tests.pgtest import pg_schema_url
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "state" / "registry.sqlite3")
-    else:
-        with pg_schema_url() as url:
-            yield url
 
 
 @pytest.fixture

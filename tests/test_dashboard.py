@@ -6,7 +6,6 @@ device-supplied text that must stay text."""
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from edgeinfer.fleet.mqtt import connect
 from edgeinfer.fleet.registry import SqlRegistry, open_registry
 from edgeinfer.fleet.rollout import BAKING, PENDING, RUNNING, SERVING, Rollout, RolloutDevice, RolloutStore
 from tests.broker import Broker
+from tests.helpers import http_request
 
 P = "edge/v1"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,18 +52,6 @@ def _server(tmp_path: Path, registry: SqlRegistry,
     return s
 
 
-def _get(server: ControllerServer, path: str, headers: dict[str, str] | None = None,
-         method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(str(host), port, timeout=5)
-    try:
-        conn.request(method, path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def _rollout(registry: SqlRegistry) -> Rollout:
     """Rollout digits:4 in its second wave (baking), gw-1 serving from wave 1, gw-2 pending."""
     store = RolloutStore(registry)
@@ -83,7 +71,7 @@ def _rollout(registry: SqlRegistry) -> Rollout:
 def test_page_is_served_with_a_strict_csp(tmp_path: Path, registry: SqlRegistry) -> None:
     server = _server(tmp_path, registry, lambda: {"connected": True})
     try:
-        status, headers, body = _get(server, "/")
+        status, headers, body = http_request(server, "/")
         assert status == 200
         assert headers["Content-Type"] == "text/html; charset=utf-8"
         assert b"<title>edgeinfer fleet</title>" in body
@@ -94,11 +82,11 @@ def test_page_is_served_with_a_strict_csp(tmp_path: Path, registry: SqlRegistry)
         assert "unsafe-eval" not in csp
         assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]{44}'", csp)
         assert headers["X-Content-Type-Options"] == "nosniff"
-        assert _get(server, "/", {"If-None-Match": headers["ETag"]})[0] == 304
-        status, headers, body = _get(server, "/index.html", method="HEAD")
+        assert http_request(server, "/", {"If-None-Match": headers["ETag"]})[0] == 304
+        status, headers, body = http_request(server, "/index.html", method="HEAD")
         assert (status, body) == (200, b"")
         assert int(headers["Content-Length"]) == len(page().body)
-        assert _get(server, "/nothing-here")[0] == 404  # the artifact handler's 404
+        assert http_request(server, "/nothing-here")[0] == 404  # the artifact handler's 404
     finally:
         server.shutdown()
 
@@ -126,10 +114,10 @@ def test_api_rollouts_and_health(tmp_path: Path, registry: SqlRegistry) -> None:
         "2026-01-01T00:00:00.000Z")
     server = _server(tmp_path, registry, lambda: {"connected": True})
     try:
-        status, _, body = _get(server, "/api/rollouts")
+        status, _, body = http_request(server, "/api/rollouts")
         assert (status, json.loads(body)) == (200, {"rollouts": []})  # tables created lazily
         r = _rollout(registry)
-        status, _, body = _get(server, "/api/rollouts")
+        status, _, body = http_request(server, "/api/rollouts")
         assert status == 200
         (doc,) = json.loads(body)["rollouts"]
         assert (doc["id"], doc["target"], doc["status"], doc["phase"]) == (
@@ -144,11 +132,11 @@ def test_api_rollouts_and_health(tmp_path: Path, registry: SqlRegistry) -> None:
         assert [(w["serving"], w["pending"]) for w in doc["waves_detail"]] == [
             (1, 0), (0, 1), (0, 0)]
         assert [d["device_id"] for d in doc["devices"]] == ["gw-1", "gw-2"]
-        assert json.loads(_get(server, "/api/rollouts?status=completed")[2]) == {"rollouts": []}
+        assert json.loads(http_request(server, "/api/rollouts?status=completed")[2]) == {"rollouts": []}
 
-        devices = json.loads(_get(server, "/api/devices")[2])["devices"]
+        devices = json.loads(http_request(server, "/api/devices")[2])["devices"]
         assert "health" not in devices[0]  # only when asked
-        devices = json.loads(_get(server, "/api/devices?health=1")[2])["devices"]
+        devices = json.loads(http_request(server, "/api/devices?health=1")[2])["devices"]
         assert devices[1]["health"] is None
         health = devices[0]["health"]
         assert health["queue_depth"] == 2

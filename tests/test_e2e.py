@@ -26,7 +26,7 @@ from edgeinfer.fleet.errors import DeadlineExceeded, InvalidArgument, NotFound
 from edgeinfer.fleet.mqtt import connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
-from tests.helpers import Watch, deploy, reported, wait_state
+from tests.helpers import Watch, deploy, reported, running_agent, wait_state
 
 DEVICE = "gw-e2e"
 TOPICS = Topics("edge/v1", DEVICE)
@@ -40,17 +40,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[DigitsModel, Path]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, AgentProcess]]:
-    root = tmp_path_factory.mktemp("e2e")
-    broker = Broker(root / "broker")
-    broker.start()
-    agent = AgentProcess(root / "agent", broker.url, DEVICE)
-    agent.start()
-    try:
-        wait_state(broker.url, "online", DEVICE)
+    with running_agent(tmp_path_factory.mktemp("e2e"), DEVICE) as (broker, agent):
         yield broker, agent
-    finally:
-        agent.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")

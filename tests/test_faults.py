@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.models import DigitsModel, build_digits, build_heavy
+from bench.models import DigitsModel, build_heavy
 from edgeinfer.agent.journal import RUNNING_FILE
 from edgeinfer.agent.runslots import read_running, run_tag
 from edgeinfer.fleet.client import InferenceClient
@@ -32,11 +32,6 @@ from tests.loadclient import LoadClient, Tally
 
 JOBS = 1000
 DEVICE = "gw-fault"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
-    return build_digits(tmp_path_factory.mktemp("digits"))
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgeinfer.fleet.artifacts import ArtifactServer, ArtifactStore, artifact_url, serve_artifacts
+from tests.helpers import http_request
 
 
 @pytest.fixture
@@ -56,34 +56,22 @@ def test_put_missing_file_leaves_nothing(store: ArtifactStore, tmp_path: Path) -
     assert list((store.root / "sha256").iterdir()) == []
 
 
-def _request(server: ArtifactServer, method: str, path: str,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(str(host), port, timeout=5)
-    try:
-        conn.request(method, path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def test_get_and_head(server: ArtifactServer, store: ArtifactStore, model_file: Path) -> None:
     a = store.put_file(model_file)
     url = artifact_url(server.url, a.sha256)
     assert url == f"{server.url}/artifacts/sha256/{a.sha256}"
     path = f"/artifacts/sha256/{a.sha256}"
-    status, headers, body = _request(server, "GET", path)
+    status, headers, body = http_request(server, path)
     assert status == 200
     assert body == model_file.read_bytes()
     assert headers["Content-Length"] == str(a.size)
     assert headers["ETag"] == f'"{a.sha256}"'
     assert headers["Content-Type"] == "application/octet-stream"
-    status, headers, body = _request(server, "HEAD", path)
+    status, headers, body = http_request(server, path, method="HEAD")
     assert status == 200
     assert body == b""
     assert headers["Content-Length"] == str(a.size)
-    status, _, body = _request(server, "GET", path, {"If-None-Match": f'"{a.sha256}"'})
+    status, _, body = http_request(server, path, {"If-None-Match": f'"{a.sha256}"'})
     assert status == 304
     assert body == b""
 
@@ -102,9 +90,9 @@ def test_get_and_head(server: ArtifactServer, store: ArtifactStore, model_file: 
 def test_everything_else_is_404(server: ArtifactServer, store: ArtifactStore,
                                 model_file: Path, path: str) -> None:
     store.put_file(model_file)
-    status, _, _ = _request(server, "GET", path)
+    status, _, _ = http_request(server, path)
     assert status == 404
-    status, _, _ = _request(server, "HEAD", path)
+    status, _, _ = http_request(server, path, method="HEAD")
     assert status == 404
 
 
@@ -112,13 +100,13 @@ def test_stored_path_with_suffix_is_404(server: ArtifactServer, store: ArtifactS
                                         model_file: Path) -> None:
     a = store.put_file(model_file)
     for path in (f"/artifacts/sha256/{a.sha256}/", f"/artifacts/sha256/{a.sha256}/../x"):
-        assert _request(server, "GET", path)[0] == 404
+        assert http_request(server, path)[0] == 404
     # A query string does not change what is served.
-    assert _request(server, "GET", f"/artifacts/sha256/{a.sha256}?x=1")[0] == 200
+    assert http_request(server, f"/artifacts/sha256/{a.sha256}?x=1")[0] == 200
 
 
 def test_other_methods_refused(server: ArtifactServer) -> None:
-    status, _, _ = _request(server, "PUT", "/artifacts/sha256/" + "0" * 64)
+    status, _, _ = http_request(server, "/artifacts/sha256/" + "0" * 64, method="PUT")
     assert status == 501
 
 

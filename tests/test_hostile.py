@@ -33,7 +33,7 @@ from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import ResourceExhausted
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
-from tests.helpers import deploy, reported, wait_state
+from tests.helpers import deploy, reported, running_agent, wait_state
 
 DEVICE = "gw-hostile"
 TOPICS = Topics("edge/v1", DEVICE)
@@ -95,20 +95,12 @@ class Fuzzer:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, AgentProcess, Path]]:
     root = tmp_path_factory.mktemp("hostile")
-    broker = Broker(root / "broker")
-    broker.start()
-    agent = AgentProcess(root / "agent", broker.url, DEVICE, log={"level": "INFO"},
-                         jobs={"max_tensor_elements": 100_000})
-    agent.start()
-    try:
-        wait_state(broker.url, "online", DEVICE)
+    with running_agent(root, DEVICE, log={"level": "INFO"},
+                       jobs={"max_tensor_elements": 100_000}) as (broker, agent):
         mlp = build_mlp(root / "models")
         assert deploy(broker.url, root, "--model", "mlp", "--version", "1", "--file", str(mlp),
                       "--prefer", "onnxruntime", "--wait", "60", device=DEVICE) == 0
         yield broker, agent, root
-    finally:
-        agent.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from bench.models import DigitsModel, build_digits
+from bench.models import DigitsModel
 from edgeinfer.agent.jobs import request_digest
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.protocol import (
@@ -27,7 +27,7 @@ from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.errors import InvalidArgument
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
-from tests.helpers import deploy, wait_state
+from tests.helpers import deploy, running_agent, wait_state
 
 DEVICE = "gw-jobids"
 
@@ -100,26 +100,13 @@ def test_request_digest_is_the_payload_and_the_properties_that_shape_the_request
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
-    return build_digits(tmp_path_factory.mktemp("digits"))
-
-
-@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, digits: DigitsModel
           ) -> Iterator[tuple[Broker, AgentProcess]]:
     root = tmp_path_factory.mktemp("jobids")
-    broker = Broker(root / "broker")
-    broker.start()
-    agent = AgentProcess(root / "agent", broker.url, DEVICE, jobs={"dedup_window_s": 600})
-    agent.start()
-    try:
-        wait_state(broker.url, "online", DEVICE)
+    with running_agent(root, DEVICE, jobs={"dedup_window_s": 600}) as (broker, agent):
         assert deploy(broker.url, root, "--model", "digits", "--version", "1",
                       "--file", str(digits.path), "--wait", "60", device=DEVICE) == 0
         yield broker, agent
-    finally:
-        agent.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")

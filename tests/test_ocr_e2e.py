@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from bench.models import RAPIDOCR_MODELS, rapidocr_models_dir
 from edgeinfer.contract.manifest import (
     ArtifactFile,
     Health,
@@ -54,13 +53,6 @@ V1_SETTINGS: dict[str, Any] = {"det_limit_side_len": 160}
 V3_SETTINGS: dict[str, Any] = {"det_limit_side_len": 128, "text_score": 0.99}
 DEPLOY_WAIT_S = "180"
 JOB_TIMEOUT_S = 60.0
-
-
-def _wheel_models() -> Path:
-    folder = rapidocr_models_dir()
-    if folder is not None:
-        return folder
-    pytest.skip("the rapidocr-onnxruntime wheel is not installed (scripts/bootstrap.sh installs it)")
 
 
 def _render(lines: list[tuple[tuple[int, int], str]], size: tuple[int, int]) -> bytes:
@@ -149,13 +141,9 @@ def _entry(rep: dict[str, Any], version: str) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    src = _wheel_models()
-    folder = tmp_path_factory.mktemp("ocr-models")
-    for role, name in RAPIDOCR_MODELS.items():
-        (folder / f"{role}.onnx").symlink_to(src / name)
+def models(ocr_models: Path) -> Models:
     image = _render([((10, 8), "Gate 7 OPEN 42"), ((10, 50), "Pump 3 ok")], (300, 90))
-    return Models(folder, image)
+    return Models(ocr_models, image)
 
 
 @pytest.fixture(scope="module")

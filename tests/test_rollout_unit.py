@@ -7,7 +7,6 @@ devices' `reported` and `telemetry` are written into the registry as the control
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,7 +23,6 @@ from edgeinfer.fleet.rollout import (
     parse_health,
     parse_waves,
 )
-from tests.pgtest import pg_schema_url
 
 SHA1, SHA2 = "1" * 64, "2" * 64
 
@@ -57,17 +55,11 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRegistry]:
-    if request.param == "sqlite":
-        r = open_registry(tmp_path / "r.sqlite3")
-        yield r
-        r.close()
-        return
-    with pg_schema_url() as url:
-        r = open_registry(url)
-        yield r
-        r.close()
+@pytest.fixture
+def reg(registry_target: str) -> Iterator[SqlRegistry]:
+    r = open_registry(registry_target)
+    yield r
+    r.close()
 
 
 def online(reg: SqlRegistry, *devices: str, group: str = "ro") -> None:

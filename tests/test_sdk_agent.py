@@ -31,9 +31,8 @@ from edgeinfer.fleet.client import (
 )
 from edgeinfer.fleet.mqtt import Connection, connect, new_client_id
 from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY
-from tests.agentproc import AgentProcess
 from tests.broker import Broker
-from tests.helpers import PREFIX, deploy, wait_state
+from tests.helpers import PREFIX, deploy, running_agent
 
 DEVICE = "gw-sdk"
 MODEL = "mlp"
@@ -42,19 +41,11 @@ MODEL = "mlp"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, Path]]:
     root = tmp_path_factory.mktemp("sdk")
-    broker = Broker(root / "broker")
-    broker.start()
-    agent = AgentProcess(root / "agent", broker.url, DEVICE)
-    agent.start()
-    try:
-        wait_state(broker.url, "online", DEVICE)
+    with running_agent(root, DEVICE) as (broker, _):
         mlp = build_mlp(root / "models")
         assert deploy(broker.url, root, "--model", MODEL, "--version", "1", "--file", str(mlp),
                       "--prefer", "onnxruntime", "--wait", "60", device=DEVICE) == 0
         yield broker, mlp
-    finally:
-        agent.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.models import DigitsModel, build_digits
+from bench.models import DigitsModel
 from edgeinfer.agent import mqtt_session
 from edgeinfer.agent.config import BrokerConfig
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, backoff_delay
@@ -41,11 +41,6 @@ from tests.helpers import (
     reported,
     wait_state,
 )
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
-    return build_digits(tmp_path_factory.mktemp("models"))
 
 
 class Stack:

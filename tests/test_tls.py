@@ -27,7 +27,7 @@ import pytest
 import yaml
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bench.models import DigitsModel, build_digits
+from bench.models import DigitsModel
 from edgeinfer.agent.config import ConfigError, load_config
 from edgeinfer.agent.tls import security_from_config
 from edgeinfer.contract.brokerurl import parse_broker_url
@@ -135,11 +135,6 @@ def tls_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         yield b
     finally:
         b.stop()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
-    return build_digits(tmp_path_factory.mktemp("models"))
 
 
 def wait_state(url: str, security: TransportSecurity, device: str, want: str = "online",
