@@ -22,7 +22,6 @@ from edgeinfer.agent.faults import FAIL_RUNTIME_ENV, failing_runtime_from_env
 from edgeinfer.agent.served import ServingModel
 from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.autotune import (
-    AutotuneCache,
     Choice,
     Tolerance,
     Tuned,
@@ -31,6 +30,7 @@ from edgeinfer.runtimes.autotune import (
     choose,
     has_bf16,
 )
+from edgeinfer.runtimes.autotune_cache import AutotuneCache
 from edgeinfer.runtimes.base import LoadOptions
 from edgeinfer.runtimes.hardware import HardwareInfo, detect
 from edgeinfer.runtimes.selection import check_preference, explain, is_auto, plan
