@@ -30,10 +30,17 @@ from edgeinfer.agent.mqtt_session.messages import (
     Route,
     session_of_mid,
 )
-from edgeinfer.agent.mqtt_session.outbound import PublishInfo
+from edgeinfer.agent.mqtt_session.outbound import (
+    RC_NO_CONN,
+    RC_PAYLOAD_SIZE,
+    RC_QUEUE_SIZE,
+    RC_SUCCESS,
+    PublishInfo,
+)
 from edgeinfer.agent.mqtt_session.session import RECEIVE_MAXIMUM, MqttSession
 
 __all__ = [
-    "RECEIVE_MAXIMUM", "Handler", "Inbound", "MqttSession", "PublishInfo", "Retained",
-    "Route", "backoff_delay", "session_of_mid", "takeover_delay",
+    "RC_NO_CONN", "RC_PAYLOAD_SIZE", "RC_QUEUE_SIZE", "RC_SUCCESS", "RECEIVE_MAXIMUM",
+    "Handler", "Inbound", "MqttSession", "PublishInfo", "Retained", "Route",
+    "backoff_delay", "session_of_mid", "takeover_delay",
 ]

@@ -68,7 +68,7 @@ class Reader:
         self._addr = addr
         self._routes = tuple(routes)
         self._table = RouteTable(self._routes)
-        self._out = outbound
+        self._outbound = outbound
         self.subscribed = subscribed
         self._tls = tls
         self._event = event
@@ -93,7 +93,7 @@ class Reader:
         for _ in range(16):  # then round the loop: writes, keepalive and the loop beat
             try:
                 if tls:
-                    with self._out.lock:
+                    with self._outbound.lock:
                         data = sock.recv(READ_CHUNK)
                 else:
                     data = sock.recv(READ_CHUNK)
@@ -121,7 +121,7 @@ class Reader:
         pos = 0
         end = len(rbuf)
         wall = time.time()
-        gen = self._out.gen << 16
+        gen = self._outbound.gen << 16
         view = memoryview(rbuf)
         try:
             while pos < end:
@@ -155,7 +155,7 @@ class Reader:
                     ))
                 elif type(packet) is mqtt5.PubAckPacket:
                     code = int(packet.reason_code)  # mqtt5's enums are no IntEnums
-                    self._out.on_puback(packet.packet_id, code >= 0x80, code, packet.reason_str)
+                    self._outbound.on_puback(packet.packet_id, code >= 0x80, code, packet.reason_str)
                 else:
                     self._control(packet)
         finally:
@@ -169,11 +169,11 @@ class Reader:
         route = self._table.find(inbound.topic)
         if inbound.qos == 2 and inbound.mid:
             # We subscribe at QoS 1; a broker that sends QoS 2 anyway gets its PUBREC now.
-            self._out.write(b"\x50\x02" + (inbound.mid & 0xFFFF).to_bytes(2, "big"))
+            self._outbound.write(b"\x50\x02" + (inbound.mid & 0xFFFF).to_bytes(2, "big"))
         try:
             if route is None:
                 log.warning("message on unhandled topic %s dropped", inbound.topic)
-                self._out.ack(inbound.mid, inbound.qos)
+                self._outbound.ack(inbound.mid, inbound.qos)
                 return
             limit = route.max_payload
             if limit is not None and len(inbound.payload) > limit and not inbound.oversize:
@@ -182,12 +182,12 @@ class Reader:
             if inbound.oversize and not route.takes_unreadable:
                 log.warning("message on %s dropped: its payload of %d bytes is over the "
                             "limit of %s", inbound.topic, inbound.oversize, limit)
-                self._out.ack(inbound.mid, inbound.qos)
+                self._outbound.ack(inbound.mid, inbound.qos)
                 return
             route.handler(inbound)
         except Exception:
             log.exception("handler for %s failed", inbound.topic)
-            self._out.ack(inbound.mid, inbound.qos)
+            self._outbound.ack(inbound.mid, inbound.qos)
 
     def _over_limit(self, view: memoryview, pos: int, now: float, wall: float,
                     gen: int) -> int:
@@ -233,9 +233,9 @@ class Reader:
                 oversize=max(1, size),
             ))
         elif head.qos == 2 and mid:
-            self._out.write(b"\x50\x02" + head.packet_id.to_bytes(2, "big"))
+            self._outbound.write(b"\x50\x02" + head.packet_id.to_bytes(2, "big"))
         else:
-            self._out.ack(mid, head.qos)
+            self._outbound.ack(mid, head.qos)
         return end - pos
 
     def _unreadable(self, view: memoryview, pos: int, exc: BaseException, now: float,
@@ -261,8 +261,8 @@ class Reader:
             log.warning("unreadable %s (%d bytes) skipped (%s); its packet id: %s", name, n,
                         why, got[0] if got else "unreadable")
             if got is not None and kind == 4:
-                self._out.on_puback(got[0], got[1] >= 0x80, got[1], None)
-            elif got is not None and self._out.is_subscribe(got[0]):
+                self._outbound.on_puback(got[0], got[1] >= 0x80, got[1], None)
+            elif got is not None and self._outbound.is_subscribe(got[0]):
                 self.subscribed.set()
         else:
             log.warning("unreadable %s (%d bytes) from the broker skipped: %s", name, n, why)
@@ -291,22 +291,22 @@ class Reader:
             ))
             return
         if s.qos == 2 and mid:
-            self._out.write(b"\x50\x02" + s.packet_id.to_bytes(2, "big"))
+            self._outbound.write(b"\x50\x02" + s.packet_id.to_bytes(2, "big"))
         else:
-            self._out.ack(mid, s.qos)
+            self._outbound.ack(mid, s.qos)
 
     def _control(self, packet: mqtt5.Packet) -> None:
         if isinstance(packet, mqtt5.PingRespPacket):
             return
         if isinstance(packet, mqtt5.SubAckPacket):
-            self._out.on_suback(packet.packet_id)
+            self._outbound.on_suback(packet.packet_id)
             for route, code in zip(self._routes, packet.reason_codes, strict=False):
                 if int(code) >= 0x80:
                     log.error("broker %s refused the subscription %s: %s", self._addr,
                               route.subscription, reason_words(code, packet.reason_str))
             self.subscribed.set()
         elif isinstance(packet, mqtt5.UnsubAckPacket):
-            self._out.on_unsuback(packet.packet_id)
+            self._outbound.on_unsuback(packet.packet_id)
         elif isinstance(packet, mqtt5.DisconnectPacket):
             why = reason_words(packet.reason_code, packet.reason_str)
             log.warning("disconnected from %s: %s", self._addr, why)
@@ -314,12 +314,12 @@ class Reader:
                 raise TakenOver(f"DISCONNECT from the broker: {why}")
             raise LinkDropped(f"DISCONNECT from the broker: {why}")
         elif isinstance(packet, mqtt5.PubRelPacket):
-            self._out.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
+            self._outbound.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))  # PUBCOMP
         elif isinstance(packet, mqtt5.PubRecPacket):
             # We publish at QoS 0 and 1 only; release whatever the broker thinks it got.
-            self._out.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))  # PUBREL
+            self._outbound.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))  # PUBREL
             rec = int(packet.reason_code)
-            self._out.on_puback(packet.packet_id, rec >= 0x80, rec, packet.reason_str)
+            self._outbound.on_puback(packet.packet_id, rec >= 0x80, rec, packet.reason_str)
         elif isinstance(packet, mqtt5.PubCompPacket):
             return
         else:
