@@ -126,7 +126,7 @@ class Agent:
             cfg=cfg.jobs,
             alarm=self.disk,
             # Told each run's outcome: demotes a runtime that keeps failing (failover.py).
-            observer=self.reconciler.loader.failover,
+            observer=self.reconciler.failover,
         )
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,

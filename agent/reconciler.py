@@ -3,10 +3,10 @@
 The reconciler runs on its own thread. It takes the newest desired manifest
 (older ones not yet started are superseded), checks it is one this agent may accept
 (agent.verifier: signature, rollback, expiry), fetches, verifies, loads and warms
-each new model version, puts it through the health gate (agent.health), and swaps
-the set in only then. A version that fails never replaces a serving one. What is
-serving is written to `applied.json` so a restarted agent serves it again from its
-store before the broker answers.
+each new model version, puts it through the health gate (agent/bring_up.py does
+each version), and swaps the set in only then. A version that fails never replaces a serving one. What is
+serving is written to `applied.json` (agent/applied.py) so a restarted agent serves
+it again from its store before the broker answers.
 
 A slow artifact never holds the next manifest back: downloads run on a thread of
 their own while this one watches the mailbox. A newer manifest that this agent
@@ -26,71 +26,29 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
-from edgeinfer.agent import faults, health_gate
+from edgeinfer.agent import faults
+from edgeinfer.agent.applied import AppliedFile, AppliedUnreadable
+from edgeinfer.agent.bring_up import EmitEvent, VersionBringUp
 from edgeinfer.agent.config import AgentConfig
-from edgeinfer.agent.runtime_choice import (
-    ModelLoader,
-    RoleLoaded,
-    Serving,
-    attempt_reports,
-    autotune_report,
-    failover_record,
-    role_warmup_inputs,
-    task_warmup_inputs,
-)
+from edgeinfer.agent.failover import FailoverManager
 from edgeinfer.agent.served import ServedModels, ServingModel
-from edgeinfer.agent.store import (
-    ArtifactError,
-    DownloadCut,
-    ModelStore,
-    atomic_write,
-    remove_stale_temps,
-    version_dir_name,
-)
+from edgeinfer.agent.store import ArtifactError, DownloadCut, ModelStore
 from edgeinfer.agent.trust import load_trusted_keys
 from edgeinfer.agent.verifier import ManifestVerifier
-from edgeinfer.contract.documents import ModelEntry, RoleServing
-from edgeinfer.contract.errors import JobError
-from edgeinfer.contract.manifest import (
-    Manifest,
-    ManifestError,
-    ModelSpec,
-    Published,
-    RoleModel,
-    decode_published,
-    model_roles,
-)
-from edgeinfer.runtimes.autotune import Choice
-from edgeinfer.runtimes.base import Session
+from edgeinfer.contract.documents import ModelEntry
+from edgeinfer.contract.manifest import Manifest, ManifestError, ModelSpec, Published, decode_published
 from edgeinfer.runtimes.hardware import HardwareInfo
-from edgeinfer.runtimes.selection import Attempt, NoRuntimeError, WarmupCheck
 
 log = logging.getLogger(__name__)
-
-EmitEvent = Callable[..., None]
-APPLIED_FILE = "applied.json"
 
 
 class _RevisionOnly(msgspec.Struct):
     revision: int | None = None
-
-
-class Applied(msgspec.Struct, forbid_unknown_fields=True):
-    """What this agent serves, as written to disk after each reconcile."""
-
-    revision: int | None
-    models: list[ModelSpec]
-    # Published.digest of the applied revision's manifest (None in files written before
-    # it was kept): the same revision with other content is then told apart.
-    digest: str | None = None
-    # The applied revision's manifest said `"rollback": true` (in `reported`).
-    rollback: bool = False
 
 
 class _Superseded(Exception):
@@ -121,20 +79,13 @@ class Reconciler:
         self._cfg = cfg
         self._store = store
         self._registry = registry
-        self._hw = hardware
         self._emit = emit_event
         self._on_change = on_change
-        self._applied_path = cfg.state_path / APPLIED_FILE
-        self._lock = threading.Lock()
-        # Each version's entry in `reported.models`, by (name, version).
-        self._statuses: dict[tuple[str, str], ModelEntry] = {}
+        self._applied = AppliedFile(cfg.state_path)
         self.applied_revision: int | None = None
         self.applied_digest: str | None = None
         self.applied_rollback = False
         self.last_error: str | None = None
-        # A failed (name, version) is not retried until the manifest changes its files
-        # (by version_dir_name: the artifact's sha256 and those of its files).
-        self._failed: dict[tuple[str, str], str] = {}
         self._last_manifest: Manifest | None = None
         self._mailbox: bytes | None = None
         self._wake = threading.Condition()
@@ -149,25 +100,25 @@ class Reconciler:
         self._crash = faults.CrashPoint(faults.crash_stage_from_env())
         # Held while a manifest is applied, and by a failover's swap (agent/failover.py).
         self.swap_lock = threading.RLock()
-        self.loader = ModelLoader(cfg, hardware, store, registry, emit_event, self._failed_over,
-                                  self.swap_lock)
-
-    # --- status, read by the service for `reported` --------------------------------------
+        self.versions = VersionBringUp(cfg, store, registry, hardware, emit_event, on_change,
+                                       self._fetch, self._crash, self.swap_lock)
 
     def statuses(self) -> list[ModelEntry]:
-        with self._lock:
-            return list(self._statuses.values())
+        """Each version's entry in `reported.models` (any thread)."""
+        return self.versions.statuses()
 
-    def _set_status(self, status: ModelEntry) -> None:
-        with self._lock:
-            self._statuses[(status.name, status.version)] = status
+    @property
+    def failover(self) -> FailoverManager:
+        """Demotes a serving runtime that keeps failing; the scheduler tells it each run's
+        outcome (its RunObserver)."""
+        return self.versions.loader.failover
 
     # --- thread --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
-        self.loader.failover.start()
+        self.failover.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -175,7 +126,7 @@ class Reconciler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.loader.failover.stop(timeout)
+        self.failover.stop(timeout)
 
     def offer(self, payload: bytes) -> None:
         """Hand over a desired-state payload (network thread: never blocks)."""
@@ -262,7 +213,7 @@ class Reconciler:
         before = {id(m) for m in self._registry.snapshot()}
         for spec in manifest.models:
             try:
-                model, error = self._bring_up(spec)
+                model, error = self.versions.bring_up(spec)
             except _Superseded as exc:
                 for new in chosen:
                     if id(new) not in before:
@@ -299,13 +250,9 @@ class Reconciler:
         serving_keys = {m.spec.key for m in chosen}
         for m in dropped:
             self._emit("model_unloaded", model=m.spec.name, version=m.spec.version)
-        with self._lock:
-            wanted_keys = {spec.key for spec in manifest.models}
-            self._statuses = {
-                k: s for k, s in self._statuses.items() if k in wanted_keys or k in serving_keys
-            }
-        self._persist(
-            chosen,
+        self.versions.keep_statuses({spec.key for spec in manifest.models} | serving_keys)
+        self._applied.write(
+            (m.spec for m in chosen),
             manifest.revision if not failures else self.applied_revision,
             digest if not failures else self.applied_digest,
             manifest.rollback if not failures else self.applied_rollback,
@@ -330,59 +277,6 @@ class Reconciler:
             **rollback,
         )
         self._on_change()
-
-    def _bring_up(
-        self, spec: ModelSpec, *, check_latency: bool = True
-    ) -> tuple[ServingModel | None, str | None]:
-        """Return (model, None) when it serves, (None, reason) when it failed."""
-        current = self._registry.find(spec.name, spec.version)
-        if current is not None and version_dir_name(current.spec) == version_dir_name(spec):
-            return current, None
-        if self._failed.get(spec.key) == version_dir_name(spec):
-            status = self._statuses.get(spec.key)
-            return None, (status.error if status and status.error else f"{spec.name} failed")
-        self._set_status(ModelEntry(spec.name, spec.version, spec.sha256, "loading"))
-        self._on_change()
-        label = f"{spec.name}:{spec.version}"
-        try:
-            path = self._fetch(spec)
-            model_dir = self._store.version_dir(spec)
-        except (ArtifactError, OSError) as exc:
-            return self._failed_to(spec, "artifact", f"{label}: {exc}",
-                                   cause=exc.cause if isinstance(exc, ArtifactError) else None)
-        self._emit("artifact_verified", model=spec.name, version=spec.version, sha256=spec.sha256)
-        try:
-            roles = model_roles(spec)  # checked when the manifest was decoded
-        except ManifestError as exc:
-            return self._failed_to(spec, "load", str(exc))
-        if roles is not None:
-            return self._bring_up_roles(spec, roles, model_dir, check_latency)
-        try:
-            warmup_inputs = health_gate.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
-        except health_gate.HealthError as exc:
-            return self._failed_to(spec, "health", f"{label} failed its health check: {exc}")
-        refusals: list[str] = []
-        reports: dict[int, health_gate.HealthReport] = {}  # by id(session): auto judges several
-        gate = self._gate(spec, check_latency, refusals, reports)
-        self._crash.reached("load")
-        try:
-            # ["auto"] (the default) tunes over every runtime; a list pins an order.
-            loaded = self.loader.load(spec, path, warmup_inputs, gate)
-        except NoRuntimeError as exc:
-            if refusals:
-                return self._failed_to(
-                    spec, "health", f"{label} failed its health check: {'; '.join(refusals)}",
-                    exc.attempts,
-                )
-            return self._failed_to(spec, "load", f"{label}: {exc}", exc.attempts)
-        except ValueError as exc:  # an unknown runtime in the preference list
-            return self._failed_to(spec, "load", f"{label}: {exc}")
-        served = self.loader.serving(spec, loaded)
-        served.model.model_dir = model_dir
-        session = loaded.session
-        self._announce_serving(spec, served, reports[id(session)].latency_ms)
-        log.info("%s serving on %s/%s", label, session.runtime, session.device)
-        return served.model, None
 
     def _fetch(self, spec: ModelSpec) -> Path:
         """The spec's artifact and files, fetched and verified on a thread of their own.
@@ -446,170 +340,26 @@ class Reconciler:
             raise result
         return result
 
-    def _announce_serving(self, spec: ModelSpec, served: Serving, latency_ms: float | None,
-                          **event: Any) -> None:
-        """A version now serves: its status in `reported` and the `model_serving` event
-        (a multi-model version's runtime fields are its first model's; `event` adds fields)."""
-        tuned = served.tuned
-        session = tuned.session
-        self._failed.pop(spec.key, None)
-        self._set_status(served.entry(spec))
-        self._emit(
-            "model_serving",
-            model=spec.name,
-            version=spec.version,
-            runtime=session.runtime,
-            device=session.device,
-            fallbacks=[f"{a.runtime}/{a.device}: {a.reason}" for a in tuned.attempts if not a.ok],
-            latency_ms=None if latency_ms is None else round(latency_ms, 3),
-            precision=tuned.choice.precision,
-            autotune=autotune_report(tuned),
-            **event,
-        )
-
-    def _gate(self, spec: ModelSpec, check_latency: bool, refusals: list[str],
-              reports: dict[int, health_gate.HealthReport]) -> WarmupCheck:
-        """The health gate on each candidate's warm-up: one that fails it on a runtime falls
-        back to the next, like a failed load (an FP16 device's overflow, say). Reports go to
-        `reports` by id(session) (auto judges several), refusals to `refusals`."""
-
-        def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-            self._crash.reached("warm-up")
-            try:
-                reports[id(session)] = health_gate.judge(session, feed, outputs, spec.health,
-                                                    check_latency=check_latency)
-            except health_gate.HealthError as exc:
-                refusals.append(f"{session.runtime}/{session.device}: {exc}")
-                raise
-
-        return gate
-
-    def _bring_up_roles(self, spec: ModelSpec, roles: list[RoleModel], model_dir: Path,
-                        check_latency: bool) -> tuple[ServingModel | None, str | None]:
-        """A multi-model version (`ocr`): every model loaded and warmed up, each with its own
-        runtime choice (all files are already fetched and verified), and the pipeline built
-        on them; or none of it, and the version fails as a whole."""
-        label = f"{spec.name}:{spec.version}"
-        loaded: dict[str, RoleLoaded] = {}
-        latencies: dict[str, float] = {}
-
-        def give_up(stage: str, reason: str,
-                    attempts: list[Attempt] | None = None) -> tuple[None, str]:
-            for done in loaded.values():
-                done.tuned.session.close()
-            return self._failed_to(spec, stage, reason, attempts)
-
-        for role in roles:
-            what = f"{label}: its {role.role} model ({role.file})"
-            try:
-                sample = role_warmup_inputs(spec.task, role.role)
-            except ValueError as exc:
-                return give_up("load", f"{label}: {exc}")
-            refusals: list[str] = []
-            reports: dict[int, health_gate.HealthReport] = {}
-            gate = self._gate(spec, check_latency, refusals, reports)
-            self._crash.reached("load")
-            try:
-                tuned = self.loader.load(spec, self._store.path_for(role.sha256), sample, gate,
-                                         sha256=role.sha256)
-            except NoRuntimeError as exc:
-                if refusals:
-                    return give_up("health", f"{what} failed its health check: "
-                                   f"{'; '.join(refusals)}", exc.attempts)
-                return give_up("load", f"{what}: {exc}", exc.attempts)
-            except ValueError as exc:  # an unknown runtime in the preference list
-                return give_up("load", f"{what}: {exc}")
-            loaded[role.role] = RoleLoaded(role, tuned)
-            latency = reports[id(tuned.session)].latency_ms
-            if latency is not None:
-                latencies[role.role] = latency
-        served = self.loader.serving_roles(spec, loaded)
-        model = served.model
-        model.model_dir = model_dir
-        try:
-            # Built now, not on the first job: settings or characters that do not fit the
-            # models refuse the version while the old one keeps serving.
-            model.pipeline()
-        except JobError as exc:
-            model.retire()  # closes every session
-            return self._failed_to(spec, "pipeline", exc.message)
-        self._announce_serving(
-            spec, served, latencies.get(roles[0].role),
-            roles={role: RoleServing(runtime=r.tuned.session.runtime,
-                                     device=r.tuned.session.device,
-                                     precision=r.tuned.choice.precision,
-                                     latency_ms=(None if role not in latencies
-                                                 else round(latencies[role], 3)))
-                   for role, r in loaded.items()},
-        )
-        log.info("%s serving: %s", label, ", ".join(
-            f"{role} on {r.tuned.session.runtime}/{r.tuned.session.device}"
-            for role, r in loaded.items()))
-        return model, None
-
-    def _failed_over(self, old: ServingModel, new: ServingModel, choice: Choice,
-                     reason: str) -> None:
-        """agent/failover.py swapped `new` in for `old`: report the runtime now serving."""
-        with self._lock:
-            status = self._statuses.get(old.spec.key)
-            if status is not None:
-                before = status.failovers if isinstance(status.failovers, list) else []
-                self._statuses[old.spec.key] = msgspec.structs.replace(
-                    status, runtime=new.session.runtime, device=new.session.device,
-                    attempts=attempt_reports(new.attempts), precision=choice.precision,
-                    failovers=[*before, failover_record(old, new, reason)])
-        self._on_change()
-
-    def _failed_to(
-        self, spec: ModelSpec, stage: str, reason: str, attempts: list[Attempt] | None = None,
-        cause: str | None = None,
-    ) -> tuple[None, str]:
-        """`cause`: an artifact's ArtifactError.cause ("deadline", ...), put in the event."""
-        self._failed[spec.key] = version_dir_name(spec)
-        self._set_status(
-            ModelEntry(spec.name, spec.version, spec.sha256, "failed", error=reason,
-                       attempts=attempt_reports(attempts or []))
-        )
-        self._emit("model_failed", model=spec.name, version=spec.version, stage=stage,
-                   message=reason, **({"cause": cause} if cause else {}))
-        log.error("%s", reason)
-        return None, reason
-
-    # --- disk ----------------------------------------------------------------------------
-
-    def _persist(
-        self, serving: list[ServingModel], revision: int | None, digest: str | None,
-        rollback: bool, before_replace: Callable[[], None] | None = None,
-    ) -> None:
-        applied = Applied(revision=revision, models=[m.spec for m in serving], digest=digest,
-                          rollback=rollback)
-        atomic_write(self._applied_path, msgspec.json.encode(applied), before_replace)
-
     def restore(self) -> int:
         """Serve what was applied before the restart, from the store. Returns models loaded.
 
         A version restored here passed its health gate when it was deployed; its latency
         budget is not measured again while the gateway is busy starting up.
         """
-        stale = remove_stale_temps(self._applied_path)
-        if stale:
-            log.info("removed %d unfinished write(s) of %s", stale, self._applied_path.name)
         try:
-            raw = self._applied_path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        try:
-            applied = msgspec.json.decode(raw, type=Applied)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.last_error = f"{self._applied_path} unreadable ({exc}); waiting for desired state"
+            applied = self._applied.read()
+        except AppliedUnreadable as exc:
+            self.last_error = f"{exc}; waiting for desired state"
             log.error("%s", self.last_error)
+            return 0
+        if applied is None:
             return 0
         chosen: list[ServingModel] = []
         for spec in applied.models:
             if not self._store.has(spec):
                 log.warning("%s:%s missing from the store", spec.name, spec.version)
                 continue
-            model, _ = self._bring_up(spec, check_latency=False)
+            model, _ = self.versions.bring_up(spec, check_latency=False)
             if model is not None:
                 chosen.append(model)
         self._registry.replace(chosen)

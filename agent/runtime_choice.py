@@ -29,7 +29,8 @@ from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.agent.store import ModelStore
 from edgeinfer.contract import documents
 from edgeinfer.contract.manifest import ModelSpec, RoleModel
-from edgeinfer.runtimes.autotune import AutotuneCache, Choice, Tolerance, Tuned, choose, load_choice
+from edgeinfer.runtimes.autotune import Choice, Tolerance, Tuned, choose, load_choice
+from edgeinfer.runtimes.autotune_cache import AutotuneCache
 from edgeinfer.runtimes.base import LoadOptions, Session
 from edgeinfer.runtimes.hardware import HardwareInfo
 from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS, task_module

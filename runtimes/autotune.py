@@ -10,19 +10,15 @@ health gate), compared with the reference within a tolerance, and timed: the med
 `TIMED_RUNS` runs, within its share of the tuning budget. The fastest that agrees serves;
 the others that agree, fastest first, are its failover order.
 
-The choice is cached in a JSON file per (model sha256, candidate set, hardware fingerprint,
-tolerance, threads): a restart loads the chosen candidate directly.
+The choice is cached in a JSON file (runtimes/autotune_cache.py) per (model sha256,
+candidate set, hardware fingerprint, tolerance, threads): a restart loads the chosen
+candidate directly.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import statistics
-import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeinfer.runtimes.autotune_cache import AutotuneCache, hardware_fingerprint
 from edgeinfer.runtimes.backends import get_backend
 from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError, Session, one_line
 from edgeinfer.runtimes.hardware import HardwareInfo
@@ -50,8 +47,6 @@ log = logging.getLogger(__name__)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 TIMED_RUNS = 30  # at most, per candidate
 MIN_TIMED_RUNS = 3  # at least, even past the budget, so every figure is a median
-MAX_CACHE_ENTRIES = 256
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -142,72 +137,12 @@ def candidate_choices(hw: HardwareInfo) -> tuple[list[Choice], list[Attempt]]:
     return choices, skipped
 
 
-def hardware_fingerprint(hw: HardwareInfo) -> str:
-    doc = {
-        "cpu": hw.cpu_model,
-        "flags": sorted(hw.cpu_flags),
-        "cores": hw.cores_logical,
-        "gpus": [g.name for g in hw.nvidia_gpus],
-        "ort": hw.ort_version,
-        "ort_providers": list(hw.ort_providers),
-        "openvino": hw.openvino_version,
-        "openvino_devices": list(hw.openvino_device_names),
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def cache_key(sha256: str, choices: Sequence[Choice], hw: HardwareInfo,
               tolerance: Tolerance | None, threads: int, instances: int = 1) -> str:
     runtimes = ",".join(c.label for c in choices)
     tol = "default" if tolerance is None else f"{tolerance.rtol!r}/{tolerance.atol!r}"
     key = f"{sha256}|{runtimes}|{hardware_fingerprint(hw)}|tol={tol}|threads={threads}"
     return key if instances == 1 else f"{key}|instances={instances}"
-
-
-class AutotuneCache:
-    """`state_dir/autotune.json`: tuning outcomes by cache key, written atomically."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("%s unreadable (%s); tuning again", self.path, exc)
-            return {}
-        if not isinstance(doc, dict) or doc.get("version") != CACHE_VERSION:
-            return {}
-        entries = doc.get("entries")
-        return entries if isinstance(entries, dict) else {}
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
-            entry = self._read().get(key)
-        return entry if isinstance(entry, dict) else None
-
-    def put(self, key: str, entry: dict[str, Any]) -> None:
-        with self._lock:
-            entries = self._read()
-            entries.pop(key, None)
-            entries[key] = entry  # newest last; the oldest go first past the bound
-            while len(entries) > MAX_CACHE_ENTRIES:
-                entries.pop(next(iter(entries)))
-            data = json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1).encode()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
 
 
 # --- loading, comparing, timing -------------------------------------------------------

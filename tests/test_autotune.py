@@ -21,7 +21,6 @@ from edgeinfer.agent.failover import RunWatch
 from edgeinfer.agent.faults import FAIL_RUNTIME_ENV, failing_runtime_from_env
 from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.autotune import (
-    AutotuneCache,
     Choice,
     Tolerance,
     Tuned,
@@ -30,6 +29,7 @@ from edgeinfer.runtimes.autotune import (
     choose,
     has_bf16,
 )
+from edgeinfer.runtimes.autotune_cache import AutotuneCache
 from edgeinfer.runtimes.base import LoadOptions
 from edgeinfer.runtimes.hardware import HardwareInfo, detect
 from edgeinfer.runtimes.selection import check_preference, explain, is_auto, plan

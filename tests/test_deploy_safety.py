@@ -26,8 +26,8 @@ import openvino as ov
 import pytest
 
 from bench.models import build_nan, build_scaled
+from edgeinfer.agent.applied import APPLIED_FILE
 from edgeinfer.agent.faults import CRASH_ENV, STAGES
-from edgeinfer.agent.reconciler import APPLIED_FILE
 from edgeinfer.contract.manifest import Manifest, ModelSpec
 from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from bench.models import DigitsModel
-from edgeinfer.agent import mqtt_session
 from edgeinfer.agent.config import BrokerConfig
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, backoff_delay
+from edgeinfer.agent.mqtt_session import session as session_loop
 from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.mqtt import connect, read_retained
 from tests.agentproc import AgentProcess
@@ -288,7 +288,7 @@ def test_backoff_starts_over_after_each_successful_connection(
         attempts.append(attempt)
         return low
 
-    monkeypatch.setattr(mqtt_session, "backoff_delay", recording)
+    monkeypatch.setattr(session_loop, "backoff_delay", recording)  # where _run looks it up
     broker = Broker(tmp_path / "broker")
     broker.start()
     session = _session(broker.url, "sess-backoff", [])

@@ -1,32 +1,30 @@
-"""The durable job journal and result outbox: one SQLite database (WAL) under `state_dir`.
-
-A job is written here before the broker gets its PUBACK, and its answer is written in
-the same transaction that marks it done, together with the outbox row that carries the
-answer to the broker. So a crash at any point loses nothing: a job without an answer is
-run again after a restart (no answer had been recorded, so it never ran to completion
-before), and an answer the broker has not acknowledged is sent again. A job seen again
-(QoS 1 redelivery, a client's retry) is answered from its stored answer, not run again;
-one whose request differs from the first's (`request_digest`) is told apart, not answered
-with the other request's answer.
+"""The journal's SQLite database (WAL): its schema, and `Journal`, which admits jobs,
+records their answers with the outbox rows that carry them, and hands the outbox its rows.
+agent/journal/__init__.py says what the journal guarantees.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from edgeinfer.agent.journal.disk_full import DiskFull, disk_full_cause
+from edgeinfer.agent.journal.records import (
+    Admission,
+    Completion,
+    OutMessage,
+    StoredAnswer,
+    StoredJob,
+    props_from_json,
+)
+from edgeinfer.agent.journal.spool import SPOOL_MIN_BYTES, Spool
 from edgeinfer.agent.runslots import RunSlots, read_running, run_tag
-from edgeinfer.agent.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,108 +62,6 @@ CREATE TABLE IF NOT EXISTS attempts (key TEXT PRIMARY KEY, n INTEGER NOT NULL);
 
 
 RUNNING_FILE = "running"  # <database file name>.running: agent/runslots.py
-# Payloads this large are written to a file of their own (<database file name>.spool/)
-# instead of into the database: a 600 KB image as a blob is written to the WAL, copied
-# again by every checkpoint, and its 150 overflow pages freed page by page once the job is
-# done; as a file it is one write and one unlink.
-SPOOL_DIR = "spool"
-SPOOL_MIN_BYTES = 64 * 1024
-
-
-# SQLite's I/O errors that mean a full disk when the disk has no room left (SQLite reports
-# ENOSPC as SQLITE_FULL on most writes, but as one of these where it grows or maps a file).
-_IOERR_WRITES = frozenset({sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_SHMSIZE,
-                           sqlite3.SQLITE_IOERR_TRUNCATE, sqlite3.SQLITE_IOERR_FSYNC})
-
-
-class DiskFull(Exception):
-    """A write to the state disk failed for lack of space (the journal's database, its
-    WAL, or a spool file). Nothing of the failed write is recorded: the caller keeps what
-    it meant to write and tries again later. `cause` is the error's name (SQLITE_FULL,
-    ENOSPC, ...), never SQLite's or the OS's text."""
-
-    def __init__(self, state_dir: Path, cause: str) -> None:
-        super().__init__(f"the state disk is full (state_dir {state_dir}; {cause})")
-        self.state_dir = state_dir
-        self.cause = cause
-
-
-def disk_full_cause(exc: BaseException, where: Path) -> str | None:
-    """The name of `exc` when it says the disk under `where` is full, else None. By error
-    code, never by message: SQLITE_FULL, ENOSPC or EDQUOT, or one of SQLite's write
-    I/O errors while the disk has no room left."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return errno.errorcode[exc.errno]
-    if not isinstance(exc, sqlite3.Error):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)  # absent on errors sqlite3 makes itself
-    if code is None:
-        return None
-    name = str(getattr(exc, "sqlite_errorname", code))
-    if code & 0xFF == sqlite3.SQLITE_FULL:
-        return name
-    if code in _IOERR_WRITES:
-        with contextlib.suppress(OSError):
-            if os.statvfs(where).f_bavail == 0:
-                return name
-    return None
-
-
-@dataclass(frozen=True)
-class StoredJob:
-    key: str
-    topic: str
-    payload: bytes
-    response_topic: str | None
-    correlation: bytes | None
-    user_props: tuple[tuple[str, str], ...]
-    expiry_s: int | None
-    received_wall: float
-    attempts: int = 0
-    # Identity of the request (agent/scheduler.py's request_digest), compared when its key
-    # comes again; None: a job whose key cannot come again, never compared.
-    digest: bytes | None = None
-
-
-@dataclass(frozen=True)
-class OutMessage:
-    seq: int
-    topic: str
-    payload: bytes
-    qos: int
-    correlation: bytes | None
-    user_props: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Admission:
-    """What `admit` decided for one job."""
-
-    kind: str  # "new" | "duplicate_done" | "duplicate_pending" | "conflict"
-    job: StoredJob
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A job's final answer, to be recorded by `Journal.commit`."""
-
-    key: str
-    executed: bool  # the runtime ran it (counted in the row's executions)
-    topic: str
-    payload: bytes
-    correlation: bytes | None
-    user_props: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class StoredAnswer:
-    topic: str
-    payload: bytes
-    user_props: tuple[tuple[str, str], ...]
-
-
-def _props(text: str) -> tuple[tuple[str, str], ...]:
-    return tuple((str(k), str(v)) for k, v in json.loads(text))
 
 
 class Journal:
@@ -189,9 +85,7 @@ class Journal:
             self._db.execute("ALTER TABLE jobs ADD COLUMN payload_file TEXT")
         if "request_digest" not in columns:  # from before: their rows' digests are NULL
             self._db.execute("ALTER TABLE jobs ADD COLUMN request_digest BLOB")
-        self._full = synchronous.upper() == "FULL"
-        self._spool = path.with_name(path.name + "." + SPOOL_DIR)
-        self._spool.mkdir(exist_ok=True)
+        self._spool = Spool(path, synchronous.upper() == "FULL")
         # The outbox publisher reads on its own connection: in WAL mode a reader sees the
         # last commit without waiting for the writers' lock (the workers' hot path).
         self._read_lock = threading.Lock()
@@ -226,32 +120,7 @@ class Journal:
         with self._lock:
             wanted = {r[0] for r in self._db.execute(
                 "SELECT payload_file FROM jobs WHERE state = 'queued' AND payload_file IS NOT NULL")}
-        for entry in self._spool.iterdir():
-            if entry.name not in wanted:
-                entry.unlink(missing_ok=True)
-
-    def _spool_write(self, payload: bytes) -> str:
-        name = uuid.uuid4().hex
-        fd = os.open(self._spool / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            if self._full:
-                os.fsync(fd)
-        except BaseException:
-            # A part written (the disk filled up) would hold its space until the next start.
-            os.close(fd)
-            self._spool_unlink([name])
-            raise
-        os.close(fd)
-        return name
-
-    def _spool_unlink(self, names: Sequence[str]) -> None:
-        for name in names:
-            # One left behind is removed at the next start.
-            with contextlib.suppress(OSError):
-                os.unlink(self._spool / name)
+        self._spool.remove_all_but(wanted)
 
     def _count_interrupted_runs(self) -> None:
         """Charge a run to each unanswered job that was running when the agent stopped, and
@@ -336,14 +205,14 @@ class Journal:
             with self._writing():
                 for i, job in enumerate(jobs):
                     if len(job.payload) >= SPOOL_MIN_BYTES:
-                        spooled[i] = self._spool_write(job.payload)
-                if spooled and self._full:
-                    fsync_dir(self._spool)
+                        spooled[i] = self._spool.write(job.payload)
+                if spooled:
+                    self._spool.sync()
                 self._commit_rows(jobs, answers, answer_props, spooled, unused, out, seqs, now)
         except BaseException:
-            self._spool_unlink(list(spooled.values()))
+            self._spool.unlink(list(spooled.values()))
             raise
-        self._spool_unlink(unused)
+        self._spool.unlink(unused)
         return out, seqs
 
     def _commit_rows(self, jobs: Sequence[StoredJob], answers: Sequence[Completion],
@@ -408,7 +277,7 @@ class Journal:
             ).fetchone()
         if row is None or row[1] is None:
             return None
-        return StoredAnswer(row[0], bytes(row[1]), _props(row[2]))
+        return StoredAnswer(row[0], bytes(row[1]), props_from_json(row[2]))
 
     def pending(self) -> list[StoredJob]:
         """Jobs accepted but not answered: what a restart must run."""
@@ -420,7 +289,7 @@ class Journal:
             runs = dict(self._db.execute("SELECT key, n FROM attempts").fetchall())
         return [
             StoredJob(r[0], r[1], self._payload(r[2], r[8]), r[3],
-                      None if r[4] is None else bytes(r[4]), _props(r[5]), r[6], r[7],
+                      None if r[4] is None else bytes(r[4]), props_from_json(r[5]), r[6], r[7],
                       runs.get(run_tag(r[0], r[7]).decode(), 0) + runs.get(r[0], 0))
             for r in rows
         ]
@@ -429,7 +298,7 @@ class Journal:
         if spool is None:
             return bytes(blob or b"")
         try:
-            return (self._spool / spool).read_bytes()
+            return self._spool.read(spool)
         except OSError as exc:
             # Answered as a malformed job (an empty payload) rather than kept forever.
             log.error("journaled job's payload file %s is gone: %s", spool, exc)
@@ -492,7 +361,7 @@ class Journal:
             ).fetchall()
         return [
             OutMessage(r[0], r[1], bytes(r[2]), r[3], None if r[4] is None else bytes(r[4]),
-                       _props(r[5]))
+                       props_from_json(r[5]))
             for r in rows
         ]
 
