@@ -19,18 +19,19 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from edgeinfer.cliargs import UsageError, duration
+from edgeinfer.cliargs import Parser, UsageError, duration
 from edgeinfer.contract.transport import TransportError, TransportSecurity
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
-from edgeinfer.fleet.cli import (
+from edgeinfer.fleet.cli.common import (
     PROG,
-    _artifact_dir_arg,
-    _broker_security,
-    _fleet_config,
-    _open_registry,
-    _prefix,
-    _registry_args,
-    _signer,
+    add_artifact_dir_arg,
+    add_registry_args,
+    broker_security,
+    default_sign_key,
+    fleet_config,
+    registry_of,
+    signer,
+    topic_prefix,
 )
 from edgeinfer.fleet.controller import Controller
 from edgeinfer.fleet.deploy import model_spec, parse_base_url
@@ -54,8 +55,7 @@ from edgeinfer.fleet.rollout import (
 from edgeinfer.fleet.signing import SIGNING_KEY_ENV, Signer
 
 
-def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
-                       common: argparse.ArgumentParser) -> None:
+def add_rollout_parser(sub: Any, plain: Parser, common: Parser) -> None:
     """`plain`: the options of every command; `common`: those plus the broker's, for the
     actions that may talk to it (--drive)."""
     p = sub.add_parser(
@@ -93,8 +93,8 @@ def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
     s.add_argument("--artifact-base-url", metavar="URL",
                    help="point devices at http://host:port/artifacts/sha256/<hex> (the "
                         "controller's HTTP server) instead of a file:// path")
-    _artifact_dir_arg(s)
-    _registry_args(s)
+    add_artifact_dir_arg(s)
+    add_registry_args(s)
     _drive_args(s)
     s.set_defaults(func=cmd_rollout_start)
 
@@ -103,7 +103,7 @@ def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
     st.add_argument("id", type=int, nargs="?", help="rollout id (default: list all)")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--wait", action="store_true", help="show progress until it ends")
-    _registry_args(st)
+    add_registry_args(st)
     st.set_defaults(func=cmd_rollout_status)
 
     for action, text in (("pause", "stop advancing (devices keep what they have)"),
@@ -113,7 +113,7 @@ def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
         parents = [plain] if action == "pause" else [common]
         a = rsub.add_parser(action, parents=parents, help=text, description=text.capitalize())
         a.add_argument("id", type=int)
-        _registry_args(a)
+        add_registry_args(a)
         if action != "pause":
             _drive_args(a)
         a.set_defaults(func=cmd_rollout_control, action=action)
@@ -126,8 +126,7 @@ def _drive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=duration, default=0.5, metavar="DURATION",
                    help=argparse.SUPPRESS)
     p.add_argument("--sign-key", type=Path, metavar="FILE",
-                   default=Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV)
-                   else None,
+                   default=default_sign_key(),
                    help=f"with --drive: sign manifests with this key (default: ${SIGNING_KEY_ENV})")
     p.add_argument("--key-id", metavar="ID", help="the key id the signature names")
 
@@ -138,8 +137,8 @@ def _drive_args(p: argparse.ArgumentParser) -> None:
 def _store(args: argparse.Namespace) -> tuple[FleetConfig, SqlRegistry, RolloutStore]:
     """Every action needs a registry that holds a model or a rollout already: one not
     made yet reads as empty (and the action fails) rather than being made."""
-    cfg = _fleet_config(args)
-    registry = _open_registry(args, cfg, create=False)
+    cfg = fleet_config(args)
+    registry = registry_of(args, cfg, create=False)
     try:
         return cfg, registry, RolloutStore(registry)
     except RegistryError as exc:
@@ -270,13 +269,13 @@ class _Driving(NamedTuple):
 def _driving(args: argparse.Namespace) -> _Driving | None:
     if not getattr(args, "drive", False):  # pause has no --drive
         return None
-    return _Driving(_signer(args), _broker_security(args, args.broker), _prefix(args))
+    return _Driving(signer(args), broker_security(args, args.broker), topic_prefix(args))
 
 
 def _drive(args: argparse.Namespace, driving: _Driving, registry: SqlRegistry,
            store: RolloutStore, rollout_id: int) -> int:
     """Run an ingesting controller session and the engine here until the rollout ends."""
-    signer, security, prefix = driving
+    manifest_signer, security, prefix = driving
     driver = f"edge-fleet-rollout-{os.getpid()}"
     try:
         controller = Controller(registry, args.broker, prefix=prefix, client_id=driver,
@@ -285,7 +284,7 @@ def _drive(args: argparse.Namespace, driving: _Driving, registry: SqlRegistry,
         raise UsageError(str(exc)) from None
     controller.start()
     runner = RolloutRunner(registry, lambda: connect(args.broker, security=security),
-                           prefix=prefix, driver=driver, signer=signer,
+                           prefix=prefix, driver=driver, signer=manifest_signer,
                            tick_s=min(args.poll, 1.0))
     runner.only = rollout_id
     try:
