@@ -11,10 +11,14 @@ over one registry and one artifact store, started in order and stopped in revers
 
 The CLI (fleet/cli/serve.py) reads flags and the fleet config into `ServeSettings`, opens
 the registry, calls `start_controller` and owns the wait and the registry's closing.
+
+`RolloutDriver` is the smaller composition of `edge-fleet rollout --drive` (for when no
+controller runs): an ingesting controller session and the engine, for one rollout.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from edgeinfer.contract.transport import TransportError, TransportSecurity
@@ -96,3 +100,35 @@ def start_controller(registry: SqlRegistry, store: ArtifactStore,
         controller.stop()
         raise
     return RunningController(controller, server, chunks, rollouts)
+
+
+class RolloutDriver:
+    """Drive one rollout from this process: a `Controller` session that ingests the
+    devices' reports (no persistent session: it ends with us) and a `RolloutRunner`
+    limited to that rollout. `start()`, then `stop()` (also after a failed start)."""
+
+    def __init__(self, registry: SqlRegistry, broker: str, *, prefix: str,
+                 security: TransportSecurity, signer: Signer | None, rollout_id: int,
+                 tick_s: float) -> None:
+        driver = f"edge-fleet-rollout-{os.getpid()}"
+        try:
+            self.controller = Controller(registry, broker, prefix=prefix, client_id=driver,
+                                         security=security, session_expiry_s=0)
+        except (ValueError, TransportError) as exc:
+            raise StartError(str(exc)) from None
+        self.runner = RolloutRunner(registry, lambda: connect(broker, security=security),
+                                    prefix=prefix, driver=driver, signer=signer, tick_s=tick_s)
+        self.runner.only = rollout_id
+
+    def start(self) -> None:
+        """Connect, take in the retained state and reported of every device, then drive;
+        a `StartError` when the broker cannot be reached."""
+        self.controller.start()
+        if not self.controller.connected.wait(10):
+            raise StartError(f"cannot reach broker {self.controller.url}")
+        self.controller.wait_idle(5)  # the retained state/reported of every device first
+        self.runner.start()
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.controller.stop()

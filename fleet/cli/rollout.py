@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from edgeinfer.cliargs import Parser, UsageError, duration
-from edgeinfer.contract.transport import TransportError, TransportSecurity
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from edgeinfer.fleet.cli.common import (
     PROG,
@@ -33,10 +32,9 @@ from edgeinfer.fleet.cli.common import (
     signer,
     topic_prefix,
 )
-from edgeinfer.fleet.controller import Controller
+from edgeinfer.fleet.compose import RolloutDriver, StartError
 from edgeinfer.fleet.deploy import model_spec, parse_base_url
 from edgeinfer.fleet.fleetconfig import FleetConfig
-from edgeinfer.fleet.mqtt import connect
 from edgeinfer.fleet.registry import RegistryError, SqlRegistry, parse_selector
 from edgeinfer.fleet.rollout import (
     DEFAULT_INSTALL_TIMEOUT_S,
@@ -45,7 +43,6 @@ from edgeinfer.fleet.rollout import (
     Progress,
     Rollout,
     RolloutError,
-    RolloutRunner,
     RolloutStore,
     parse_amount,
     parse_health,
@@ -274,28 +271,21 @@ def _driving(args: argparse.Namespace) -> _Driving | None:
 
 def _drive(args: argparse.Namespace, driving: _Driving, registry: SqlRegistry,
            store: RolloutStore, rollout_id: int) -> int:
-    """Run an ingesting controller session and the engine here until the rollout ends."""
-    manifest_signer, security, prefix = driving
-    driver = f"edge-fleet-rollout-{os.getpid()}"
+    """Drive the rollout from here (fleet/compose.py's RolloutDriver) until it ends."""
     try:
-        controller = Controller(registry, args.broker, prefix=prefix, client_id=driver,
-                                security=security, session_expiry_s=0)
-    except (ValueError, TransportError) as exc:
+        driver = RolloutDriver(registry, args.broker, prefix=driving.prefix,
+                               security=driving.security, signer=driving.signer,
+                               rollout_id=rollout_id, tick_s=min(args.poll, 1.0))
+    except StartError as exc:
         raise UsageError(str(exc)) from None
-    controller.start()
-    runner = RolloutRunner(registry, lambda: connect(args.broker, security=security),
-                           prefix=prefix, driver=driver, signer=manifest_signer,
-                           tick_s=min(args.poll, 1.0))
-    runner.only = rollout_id
     try:
-        if not controller.connected.wait(10):
-            raise UsageError(f"cannot reach broker {controller.url}")
-        controller.wait_idle(5)  # the retained state/reported of every device first
-        runner.start()
+        try:
+            driver.start()
+        except StartError as exc:
+            raise UsageError(str(exc)) from None
         return _watch(store, rollout_id, args.poll)
     finally:
-        runner.stop()
-        controller.stop()
+        driver.stop()
 
 
 def _watch(store: RolloutStore, rollout_id: int, poll_s: float) -> int:
