@@ -5,7 +5,7 @@
 
 Starts a mosquitto (`fleet.localbroker.Broker`), the controller as a subprocess
 (`edge-fleet serve`, so psutil measures it alone) and N simulated devices in this
-process (`fleet.simulate`, telemetry every `--report-every`). Then:
+process (`fleet.simulator`, telemetry every `--report-every`). Then:
 
 1. registration: time until every device is online in the registry with its `reported`;
 2. steady state (`--steady`): the controller's CPU and memory while it ingests the
@@ -55,7 +55,7 @@ from edgeinfer.fleet.localbroker import Broker, free_port, wait_port
 from edgeinfer.fleet.mqtt import connect
 from edgeinfer.fleet.registry import open_registry
 from edgeinfer.fleet.rollout import COMPLETED, TERMINAL, RolloutStore
-from edgeinfer.fleet.simulate import SimConfig, Simulator
+from edgeinfer.fleet.simulator import SimConfig, Simulator
 
 PREFIX = "edge/v1"
 CLIENT_ID = "edge-fleet-bench"

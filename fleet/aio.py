@@ -1,4 +1,4 @@
-"""The job client SDK for asyncio: `AsyncInferenceClient` (also in `fleet.client`).
+"""The job client SDK for asyncio: `AsyncInferenceClient` (also in `edgeinfer.fleet.client`).
 
     async with AsyncInferenceClient("mqtt://gateway:1883") as client:
         result = await client.infer("digits", {"x": batch}, device="gw-1")
@@ -27,10 +27,10 @@ import numpy as np
 from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
 from edgeinfer.contract.topics import DEFAULT_PREFIX
 from edgeinfer.contract.transport import TransportSecurity
-from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.mqtt import BrokerError
 from edgeinfer.fleet.oip import InferResult
 from edgeinfer.fleet.streams import AsyncResponseStream
+from edgeinfer.fleet.sync_client import InferenceClient
 
 __all__ = ["AsyncInferenceClient", "AsyncResponseStream"]
 
@@ -160,7 +160,7 @@ class AsyncInferenceClient:
         loop = asyncio.get_running_loop()
         job_id = job_id or f"j-{uuid.uuid4().hex[:16]}"
         s = AsyncResponseStream(job_id, uuid.uuid4().bytes, timeout, loop)
-        self.sync._start_stream(
+        self.sync.start_stream(
             s, model, inputs, device=device, pool=pool, version=version, outputs=outputs,
             timeout=timeout, priority=priority, expiry_s=expiry_s, parameters=parameters,
             binary=binary,

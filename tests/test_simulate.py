@@ -18,7 +18,7 @@ from edgeinfer.fleet.controller import Controller
 from edgeinfer.fleet.mqtt import connect, read_retained
 from edgeinfer.fleet.registry import SqlRegistry, open_registry
 from edgeinfer.fleet.rollout import COMPLETED, HALTED, RolloutRunner, RolloutStore
-from edgeinfer.fleet.simulate import SimConfig, Simulator
+from edgeinfer.fleet.simulator import SimConfig, Simulator
 from tests.broker import Broker
 from tests.helpers import PREFIX
 

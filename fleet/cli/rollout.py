@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,23 +18,23 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from edgeinfer.cliargs import UsageError, duration
-from edgeinfer.contract.transport import TransportError, TransportSecurity
+from edgeinfer.cliargs import Parser, UsageError, duration
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
-from edgeinfer.fleet.cli import (
+from edgeinfer.fleet.cli.common import (
     PROG,
-    _artifact_dir_arg,
-    _broker_security,
-    _fleet_config,
-    _open_registry,
-    _prefix,
-    _registry_args,
-    _signer,
+    add_artifact_dir_arg,
+    add_registry_args,
+    broker_security,
+    default_sign_key,
+    fleet_config,
+    registry_of,
+    signer,
+    topic_prefix,
 )
-from edgeinfer.fleet.controller import Controller
+from edgeinfer.fleet.compose import RolloutDriver, StartError
 from edgeinfer.fleet.deploy import model_spec, parse_base_url
 from edgeinfer.fleet.fleetconfig import FleetConfig
-from edgeinfer.fleet.mqtt import connect
 from edgeinfer.fleet.registry import RegistryError, SqlRegistry, parse_selector
 from edgeinfer.fleet.rollout import (
     DEFAULT_INSTALL_TIMEOUT_S,
@@ -44,7 +43,6 @@ from edgeinfer.fleet.rollout import (
     Progress,
     Rollout,
     RolloutError,
-    RolloutRunner,
     RolloutStore,
     parse_amount,
     parse_health,
@@ -54,8 +52,7 @@ from edgeinfer.fleet.rollout import (
 from edgeinfer.fleet.signing import SIGNING_KEY_ENV, Signer
 
 
-def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
-                       common: argparse.ArgumentParser) -> None:
+def add_rollout_parser(sub: Any, plain: Parser, common: Parser) -> None:
     """`plain`: the options of every command; `common`: those plus the broker's, for the
     actions that may talk to it (--drive)."""
     p = sub.add_parser(
@@ -93,8 +90,8 @@ def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
     s.add_argument("--artifact-base-url", metavar="URL",
                    help="point devices at http://host:port/artifacts/sha256/<hex> (the "
                         "controller's HTTP server) instead of a file:// path")
-    _artifact_dir_arg(s)
-    _registry_args(s)
+    add_artifact_dir_arg(s)
+    add_registry_args(s)
     _drive_args(s)
     s.set_defaults(func=cmd_rollout_start)
 
@@ -103,7 +100,7 @@ def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
     st.add_argument("id", type=int, nargs="?", help="rollout id (default: list all)")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--wait", action="store_true", help="show progress until it ends")
-    _registry_args(st)
+    add_registry_args(st)
     st.set_defaults(func=cmd_rollout_status)
 
     for action, text in (("pause", "stop advancing (devices keep what they have)"),
@@ -113,7 +110,7 @@ def add_rollout_parser(sub: Any, plain: argparse.ArgumentParser,
         parents = [plain] if action == "pause" else [common]
         a = rsub.add_parser(action, parents=parents, help=text, description=text.capitalize())
         a.add_argument("id", type=int)
-        _registry_args(a)
+        add_registry_args(a)
         if action != "pause":
             _drive_args(a)
         a.set_defaults(func=cmd_rollout_control, action=action)
@@ -126,8 +123,7 @@ def _drive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=duration, default=0.5, metavar="DURATION",
                    help=argparse.SUPPRESS)
     p.add_argument("--sign-key", type=Path, metavar="FILE",
-                   default=Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV)
-                   else None,
+                   default=default_sign_key(),
                    help=f"with --drive: sign manifests with this key (default: ${SIGNING_KEY_ENV})")
     p.add_argument("--key-id", metavar="ID", help="the key id the signature names")
 
@@ -138,8 +134,8 @@ def _drive_args(p: argparse.ArgumentParser) -> None:
 def _store(args: argparse.Namespace) -> tuple[FleetConfig, SqlRegistry, RolloutStore]:
     """Every action needs a registry that holds a model or a rollout already: one not
     made yet reads as empty (and the action fails) rather than being made."""
-    cfg = _fleet_config(args)
-    registry = _open_registry(args, cfg, create=False)
+    cfg = fleet_config(args)
+    registry = registry_of(args, cfg, create=False)
     try:
         return cfg, registry, RolloutStore(registry)
     except RegistryError as exc:
@@ -270,33 +266,26 @@ class _Driving(NamedTuple):
 def _driving(args: argparse.Namespace) -> _Driving | None:
     if not getattr(args, "drive", False):  # pause has no --drive
         return None
-    return _Driving(_signer(args), _broker_security(args, args.broker), _prefix(args))
+    return _Driving(signer(args), broker_security(args, args.broker), topic_prefix(args))
 
 
 def _drive(args: argparse.Namespace, driving: _Driving, registry: SqlRegistry,
            store: RolloutStore, rollout_id: int) -> int:
-    """Run an ingesting controller session and the engine here until the rollout ends."""
-    signer, security, prefix = driving
-    driver = f"edge-fleet-rollout-{os.getpid()}"
+    """Drive the rollout from here (fleet/compose.py's RolloutDriver) until it ends."""
     try:
-        controller = Controller(registry, args.broker, prefix=prefix, client_id=driver,
-                                security=security, session_expiry_s=0)
-    except (ValueError, TransportError) as exc:
+        driver = RolloutDriver(registry, args.broker, prefix=driving.prefix,
+                               security=driving.security, signer=driving.signer,
+                               rollout_id=rollout_id, tick_s=min(args.poll, 1.0))
+    except StartError as exc:
         raise UsageError(str(exc)) from None
-    controller.start()
-    runner = RolloutRunner(registry, lambda: connect(args.broker, security=security),
-                           prefix=prefix, driver=driver, signer=signer,
-                           tick_s=min(args.poll, 1.0))
-    runner.only = rollout_id
     try:
-        if not controller.connected.wait(10):
-            raise UsageError(f"cannot reach broker {controller.url}")
-        controller.wait_idle(5)  # the retained state/reported of every device first
-        runner.start()
+        try:
+            driver.start()
+        except StartError as exc:
+            raise UsageError(str(exc)) from None
         return _watch(store, rollout_id, args.poll)
     finally:
-        runner.stop()
-        controller.stop()
+        driver.stop()
 
 
 def _watch(store: RolloutStore, rollout_id: int, poll_s: float) -> int:
