@@ -21,7 +21,9 @@ from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS, build_pipeline, pipe
 
 cv2 = pytest.importorskip("cv2", reason="opencv missing: pip install 'edgeinfer[ocr]'")
 
-from edgeinfer.runtimes.pipelines.ocr import _unclip, onnx_metadata, warmup_inputs  # noqa: E402
+from edgeinfer.runtimes.pipelines.ocr import warmup_inputs  # noqa: E402
+from edgeinfer.runtimes.pipelines.ocr_geometry import unclip  # noqa: E402
+from edgeinfer.runtimes.pipelines.ocr_settings import onnx_metadata  # noqa: E402
 
 OPTS = LoadOptions()
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
@@ -194,7 +196,7 @@ def test_unclip_matches_pyclipper() -> None:
         offset = pyclipper.PyclipperOffset()
         offset.AddPath(box, pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
         want = np.array(offset.Execute(area * 1.6 / length)).reshape(-1, 2).astype(np.int32)
-        got = _unclip(box, 1.6)
+        got = unclip(box, 1.6)
         hull = {tuple(p) for p in cv2.convexHull(got).reshape(-1, 2).tolist()}
         assert hull == {tuple(p) for p in cv2.convexHull(want).reshape(-1, 2).tolist()}
 

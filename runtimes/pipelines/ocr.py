@@ -26,294 +26,29 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import cv2
-import msgspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgeinfer.contract.tasks import MULTI_MODEL_TASKS
 from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.pipelines.base import Pipeline, media_items, parse_settings, require, sniff_image
+from edgeinfer.runtimes.pipelines.ocr_geometry import (
+    box_score,
+    crop,
+    mini_box,
+    order_clockwise,
+    scaled_to_32,
+    sorted_boxes,
+    unclip,
+)
+from edgeinfer.runtimes.pipelines.ocr_settings import TASK, OcrSettings, load_characters
 
-TASK = "ocr"
 IMAGE_INPUT = "image"
 # Roles of the models one `ocr` version is made of: (required, optional).
 MODEL_ROLES: tuple[tuple[str, ...], tuple[str, ...]] = MULTI_MODEL_TASKS[TASK]
-DEFAULT_CHARACTERS_FILE = "characters.txt"
-DEFAULT_REC_MODEL_FILE = "rec.onnx"
-CHARACTER_METADATA_KEY = "character"  # where PaddleOCR's exports keep the character list
-
-Unit = Annotated[float, msgspec.Meta(ge=0, le=1)]
-Side = Annotated[int, msgspec.Meta(ge=1)]
-
-
-class OcrSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    # image as a whole
-    max_side_len: Side = 2000
-    min_side_len: Side = 30
-    min_height: Side = 30  # images this short (or wider than width_height_ratio) are padded
-    width_height_ratio: float = 8.0  # -1: never pad for width
-    # detection
-    det_limit_side_len: Side = 736
-    det_limit_type: Literal["min", "max"] = "min"
-    det_thresh: Unit = 0.3
-    box_thresh: Unit = 0.5
-    max_candidates: Side = 1000
-    unclip_ratio: Annotated[float, msgspec.Meta(ge=0)] = 1.6
-    use_dilation: bool = True
-    score_mode: Literal["fast", "slow"] = "fast"
-    # direction classifier (only when a cls model is given)
-    use_cls: bool = True
-    cls_thresh: Unit = 0.9
-    cls_image_shape: tuple[Side, Side, Side] = (3, 48, 192)
-    cls_batch_num: Side = 6
-    cls_labels: tuple[str, ...] = ("0", "180")
-    # recognition
-    rec_image_shape: tuple[Side, Side, Side] = (3, 48, 320)
-    rec_batch_num: Side = 6
-    text_score: Unit = 0.5
-    characters: tuple[str, ...] | None = None
-    characters_file: str | None = None  # default characters.txt, if the model folder has it
-    rec_model_file: str = DEFAULT_REC_MODEL_FILE  # else: its ONNX metadata "character"
-    # decoding
-    formats: tuple[Literal["JPEG", "PNG", "WEBP", "BMP", "TIFF"], ...] = ("JPEG", "PNG", "WEBP")
-    max_pixels: Side = 40_000_000
-    exif_transpose: bool = True
-
-
-# --- the character list -------------------------------------------------------------------
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
-    """(field number, wire type, value) of one protobuf message's top-level fields."""
-    out: list[tuple[int, int, bytes | int]] = []
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire = key >> 3, key & 7
-        value: bytes | int
-        if wire == 0:
-            value, pos = _varint(data, pos)
-        elif wire == 1:
-            value, pos = int.from_bytes(data[pos : pos + 8], "little"), pos + 8
-        elif wire == 2:
-            size, pos = _varint(data, pos)
-            if pos + size > len(data):
-                raise ValueError("truncated field")
-            value, pos = data[pos : pos + size], pos + size
-        elif wire == 5:
-            value, pos = int.from_bytes(data[pos : pos + 4], "little"), pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        out.append((number, wire, value))
-    return out
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """An ONNX file's metadata_props (ModelProto field 14), read without onnx or a runtime."""
-    props: dict[str, str] = {}
-    for number, wire, value in _fields(path.read_bytes()):
-        if number == 14 and wire == 2 and isinstance(value, bytes):
-            entry = {n: v for n, w, v in _fields(value) if w == 2 and isinstance(v, bytes)}
-            props[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
-    return props
-
-
-def _inside(model_dir: Path | None, name: str, key: str) -> Path:
-    rel = Path(name)
-    if model_dir is None or rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(
-            f"{TASK} settings: {key} {name!r} must be a plain file name inside the model's folder"
-        )
-    return model_dir / rel
-
-
-def load_characters(cfg: OcrSettings, model_dir: Path | None) -> list[str]:
-    """The recogniser's characters, in class order, blank and trailing space not included.
-
-    From `characters`, else `characters_file` (default characters.txt when present), else
-    the "character" metadata of the rec model's ONNX file, as PaddleOCR exports carry it.
-    """
-    if cfg.characters is not None:
-        if cfg.characters_file is not None:
-            raise ValueError(f"{TASK} settings: give characters or characters_file, not both")
-        return list(cfg.characters)
-    if cfg.characters_file is not None:
-        path = _inside(model_dir, cfg.characters_file, "characters_file")
-    elif model_dir is not None and (model_dir / DEFAULT_CHARACTERS_FILE).is_file():
-        path = model_dir / DEFAULT_CHARACTERS_FILE
-    else:
-        onnx_path = _inside(model_dir, cfg.rec_model_file, "rec_model_file")
-        try:
-            meta = onnx_metadata(onnx_path)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(
-                f"{TASK}: no characters: neither {DEFAULT_CHARACTERS_FILE} nor a readable "
-                f"{onnx_path.name} in the model folder ({exc})"
-            ) from None
-        if CHARACTER_METADATA_KEY not in meta:
-            raise ValueError(
-                f"{TASK}: {onnx_path.name} has no {CHARACTER_METADATA_KEY!r} metadata; give the "
-                f"characters in {DEFAULT_CHARACTERS_FILE} (one per line) or the setting characters"
-            )
-        return meta[CHARACTER_METADATA_KEY].splitlines()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{TASK}: cannot read characters file {path.name}: {exc}") from None
-    lines = text.split("\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the newline ending the last line
-    return [line.removesuffix("\r") for line in lines]
-
-
-# --- geometry -----------------------------------------------------------------------------
-
-
-def _mini_box(contour: np.ndarray) -> tuple[np.ndarray, float]:
-    """The minimum-area rectangle's corners (top-left, top-right, bottom-right, bottom-left
-    as PaddleOCR orders them) and its shorter side."""
-    rect = cv2.minAreaRect(contour)
-    pts = sorted(cv2.boxPoints(rect), key=lambda p: p[0])
-    i1, i4 = (0, 1) if pts[1][1] > pts[0][1] else (1, 0)
-    i2, i3 = (2, 3) if pts[3][1] > pts[2][1] else (3, 2)
-    return np.array([pts[i1], pts[i2], pts[i3], pts[i4]]), float(min(rect[1]))
-
-
-def _box_score(pred: np.ndarray, box: np.ndarray) -> float:
-    """Mean probability inside the polygon (`box` [k, 2] in map pixels)."""
-    h, w = pred.shape
-    xmin = int(np.clip(np.floor(box[:, 0].min()), 0, w - 1))
-    xmax = int(np.clip(np.ceil(box[:, 0].max()), 0, w - 1))
-    ymin = int(np.clip(np.floor(box[:, 1].min()), 0, h - 1))
-    ymax = int(np.clip(np.ceil(box[:, 1].max()), 0, h - 1))
-    mask = np.zeros((ymax - ymin + 1, xmax - xmin + 1), dtype=np.uint8)
-    shifted = box - np.array([xmin, ymin], dtype=box.dtype)
-    cv2.fillPoly(mask, shifted.reshape(1, -1, 2).astype(np.int32), 1)
-    return float(cv2.mean(pred[ymin : ymax + 1, xmin : xmax + 1], mask)[0])
-
-
-def _round(v: float) -> int:
-    """Half away from zero, as Clipper rounds."""
-    return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
-
-
-def _unclip(box: np.ndarray, ratio: float, arc_tolerance: float = 0.25) -> np.ndarray:
-    """The polygon grown by area * ratio / perimeter, with rounded corners: the points
-    pyclipper's PyclipperOffset (JT_ROUND, closed polygon) gives, as PaddleOCR's DB
-    post-processing uses it (same integer corners, arc steps and rounding; the tests check
-    the convex hulls are equal), without pyclipper and shapely."""
-    x, y = box[:, 0].astype(np.float64), box[:, 1].astype(np.float64)
-    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-    perimeter = float(np.hypot(np.roll(x, -1) - x, np.roll(y, -1) - y).sum())
-    delta = area * ratio / perimeter if perimeter > 0 else 0.0
-    pts: list[tuple[int, int]] = []
-    for px, py in box:  # Clipper takes integer points: the float corners are truncated
-        p = (int(px), int(py))
-        if not pts or pts[-1] != p:
-            pts.append(p)
-    while len(pts) > 1 and pts[-1] == pts[0]:
-        pts.pop()
-    if len(pts) < 3 or delta <= 0:
-        return np.array(pts, dtype=np.int32)
-    n = len(pts)
-    # Clipper's orientation: grow outwards whichever way the corners run.
-    signed = sum((pts[i - 1][0] + pts[i][0]) * (pts[i - 1][1] - pts[i][1]) for i in range(n))
-    if -0.5 * signed < 0:
-        pts.reverse()
-    tol = arc_tolerance if 0 < arc_tolerance <= delta * 0.25 else delta * 0.25
-    steps = min(math.pi / math.acos(1 - tol / delta), delta * math.pi)
-    sin_step, cos_step = math.sin(2 * math.pi / steps), math.cos(2 * math.pi / steps)
-    steps_per_rad = steps / (2 * math.pi)
-    normals = []
-    for j in range(n):
-        dx, dy = pts[(j + 1) % n][0] - pts[j][0], pts[(j + 1) % n][1] - pts[j][1]
-        f = 1.0 / math.hypot(dx, dy)
-        normals.append((dy * f, -dx * f))
-    out: list[tuple[int, int]] = []
-
-    def at(sx: int, sy: int, nx: float, ny: float) -> tuple[int, int]:
-        return _round(sx + nx * delta), _round(sy + ny * delta)
-
-    k = n - 1
-    for j in range(n):
-        (kx, ky), (jx, jy), (sx, sy) = normals[k], normals[j], pts[j]
-        sin_a = kx * jy - jx * ky
-        cos_a = kx * jx + ky * jy
-        if abs(sin_a * delta) < 1.0 and cos_a > 0:
-            out.append(at(sx, sy, kx, ky))
-        elif sin_a * delta < 0:
-            out += [at(sx, sy, kx, ky), (sx, sy), at(sx, sy, jx, jy)]
-        else:
-            sin_a = max(-1.0, min(1.0, sin_a))
-            count = max(_round(steps_per_rad * abs(math.atan2(sin_a, cos_a))), 1)
-            nx, ny = kx, ky
-            for _ in range(count):
-                out.append(at(sx, sy, nx, ny))
-                nx, ny = nx * cos_step - sin_step * ny, nx * sin_step + ny * cos_step
-            out.append(at(sx, sy, jx, jy))
-        k = j
-    return np.array(out, dtype=np.int32)
-
-
-def _order_clockwise(pts: np.ndarray) -> np.ndarray:
-    by_x = pts[np.argsort(pts[:, 0]), :]
-    left, right = by_x[:2, :], by_x[2:, :]
-    tl, bl = left[np.argsort(left[:, 1]), :]
-    tr, br = right[np.argsort(right[:, 1]), :]
-    return np.array([tl, tr, br, bl], dtype=np.float32)
-
-
-def _sorted_boxes(boxes: list[np.ndarray]) -> list[np.ndarray]:
-    """Top to bottom; boxes whose tops are within 10 pixels, left to right."""
-    out = sorted(boxes, key=lambda b: (b[0][1], b[0][0]))
-    for i in range(len(out) - 1):
-        for j in range(i, -1, -1):
-            if abs(out[j + 1][0][1] - out[j][0][1]) < 10 and out[j + 1][0][0] < out[j][0][0]:
-                out[j], out[j + 1] = out[j + 1], out[j]
-            else:
-                break
-    return out
-
-
-def _crop(img: np.ndarray, points: np.ndarray) -> np.ndarray:
-    width = int(max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3])))
-    height = int(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2])))
-    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
-    matrix = cv2.getPerspectiveTransform(points.astype(np.float32), target)
-    out = cv2.warpPerspective(img, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE,
-                              flags=cv2.INTER_CUBIC)
-    if out.shape[0] / out.shape[1] >= 1.5:
-        out = np.rot90(out)
-    return np.asarray(out)
-
-
-def _scaled_to_32(img: np.ndarray, ratio: float) -> np.ndarray | None:
-    h, w = img.shape[:2]
-    new_h = round(int(h * ratio) / 32) * 32
-    new_w = round(int(w * ratio) / 32) * 32
-    if new_h <= 0 or new_w <= 0:
-        return None
-    return np.asarray(cv2.resize(img, (new_w, new_h)))
-
-
 # --- the pipeline -------------------------------------------------------------------------
 
 
@@ -408,7 +143,7 @@ class Ocr(Pipeline):
 
     @staticmethod
     def _resized(img: np.ndarray, ratio: float, h0: int, w0: int) -> np.ndarray:
-        resized = _scaled_to_32(img, ratio)
+        resized = scaled_to_32(img, ratio)
         if resized is None:
             raise ValueError(
                 f"input {IMAGE_INPUT}: an image of {w0}x{h0} pixels is too thin to read "
@@ -433,7 +168,7 @@ class Ocr(Pipeline):
             ratio = cfg.det_limit_side_len / min(h, w) if min(h, w) < cfg.det_limit_side_len else 1.0
         else:
             ratio = cfg.det_limit_side_len / max(h, w) if max(h, w) > cfg.det_limit_side_len else 1.0
-        resized = _scaled_to_32(img, ratio)
+        resized = scaled_to_32(img, ratio)
         if resized is None:
             return []
         x = ((resized.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
@@ -448,27 +183,27 @@ class Ocr(Pipeline):
         contours: Sequence[np.ndarray] = found[-2]  # opencv 3 answers 3 values, later ones 2
         boxes: list[np.ndarray] = []
         for contour in contours[: cfg.max_candidates]:
-            points, short = _mini_box(contour)
+            points, short = mini_box(contour)
             if short < 3:
                 continue
             if cfg.score_mode == "fast":
-                score = _box_score(prob, points.reshape(-1, 2))
+                score = box_score(prob, points.reshape(-1, 2))
             else:
-                score = _box_score(prob, contour.reshape(-1, 2).astype(np.float32))
+                score = box_score(prob, contour.reshape(-1, 2).astype(np.float32))
             if score < cfg.box_thresh:
                 continue
-            box, short = _mini_box(_unclip(points, cfg.unclip_ratio))
+            box, short = mini_box(unclip(points, cfg.unclip_ratio))
             if short < 5:
                 continue
             box[:, 0] = np.clip(np.round(box[:, 0] / map_w * w), 0, w)
             box[:, 1] = np.clip(np.round(box[:, 1] / map_h * h), 0, h)
-            box = _order_clockwise(box.astype(np.int32).astype(np.float32))
+            box = order_clockwise(box.astype(np.int32).astype(np.float32))
             box[:, 0] = np.clip(box[:, 0], 0, w - 1).astype(np.int32)
             box[:, 1] = np.clip(box[:, 1], 0, h - 1).astype(np.int32)
             if int(np.linalg.norm(box[0] - box[1])) <= 3 or int(np.linalg.norm(box[0] - box[3])) <= 3:
                 continue
             boxes.append(box)
-        return _sorted_boxes(boxes)
+        return sorted_boxes(boxes)
 
     def _norm(self, img: np.ndarray, shape: tuple[int, int, int], width: int) -> np.ndarray:
         c, h, _ = shape
@@ -537,7 +272,7 @@ class Ocr(Pipeline):
         boxes = self.detect(sessions["det"], img)
         texts: list[tuple[str, float]] = []
         if boxes:
-            crops = [_crop(img, b) for b in boxes]
+            crops = [crop(img, b) for b in boxes]
             if self._use_cls:
                 crops = self.classify(sessions["cls"], crops)
             texts = self.recognise(sessions["rec"], crops)
@@ -592,4 +327,4 @@ def build(
     return Ocr(cfg, load_characters(cfg, model_dir), sessions)
 
 
-__all__: Sequence[str] = ["MODEL_ROLES", "Ocr", "OcrSettings", "build", "onnx_metadata", "warmup_inputs"]
+__all__: Sequence[str] = ["MODEL_ROLES", "Ocr", "OcrSettings", "build", "warmup_inputs"]
