@@ -94,7 +94,7 @@ def nagle_stall(job_ms: tuple[float, ...] | list[float],
 
 
 def _set_nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    # As the daemon does (agent/mqtt_session.py): our own Nagle must not be what is measured.
+    # As the daemon does (agent/mqtt_session/): our own Nagle must not be what is measured.
     # A TLS wrapper may not expose setsockopt; the broker's side is what the probe is after.
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

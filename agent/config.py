@@ -87,7 +87,7 @@ class JobsConfig(_Section):
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 256
     # A job's MQTT payload (the OIP request: JSON header and binary tensors) over this is
     # refused INVALID_ARGUMENT by the session's reader before it is held whole, journaled or
-    # acknowledged: its payload bytes are dropped as they stream in (agent/mqtt_session.py).
+    # acknowledged: its payload bytes are dropped as they stream in (agent/mqtt_session/).
     # A broker's max_packet_size should be this plus PUBLISH_HEAD_MAX (docs/deploy.md).
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     # Deprecated name of max_message_bytes (same meaning), read so that a gateway's existing

@@ -17,7 +17,7 @@ QoS 1 message the agent has not acknowledged is sent again only after a reconnec
 dropping the link to get them back would also resend every answer in flight and cut off
 every client's answers meanwhile, and a gateway whose disk fills up often would reconnect
 often. Memory stays bounded because the broker never has more than our Receive Maximum of
-unacknowledged QoS 1 messages out to us (agent/mqtt_session.py RECEIVE_MAXIMUM); past
+unacknowledged QoS 1 messages out to us (agent/mqtt_session/ RECEIVE_MAXIMUM); past
 `max_queued_bytes` of held payloads a job is not held but only told, and the broker gives
 it again after the next reconnect or restart. Held jobs are touched by the intake only.
 """

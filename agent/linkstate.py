@@ -2,7 +2,7 @@
 
 Doctor must not connect with the device's client id to find out: that would take over the
 running agent's session. So the agent writes the last thing its session said about the link
-(`broker_disconnected`, `session_taken_over`, `broker_refused`: agent/mqtt_session.py) to
+(`broker_disconnected`, `session_taken_over`, `broker_refused`: agent/mqtt_session/) to
 `state_dir/broker_link.json`, and doctor reads it. Pure file I/O, no broker.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 FILE = "broker_link.json"
-TAKEN_OVER = "session_taken_over"  # the event's name (agent/mqtt_session.py raises it)
+TAKEN_OVER = "session_taken_over"  # the event's name (agent/mqtt_session/ raises it)
 
 
 def record(state_dir: Path, event: str, fields: dict[str, Any]) -> None:

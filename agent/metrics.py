@@ -39,7 +39,7 @@ class Metrics:
         # The state disk (agent/diskalarm.py): full now, and how often it filled up.
         self.disk_full = False
         self.disk_full_episodes = 0
-        # What waits in memory meanwhile (agent/scheduler.py): jobs neither journaled nor
+        # What waits in memory meanwhile (agent/intake.py, agent/answers.py): jobs neither journaled nor
         # acknowledged, answers not yet recorded.
         self.disk_held_jobs = 0
         self.disk_waiting_answers = 0

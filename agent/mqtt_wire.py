@@ -16,7 +16,7 @@ a BaseException, for invalid UTF-8) when it cannot read one. What it leaves to u
 - `salvage_ack` reads the packet id and reason code of a refused PUBACK or SUBACK;
 - `open_socket` dials the broker, sets TCP_NODELAY and does the TLS handshake.
 
-Nothing here keeps state; `agent/mqtt_session.py` owns the session.
+Nothing here keeps state; `agent/mqtt_session/` owns the session.
 """
 
 from __future__ import annotations

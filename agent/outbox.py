@@ -5,7 +5,7 @@ reconnect, and the rest wait on disk. After a restart everything still in the ou
 sent again.
 
 Messages go out in the order of their outbox rows (`seq`). The thread that has just
-committed answers (a worker, or the intake: agent/scheduler.py's group commit) hands them
+committed answers (a worker, or the intake: agent/answers.py's group commit) hands them
 over (`hand_over_many`) and, when they are next in line, publishes them itself:
 the common case costs no read of the table and no wake-up of this thread. Rows that nobody
 handed over (events, partial answers, refusals, what a restart left) and anything that

@@ -6,7 +6,7 @@ over one registry and one artifact store, started in order and stopped in revers
 - `ControllerServer` (fleet/http_api.py): GET/HEAD /artifacts/sha256/<hex> and the JSON API;
 - `ChunkServer` (fleet/chunk_server.py): the same store in chunks over the broker, for
   mqtt:///artifacts/sha256/<hex>;
-- `RolloutRunner` (fleet/rollout.py): drives the rollouts recorded in the registry, so a
+- `RolloutRunner` (fleet/rollout/): drives the rollouts recorded in the registry, so a
   restart resumes them.
 
 The CLI (fleet/cli/serve.py) reads flags and the fleet config into `ServeSettings`, opens

@@ -1,5 +1,5 @@
 """The agent's own encoding of a PUBLISH's properties equals paho's, byte for byte, and
-paho decodes it back (paho's Properties is slow: agent/mqtt_session.py)."""
+paho decodes it back (paho's Properties is slow: agent/mqtt_session/)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from tests.broker import Broker
 from tests.helpers import PREFIX, Watch, wait_state
 from tests.test_mqtt_wire import Scripted, scripted  # noqa: F401 - the fixture
 
-CONNECTED = "connected to mqtt://"  # logged on every CONNACK (agent/mqtt_session.py)
+CONNECTED = "connected to mqtt://"  # logged on every CONNACK (agent/mqtt_session/)
 
 
 def _session(url: str, events: list[tuple[str, dict[str, object]]],

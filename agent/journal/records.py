@@ -19,7 +19,7 @@ class StoredJob:
     expiry_s: int | None
     received_wall: float
     attempts: int = 0
-    # Identity of the request (agent/scheduler.py's request_digest), compared when its key
+    # Identity of the request (agent/jobs.py's request_digest), compared when its key
     # comes again; None: a job whose key cannot come again, never compared.
     digest: bytes | None = None
 

@@ -57,7 +57,7 @@ from edgeinfer.contract.transport import describe_connect_error
 log = logging.getLogger(__name__)
 
 # Our Receive Maximum: QoS 1 jobs the broker may have unacknowledged with us. The intake
-# queue holds at least 1,024 (agent/scheduler.py); beyond that the broker keeps them.
+# queue holds at least 1,024 (agent/intake.py); beyond that the broker keeps them.
 RECEIVE_MAXIMUM = 1024
 LOOP_TICK_S = 0.5  # the loop goes round at least this often (the watchdog's loop beat)
 

@@ -20,7 +20,7 @@ HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
 MODEL_NAME_PROPERTY = "model_name"
 MODEL_VERSION_PROPERTY = "model_version"
 # The user properties that are part of what a request asks for, beside its payload (the
-# request's identity for de-duplication: agent/scheduler.py's request_digest).
+# request's identity for de-duplication: agent/jobs.py's request_digest).
 REQUEST_PROPERTIES = frozenset({HEADER_LENGTH_PROPERTY, MODEL_NAME_PROPERTY, MODEL_VERSION_PROPERTY})
 
 

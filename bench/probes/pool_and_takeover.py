@@ -23,7 +23,7 @@ from tests.agentproc import AgentProcess
 from tests.broker import Broker
 from tests.helpers import PREFIX, Replies, Watch, job_body, wait_state
 
-CONNECTED = "connected to mqtt://"  # agent/mqtt_session.py logs it on every CONNACK
+CONNECTED = "connected to mqtt://"  # agent/mqtt_session/ logs it on every CONNACK
 
 
 def connects(agent: AgentProcess) -> int:

@@ -1,6 +1,6 @@
 """`PackedPublishProperties`: a paho PUBLISH's properties encoded once, for the operator
-side's paho clients (fleet/client.py, bench/echo.py). The agent's own session does not use
-paho (agent/mqtt_session.py, on mqtt5, which only the agent extras install): this module
+side's paho clients (fleet/sync_client.py, bench/echo.py). The agent's own session does not use
+paho (agent/mqtt_session/, on mqtt5, which only the agent extras install): this module
 needs paho alone, so the job client imports it on the base install."""
 
 from __future__ import annotations

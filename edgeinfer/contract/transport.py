@@ -140,7 +140,7 @@ class TransportSecurity:
 
     def for_socket(self, addr: BrokerAddress) -> SocketParams:
         """What a client that opens its own socket needs for `addr` (the agent's session,
-        agent/mqtt_session.py): the verifying SSL context (None for mqtt://), the user name
+        agent/mqtt_session/): the verifying SSL context (None for mqtt://), the user name
         and the password bytes for CONNECT. Raises TransportError on unusable options."""
         self._check(addr)
         password = self.password.reveal().encode() if self.password is not None else None
