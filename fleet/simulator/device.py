@@ -19,9 +19,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import msgspec
 import paho.mqtt.client as paho
 
+from edgeinfer.contract import documents
 from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.contract.documents import Attempt, Hardware, ModelEntry, Reported, State
+from edgeinfer.contract.telemetry import (
+    DiskFigures,
+    Health,
+    Inference,
+    MemoryFigures,
+    ModelFigures,
+    Percentiles,
+    ProcessFigures,
+    Telemetry,
+)
 from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, Topics
 from edgeinfer.contract.transport import TransportSecurity
 
@@ -117,7 +130,7 @@ class SimDevice:
     topics: Topics
     group: DeviceHost
     client: paho.Client
-    hardware: dict[str, Any]
+    hardware: Hardware
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: str = field(default_factory=_now_iso)
     connected: bool = False
@@ -125,7 +138,7 @@ class SimDevice:
     applied_revision: int | None = None
     last_error: str | None = None
     # (name, version) -> the reported entry; serving ones and the latest failures.
-    statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    statuses: dict[tuple[str, str], ModelEntry] = field(default_factory=dict)
     counters: dict[str, _ModelCounters] = field(default_factory=dict)
     generation: int = 0  # bumped per manifest: a newer one supersedes an install under way
     last_manifest: bytes = b""
@@ -138,37 +151,38 @@ class SimDevice:
 
     # -- messages ---------------------------------------------------------------------
 
+    # The documents are the contract's (edgeinfer.contract.documents), as a real agent's.
+
     def state_payload(self, state: str) -> bytes:
-        return json.dumps({"state": state, "agent_version": SIM_AGENT_VERSION,
-                           "session_id": self.session_id, "started_at": self.started_at}).encode()
+        return documents.encode(State(state=state, agent_version=SIM_AGENT_VERSION,
+                                      session_id=self.session_id, started_at=self.started_at))
 
-    def reported(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "agent_version": SIM_AGENT_VERSION,
-                "revision": self.applied_revision, "models": list(self.statuses.values()),
-                "last_error": self.last_error, "hardware": self.hardware,
-                "updated_at": _now_iso()}
+    def reported(self) -> Reported:
+        return Reported(device_id=self.device_id, agent_version=SIM_AGENT_VERSION,
+                        revision=self.applied_revision, models=list(self.statuses.values()),
+                        last_error=self.last_error, hardware=self.hardware,
+                        updated_at=_now_iso())
 
-    def publish(self, topic: str, doc: dict[str, Any] | bytes, *, qos: int = 1,
+    def publish(self, topic: str, doc: msgspec.Struct | bytes, *, qos: int = 1,
                 retain: bool = False) -> None:
         if not self.connected:
             return  # reconnecting publishes state and reported afresh
-        payload = doc if isinstance(doc, bytes) else json.dumps(doc, separators=(",", ":")).encode()
+        payload = doc if isinstance(doc, bytes) else documents.encode(doc)
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def publish_reported(self) -> None:
         self.publish(self.topics.reported, self.reported(), retain=True)
 
     def event(self, kind: str, **fields: Any) -> None:
-        doc = {"ts": _now_iso(), "type": kind, "device_id": self.device_id}
-        doc.update({k: v for k, v in fields.items() if v is not None})
-        self.publish(self.topics.events, doc)
+        ev, extra = documents.event(kind, _now_iso(), self.device_id, fields)
+        self.publish(self.topics.events, documents.encode_event(ev, extra))
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self) -> Telemetry:
         rng = self.group.rng
         dt = self.cfg.report_every_s
-        models: dict[str, Any] = {}
+        models: dict[str, ModelFigures] = {}
         for (name, version), entry in self.statuses.items():
-            if entry.get("state") != "serving":
+            if entry.state != "serving":
                 continue
             key = f"{name}:{version}"
             c = self.counters.setdefault(key, _ModelCounters(base_ms=_base_latency(name, rng)))
@@ -180,31 +194,30 @@ class SimDevice:
             self.jobs_failed += errors
             infer = c.base_ms * rng.uniform(0.9, 1.1)
             queue = infer * rng.uniform(0.05, 0.3)
-            models[key] = {
-                "ok": c.ok,
-                "errors": {"INTERNAL": c.errors} if c.errors else {},
-                "latency_ms": _percentiles(infer + queue),
-                "infer_ms": _percentiles(infer),
-                "queue_ms": _percentiles(queue),
-            }
-        return {
-            "ts": time.time(),
-            "health": {
-                "cpu_percent": round(rng.uniform(3, 40), 1),
-                "load_avg": [round(rng.uniform(0.1, 2.0), 2) for _ in range(3)],
-                "memory": {"total": self.hardware["memory_mb"] << 20,
-                           "available": int((self.hardware["memory_mb"] << 20) * 0.6),
-                           "percent": round(rng.uniform(20, 60), 1)},
-                "disk": {"total": 32 << 30, "free": 20 << 30, "percent": 37.5},
-                "process": {"rss": 180 << 20, "threads": 14},
-            },
-            "queue_depth": 0,
-            "inference": {"jobs_ok": self.jobs_ok, "jobs_failed": self.jobs_failed,
-                          "errors_by_code": {"INTERNAL": self.jobs_failed}
-                          if self.jobs_failed else {},
-                          "models": models},
-            "durability": {},
-        }
+            models[key] = ModelFigures(
+                ok=c.ok,
+                errors={"INTERNAL": c.errors} if c.errors else {},
+                latency_ms=_percentiles(infer + queue),
+                infer_ms=_percentiles(infer),
+                queue_ms=_percentiles(queue),
+            )
+        memory = (self.hardware.memory_mb or 0) << 20
+        return Telemetry(
+            ts=time.time(),
+            health=Health(
+                cpu_percent=round(rng.uniform(3, 40), 1),
+                load_avg=[round(rng.uniform(0.1, 2.0), 2) for _ in range(3)],
+                memory=MemoryFigures(total=memory, available=int(memory * 0.6),
+                                     percent=round(rng.uniform(20, 60), 1)),
+                disk=DiskFigures(total=32 << 30, free=20 << 30, percent=37.5),
+                process=ProcessFigures(rss=180 << 20, threads=14),
+            ),
+            queue_depth=0,
+            inference=Inference(jobs_ok=self.jobs_ok, jobs_failed=self.jobs_failed,
+                                errors_by_code={"INTERNAL": self.jobs_failed}
+                                if self.jobs_failed else {},
+                                models=models),
+        )
 
     # -- desired state ----------------------------------------------------------------
 
@@ -231,8 +244,8 @@ class SimDevice:
         for m in models:
             key = (m["name"], m["version"])
             current = self.statuses.get(key)
-            if current is None or current.get("state") != "serving" \
-                    or current.get("sha256") != m.get("sha256"):
+            if current is None or current.state != "serving" \
+                    or current.sha256 != m.get("sha256"):
                 self.statuses[key] = _entry(m, "loading")
         self.publish_reported()
         lo, hi = self.cfg.install_delay_s
@@ -247,14 +260,13 @@ class SimDevice:
     def finish(self, job: _Install) -> None:
         if job.generation != self.generation:
             return  # a newer manifest came meanwhile: it decides
-        statuses: dict[tuple[str, str], dict[str, Any]] = {}
+        statuses: dict[tuple[str, str], ModelEntry] = {}
         failures: list[str] = []
         loaded: set[str] = set()
         for m in job.models:
             key = (m["name"], m["version"])
             old = self.statuses.get(key)
-            if old is not None and old.get("state") == "serving" \
-                    and old.get("sha256") == m.get("sha256"):
+            if old is not None and old.state == "serving" and old.sha256 == m.get("sha256"):
                 statuses[key] = old
                 loaded.add(key[0])
             elif self.cfg.fails(*key):
@@ -273,12 +285,12 @@ class SimDevice:
         # A name whose new versions all failed keeps serving what it served.
         wanted = {m["name"] for m in job.models}
         for key, entry in self.statuses.items():
-            if entry.get("state") == "serving" and key[0] in wanted - loaded \
+            if entry.state == "serving" and key[0] in wanted - loaded \
                     and key not in statuses:
                 statuses[key] = entry
                 self.event("kept_serving", model=key[0], version=key[1])
         for key, entry in self.statuses.items():
-            if entry.get("state") == "serving" and key not in statuses:
+            if entry.state == "serving" and key not in statuses:
                 self.event("model_unloaded", model=key[0], version=key[1])
         self.statuses = statuses
         if failures:
@@ -291,16 +303,17 @@ class SimDevice:
         self.publish_reported()
 
 
-def _entry(m: dict[str, Any], state: str, error: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": m["name"], "version": m["version"], "sha256": m.get("sha256"), "state": state,
-        "runtime": "onnxruntime" if state != "loading" else None,
-        "device": "CPU" if state != "loading" else None, "error": error,
-        "attempts": [] if state == "loading" else
-        [{"runtime": "onnxruntime", "device": "CPU", "ok": state == "serving", "reason": error}],
-    }
+def _entry(m: dict[str, Any], state: str, error: str | None = None) -> ModelEntry:
+    loading = state == "loading"
+    entry = ModelEntry(
+        name=m["name"], version=m["version"], sha256=m.get("sha256"), state=state,
+        runtime=None if loading else "onnxruntime", device=None if loading else "CPU",
+        error=error,
+        attempts=[] if loading else [Attempt("onnxruntime", "CPU", state == "serving", error)],
+    )
     if state == "serving":
-        entry.update({"precision": "f32", "candidates": [], "autotune": None, "failovers": []})
+        entry = msgspec.structs.replace(entry, precision="f32", candidates=[], autotune=None,
+                                        failovers=[])
     return entry
 
 
@@ -310,8 +323,8 @@ def _base_latency(name: str, rng: random.Random) -> float:
     return per_model * rng.uniform(0.8, 1.25)
 
 
-def _percentiles(median: float) -> dict[str, float]:
-    return {"p50": round(median, 3), "p95": round(median * 1.6, 3), "p99": round(median * 2.2, 3)}
+def _percentiles(median: float) -> Percentiles:
+    return Percentiles(round(median, 3), round(median * 1.6, 3), round(median * 2.2, 3))
 
 
 def _poisson(rng: random.Random, mean: float) -> int:
@@ -327,10 +340,10 @@ def _poisson(rng: random.Random, mean: float) -> int:
         k += 1
 
 
-def simulated_hardware(rng: random.Random) -> dict[str, Any]:
+def simulated_hardware(rng: random.Random) -> Hardware:
     """A plausible `reported.hardware` of a small CPU-only gateway."""
     cores = rng.choice((2, 4, 4, 8))
-    return {
+    return msgspec.convert({
         "cpu": {"model": rng.choice(_CPUS), "cores_physical": cores, "cores_logical": cores,
                 "flags": []},
         "memory_mb": rng.choice((2048, 4096, 8192)),
@@ -338,4 +351,4 @@ def simulated_hardware(rng: random.Random) -> dict[str, Any]:
         "onnxruntime": {"version": "1.20.0", "providers": ["CPUExecutionProvider"]},
         "openvino": {"version": "2024.6.0", "devices": {"CPU": "simulated CPU"}},
         "errors": [],
-    }
+    }, Hardware)
