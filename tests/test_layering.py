@@ -137,3 +137,13 @@ def test_the_graph_sees_imports() -> None:
     graph = _graph()
     assert "edgeinfer.contract.topics" in graph["edgeinfer.agent.jobs"]
     assert "edgeinfer.contract.manifest" in graph["edgeinfer.fleet.deploy"]
+
+
+def test_every_package_is_installed() -> None:
+    # pyproject.toml lists the packages one by one (package-dir maps the top folders under
+    # edgeinfer.*): a subpackage missing there is missing from every wheel and install.
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in _modules().items() if path.name == "__init__.py"}
+    assert found == listed
