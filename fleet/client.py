@@ -15,7 +15,7 @@ This module is the SDK's public face: an application imports everything from her
 (fleet/aio.py) is the asyncio flavour over it; the errors are fleet/errors.py's.
 
 Threads: paho's network thread only hands responses to a queue. A worker thread
-(fleet/jobs.py) decodes them, resolves the futures and fails those past their timeout,
+(fleet/pending.py) decodes them, resolves the futures and fails those past their timeout,
 so a slow `add_done_callback` never stalls the MQTT connection (it delays other results).
 """
 

@@ -4,7 +4,7 @@
 One connection, one reply topic (`{prefix}/reply/{client_id}/res`) subscribed once;
 each job carries a unique Correlation Data that its response echoes, so any number
 of jobs can be in flight at once. This module builds and publishes the jobs;
-`PendingJobs` (fleet/jobs.py) waits for their answers on a worker thread.
+`PendingJobs` (fleet/pending.py) waits for their answers on a worker thread.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
 from edgeinfer.contract.properties import PackedPublishProperties
 from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
 from edgeinfer.contract.transport import TransportSecurity
-from edgeinfer.fleet.jobs import PendingJob, PendingJobs
 from edgeinfer.fleet.mqtt import BrokerError, Connection, connect, new_client_id
 from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY, InferResult, encode_request
+from edgeinfer.fleet.pending import PendingJob, PendingJobs
 from edgeinfer.fleet.streams import ResponseStream, StreamBase
 
 __all__ = ["InferenceClient"]
