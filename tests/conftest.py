@@ -22,6 +22,7 @@ import pytest
 from bench.models import RAPIDOCR_MODELS, DigitsModel, build_digits, rapidocr_models_dir
 from tests.broker import Broker
 from tests.pgtest import pg_schema_url
+from tests.pki import Pki
 
 # What starts another program: the broker, the agent process (tests/agentproc.py, found
 # through its use of subprocess), the PostgreSQL schema (a server must answer) and
@@ -122,3 +123,10 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
     """scikit-learn's MLP on the 8x8 digits as digits.onnx, trained once for the whole run
     (tests read it, never change it)."""
     return build_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A fleet CA with broker and client certificates, gw-revoked revoked, and a stranger CA
+    (tests/pki.py); one per module, which reads it and never changes it."""
+    return Pki(tmp_path_factory.mktemp("pki"))
