@@ -130,3 +130,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A fleet CA with broker and client certificates, gw-revoked revoked, and a stranger CA
     (tests/pki.py); one per module, which reads it and never changes it."""
     return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the models one module builds (bench/models.py), shared by its tests."""
+    return tmp_path_factory.mktemp("models")
