@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 from bench.models import RAPIDOCR_MODELS, DigitsModel, build_digits, rapidocr_models_dir
+from edgeinfer.fleet.client import InferenceClient
 from tests.broker import Broker
+from tests.deploydevice import Models, build_models
 from tests.pgtest import pg_schema_url
 from tests.pki import Pki
 
@@ -89,6 +91,31 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One mosquitto for all the tests of a module, each on devices of its own."""
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def module_client(module_broker: Broker) -> Iterator[InferenceClient]:
+    """A job client on `module_broker`, shared by the module's tests."""
+    with InferenceClient(module_broker.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def deploy_models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    """The models the deploy-safety modules deploy (tests/deploydevice.py): y = x, y = 2x,
+    a NaN model, a slow one and random bytes; built once per module, only read."""
+    return build_models(tmp_path_factory.mktemp("deploy-models"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
