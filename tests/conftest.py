@@ -20,8 +20,11 @@ from typing import Any
 import pytest
 
 from bench.models import RAPIDOCR_MODELS, DigitsModel, build_digits, rapidocr_models_dir
+from edgeinfer.fleet.client import InferenceClient
 from tests.broker import Broker
+from tests.deploydevice import Models, build_models
 from tests.pgtest import pg_schema_url
+from tests.pki import Pki
 
 # What starts another program: the broker, the agent process (tests/agentproc.py, found
 # through its use of subprocess), the PostgreSQL schema (a server must answer) and
@@ -90,6 +93,31 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         b.stop()
 
 
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One mosquitto for all the tests of a module, each on devices of its own."""
+    b = Broker(tmp_path_factory.mktemp("broker"))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def module_client(module_broker: Broker) -> Iterator[InferenceClient]:
+    """A job client on `module_broker`, shared by the module's tests."""
+    with InferenceClient(module_broker.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def deploy_models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    """The models the deploy-safety modules deploy (tests/deploydevice.py): y = x, y = 2x,
+    a NaN model, a slow one and random bytes; built once per module, only read."""
+    return build_models(tmp_path_factory.mktemp("deploy-models"))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Where the fleet registry lives, once per backend: a SQLite file in a folder not made
@@ -122,3 +150,16 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
     """scikit-learn's MLP on the 8x8 digits as digits.onnx, trained once for the whole run
     (tests read it, never change it)."""
     return build_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A fleet CA with broker and client certificates, gw-revoked revoked, and a stranger CA
+    (tests/pki.py); one per module, which reads it and never changes it."""
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the models one module builds (bench/models.py), shared by its tests."""
+    return tmp_path_factory.mktemp("models")

@@ -1,9 +1,10 @@
-"""Helpers shared by the integration tests: watch a topic, read an agent's retained state,
-deploy through the real fleet CLI."""
+"""Helpers shared by the tests: watch a topic, read an agent's retained state, deploy through
+the real fleet CLI; model builders; BYTES inputs (encoded images) for the pipeline tests."""
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from PIL import Image
 
 from edgeinfer.contract.topics import Topics
 from edgeinfer.fleet.cli import main as fleet
@@ -77,6 +79,18 @@ def build_slow(out_dir: Path, matmuls: int = 32, size: int = 1024) -> Path:
     path = out_dir / "slow.onnx"
     onnx.save(model, str(path))
     return path
+
+
+def blobs(*items: bytes) -> np.ndarray:
+    """A BYTES input: one encoded file (image, audio) per row, as a numpy object array."""
+    return np.array(list(items), dtype=object)
+
+
+def to_png(pixels: np.ndarray, mode: str = "L") -> bytes:
+    """`pixels` (rounded to uint8) as a PNG file."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def deploy(url: str, tmp: Path, *args: str, device: str) -> int:

@@ -1,6 +1,6 @@
 """The registry's swap, step by step: a job that started on v1 finishes on v1, and v1 is
 closed only after it; a job that starts after the swap gets v2 (the end-to-end hot-swap test
-in test_deploy_safety.py shows the same under load)."""
+in test_deploy_atomic.py shows the same under load)."""
 
 from __future__ import annotations
 

@@ -1,128 +1,33 @@
-"""Transport security: mqtts:// with a private CA, mutual TLS, the deploy/ ACL, CRLs and
-passwords from $CREDENTIALS_DIRECTORY, against a real mosquitto and real agent processes.
+"""Transport security with certificates: mqtts:// with a private CA, mutual TLS, server names,
+CRLs and the deploy/ ACL, against a real mosquitto and real agent processes; make_certs.py.
 
-Certificates are made here with deploy/make_certs.py; the broker runs deploy/mosquitto-tls.conf
-and deploy/acl with only paths and the port rewritten.
+Certificates are made with deploy/make_certs.py (tests/pki.py, the `pki` fixture); the broker
+runs deploy/mosquitto-tls.conf and deploy/acl with only paths and the port rewritten.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-import yaml
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.models import DigitsModel
-from edgeinfer.agent.config import ConfigError, load_config
-from edgeinfer.agent.tls import security_from_config
-from edgeinfer.contract.brokerurl import parse_broker_url
-from edgeinfer.contract.credentials import Secret, resolve_password
 from edgeinfer.contract.topics import Topics
-from edgeinfer.contract.transport import TransportError, TransportSecurity
+from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.cli import main as fleet
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.mqtt import BrokerError, Connection, connect, read_retained
 from tests.agentproc import AgentProcess
 from tests.broker import Broker
-
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-PREFIX = "edge/v1"
-MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
-
-
-def _load_make_certs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_certs", DEPLOY / "make_certs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mc = _load_make_certs()
-
-
-# -- certificates and brokers ----------------------------------------------------------
-
-
-class Pki:
-    """A fleet CA with a broker certificate and client certificates, and a stranger CA."""
-
-    def __init__(self, d: Path) -> None:
-        self.dir = d
-        d.mkdir(parents=True, exist_ok=True)
-        assert mc.main(["--dir", str(d), "ca"]) == 0
-        assert mc.main(["--dir", str(d), "broker", "--name", "localhost", "--name",
-                        "broker.test", "--ip", "127.0.0.1"]) == 0
-        assert mc.main(["--dir", str(d), "client", "fleet", "gw-a", "gw-b", "app-1",
-                        "gw-revoked"]) == 0
-        assert mc.main(["--dir", str(d), "revoke", "gw-revoked"]) == 0
-        # A broker certificate for the same names from a CA the fleet does not trust.
-        other = d / "other"
-        other.mkdir()
-        key, cert = mc.make_ca("some other CA")
-        mc.write_pair(other, "ca", key, cert)
-        bkey, bcert = mc.issue(key, cert, "localhost", server_names=["localhost"],
-                               server_ips=["127.0.0.1"])
-        mc.write_pair(other, "broker", bkey, bcert)
-
-    def path(self, name: str) -> str:
-        return str(self.dir / name)
-
-    def security(self, cn: str, **kw: Any) -> TransportSecurity:
-        return TransportSecurity(ca_file=self.path("ca.pem"), cert_file=self.path(f"{cn}.pem"),
-                                 key_file=self.path(f"{cn}.key"), **kw)
-
-    def agent_tls(self, cn: str) -> dict[str, str]:
-        return {"ca_file": self.path("ca.pem"), "cert_file": self.path(f"{cn}.pem"),
-                "key_file": self.path(f"{cn}.key")}
-
-
-def deploy_conf(workdir: Path, files: dict[str, Path]) -> str:
-    """deploy/mosquitto-tls.conf with our files, a log fit for a test, and a `{port}`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name, src in files.items():
-        shutil.copy(src, workdir / name)
-    text = (DEPLOY / "mosquitto-tls.conf").read_text()
-    assert "listener 8883\n" in text
-    text = text.replace("listener 8883\n", "listener {port} 127.0.0.1\n")
-    text = text.replace("/etc/mosquitto/edgeinfer/", f"{workdir}/")
-    text = text.replace("/var/lib/mosquitto/", f"{workdir}/")
-    return text + "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
-
-
-def start_broker(workdir: Path, conf: str) -> Broker:
-    """A mosquitto from `conf` (whose listener is on the Broker's free port), mqtts:// URL."""
-    b = Broker(workdir)
-    conf = conf.replace("{port}", str(b.port))
-    if os.geteuid() == 0:
-        # mosquitto started as root drops to user `mosquitto`, who cannot read our
-        # private tmp dir (the ACL and password files are read after the drop).
-        conf = "user root\n" + conf
-    b.conf.write_text(conf)
-    b.url = f"mqtts://127.0.0.1:{b.port}"
-    b.start()
-    return b
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
+from tests.pki import DEPLOY, PREFIX, Pki, deploy_conf, mc, start_broker, wait_state
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +40,6 @@ def tls_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
         yield b
     finally:
         b.stop()
-
-
-def wait_state(url: str, security: TransportSecurity, device: str, want: str = "online",
-               timeout: float = 30.0) -> dict[str, Any]:
-    topic = Topics(PREFIX, device).state
-    deadline = time.monotonic() + timeout
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        got = read_retained(url, [topic], quiet_s=0.1, timeout_s=1, security=security)
-        if topic in got:
-            last = json.loads(got[topic])
-            if last.get("state") == want:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{device} never became {want!r}; last: {last}")
 
 
 def tls_args(pki: Pki, cn: str) -> list[str]:
@@ -347,213 +237,6 @@ def test_acl_only_fleet_writes_desired(tls_broker: Broker, pki: Pki) -> None:
         fleet_probe.publish(b_desired, b"", retain=True)
         fleet_probe.close()
         spy.close()
-
-
-# -- username and password from $CREDENTIALS_DIRECTORY ---------------------------------
-
-
-@pytest.fixture
-def password_broker(pki: Pki, tmp_path: Path) -> Iterator[tuple[Broker, str]]:
-    """TLS (server side) + password_file + the deploy ACL; users gw-p and fleet."""
-    if not MOSQUITTO_PASSWD.exists():
-        pytest.skip(f"{MOSQUITTO_PASSWD} is not installed: cannot make a mosquitto password file")
-    work = tmp_path / "broker"
-    work.mkdir()
-    password = "pw-" + uuid.uuid4().hex
-    passwd = work / "passwd"
-    for user, pw in (("gw-p", password), ("fleet", "fleet-" + password)):
-        flag = ["-c"] if not passwd.exists() else []
-        subprocess.run([str(MOSQUITTO_PASSWD), *flag, "-b", str(passwd), user, pw], check=True,
-                       capture_output=True)
-    shutil.copy(DEPLOY / "acl", work / "acl")
-    conf = "\n".join([
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"acl_file {work}/acl",
-        f"password_file {passwd}",
-        "set_tcp_nodelay true",  # as deploy/ has it; doctor fails a broker with Nagle on
-        "listener {port} 127.0.0.1",
-        f"certfile {pki.dir}/broker.pem",
-        f"keyfile {pki.dir}/broker.key",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        "",
-    ])
-    b = start_broker(work, conf)
-    try:
-        yield b, password
-    finally:
-        b.stop()
-
-
-def _credentials(tmp_path: Path, password: str) -> Path:
-    creds = tmp_path / "credentials"
-    creds.mkdir()
-    (creds / "mqtt-password").write_text(password + "\n")
-    (creds / "mqtt-password").chmod(0o400)
-    return creds
-
-
-def test_agent_password_from_credentials_directory_never_logged(
-    password_broker: tuple[Broker, str], pki: Pki, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:
-    broker, password = password_broker
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(_credentials(tmp_path, password)))
-    agent = AgentProcess(tmp_path / "agent", broker.url, "gw-p",
-                         broker={"tls": {"ca_file": pki.path("ca.pem")}, "username": "gw-p"})
-    agent.start()
-    try:
-        (tmp_path / "fleetpw").write_text(f"fleet-{password}\n")
-        (tmp_path / "fleetpw").chmod(0o600)
-        fleet_sec = TransportSecurity(ca_file=pki.path("ca.pem"), username="fleet",
-                                      password=resolve_password(str(tmp_path / "fleetpw")))
-        wait_state(broker.url, fleet_sec, "gw-p")
-        agent.wait_log("connected to")
-        # The fleet CLI with --username and --password-file.
-        capsys.readouterr()
-        assert fleet(["devices", "--broker", broker.url, "--ca-file", pki.path("ca.pem"),
-                      "--username", "fleet", "--password-file", str(tmp_path / "fleetpw"),
-                      "--json"]) == 0
-        assert [d["device"] for d in json.loads(capsys.readouterr().out)] == ["gw-p"]
-        doctor = subprocess.run(
-            [sys.executable, "-m", "edgeinfer.agent.cli", "doctor", "--config", str(agent.config)],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
-    finally:
-        agent.stop()
-    log = agent.log_text()
-    assert yaml.safe_load(agent.config.read_text())["log"]["level"] == "DEBUG"
-    assert "password from $CREDENTIALS_DIRECTORY/mqtt-password" in log
-    assert password not in log
-    out = doctor.stdout + doctor.stderr
-    assert doctor.returncode == 0, out
-    assert "answers" in out and "user gw-p with password from" in out
-    # deploy/acl lets the device time jobs on its own doctor/ topics, over TLS.
-    assert "job round trip p50" in out and "not measured" not in out, out
-    assert password not in out
-
-
-def test_wrong_password_is_refused_and_not_logged(
-    password_broker: tuple[Broker, str], pki: Pki, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    broker, password = password_broker
-    wrong = "wrong-" + uuid.uuid4().hex
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(_credentials(tmp_path, wrong)))
-    agent = AgentProcess(tmp_path / "agent", broker.url, "gw-p",
-                         broker={"tls": {"ca_file": pki.path("ca.pem")}, "username": "gw-p"})
-    agent.start()
-    try:
-        agent.wait_log("refused the connection", timeout=30)
-        doctor = subprocess.run(
-            [sys.executable, "-m", "edgeinfer.agent.cli", "doctor", "--config", str(agent.config)],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
-    finally:
-        agent.stop()
-    log = agent.log_text()
-    assert "Bad user name or password" in log or "Not authorized" in log
-    assert "connected to" not in log
-    assert wrong not in log and password not in log
-    out = doctor.stdout + doctor.stderr
-    assert doctor.returncode == 1 and "refused the connection" in out, out
-    assert wrong not in out
-    # The fleet side: --username with --password-file, refused the same way.
-    (tmp_path / "pw").write_text(wrong)
-    assert fleet(["devices", "--broker", broker.url, "--ca-file", pki.path("ca.pem"),
-                  "--username", "gw-p", "--password-file", str(tmp_path / "pw")]) == 2
-
-
-# -- config: secrets never inline, TLS never ignored -----------------------------------
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "agent.yaml"
-    p.write_text(text)
-    return p
-
-
-def test_inline_password_is_refused_without_echo(tmp_path: Path) -> None:
-    p = _write(tmp_path, "broker:\n  username: gw-1\n  password: hunter2-inline\n")
-    with pytest.raises(ConfigError, match=r"broker\.password") as info:
-        load_config(p, {})
-    assert "hunter2-inline" not in str(info.value)
-    assert "password_file" in str(info.value)
-    with pytest.raises(ConfigError, match=r"broker\.password") as info:
-        load_config(None, {"EDGE_AGENT_BROKER__PASSWORD": "hunter2-env"})
-    assert "hunter2-env" not in str(info.value)
-
-
-def test_password_in_url_is_refused_without_echo(tmp_path: Path) -> None:
-    p = _write(tmp_path, "broker:\n  url: mqtts://gw:hunter2-url@broker.example:8883\n")
-    with pytest.raises(ConfigError, match=r"broker\.url") as info:
-        load_config(p, {})
-    assert "hunter2-url" not in str(info.value)
-    with pytest.raises(ValueError, match="user name or password"):
-        parse_broker_url("mqtt://u:p@host")
-
-
-@pytest.mark.parametrize(
-    ("text", "key", "what"),
-    [
-        ("broker:\n  url: mqtt://h:1883\n  tls:\n    ca_file: {ca}\n", "broker.tls", "use mqtts://"),
-        ("broker:\n  url: mqtts://h\n  tls:\n    ca_file: /nonexistent/ca.pem\n",
-         "broker.tls.ca_file", "no such file"),
-        ("broker:\n  url: mqtts://h\n  tls:\n    key_file: {ca}\n", "broker.tls.key_file",
-         "needs broker.tls.cert_file"),
-        ("broker:\n  password_file: {ca}\n", "broker.password_file", "needs broker.username"),
-        ("broker:\n  username: u\n  password_credential: ../x\n", "broker.password_credential",
-         "plain file name"),
-        ("broker:\n  tls:\n    verify: false\n", "broker.tls.verify", "unknown key"),
-    ],
-)
-def test_transport_config_errors_name_the_key(
-    tmp_path: Path, pki: Pki, text: str, key: str, what: str
-) -> None:
-    p = _write(tmp_path, text.replace("{ca}", pki.path("ca.pem")))
-    with pytest.raises(ConfigError) as info:
-        load_config(p, {})
-    assert f"'{key}'" in str(info.value) and what in str(info.value), str(info.value)
-
-
-def test_password_sources(tmp_path: Path) -> None:
-    creds = tmp_path / "creds"
-    creds.mkdir()
-    (creds / "mqtt-password").write_text("from-credential\n")
-    (creds / "other").write_text("other-credential")
-    pw_file = tmp_path / "pw"
-    pw_file.write_text("from-file\r\n")
-    env = {"CREDENTIALS_DIRECTORY": str(creds)}
-    cfg = load_config(_write(tmp_path, "broker:\n  username: u\n"), env)
-    sec = security_from_config(cfg.broker, env)
-    assert sec.password is not None and sec.password.reveal() == "from-credential"
-    cfg = load_config(_write(tmp_path, "broker:\n  username: u\n  password_credential: other\n"),
-                      env)
-    assert security_from_config(cfg.broker, env).password.reveal() == "other-credential"  # type: ignore[union-attr]
-    cfg = load_config(_write(tmp_path, f"broker:\n  username: u\n  password_file: {pw_file}\n"),
-                      env)
-    sec = security_from_config(cfg.broker, env)
-    assert sec.password is not None and sec.password.reveal() == "from-file"
-    # Nothing of the secret in repr/str/describe.
-    addr = parse_broker_url("mqtts://broker.example")
-    for text in (repr(sec), str(sec.password), sec.describe(addr), repr(cfg)):
-        assert "from-file" not in text
-    assert security_from_config(load_config(None, {}).broker, env).password is None
-    # No username: the credential is not even read.
-    assert isinstance(resolve_password(None, environ=env), Secret)
-    pw_file.write_text("")
-    cfg = load_config(_write(tmp_path, f"broker:\n  username: u\n  password_file: {pw_file}\n"), {})
-    with pytest.raises(TransportError, match="empty"):
-        security_from_config(cfg.broker, {})
-
-
-def test_plain_password_to_remote_broker_warns() -> None:
-    sec = TransportSecurity(username="u", password=Secret("x", "test"))
-    assert any("clear text" in w for w in sec.warnings(parse_broker_url("mqtt://10.1.2.3")))
-    assert not sec.warnings(parse_broker_url("mqtt://127.0.0.1"))
-    assert not sec.warnings(parse_broker_url("mqtts://10.1.2.3"))
 
 
 def test_make_certs_refuses_to_overwrite_a_key(tmp_path: Path, pki: Pki) -> None:

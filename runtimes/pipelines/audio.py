@@ -94,7 +94,7 @@ def speech_timestamps(
     """Speech segments (start, end) in 16 kHz samples from per-window probabilities.
 
     A port of silero-vad's `get_speech_timestamps_from_probs` (v6) at 16 kHz, same rules,
-    same defaults; tests/test_pipelines.py checks it against that function's source.
+    same defaults; tests/test_pipelines_vad.py checks it against that function's source.
     """
     sr, window = SAMPLE_RATE, WINDOW
     threshold = cfg.threshold
