@@ -127,6 +127,8 @@ class Agent:
             alarm=self.disk,
             # Told each run's outcome: demotes a runtime that keeps failing (failover.py).
             observer=self.reconciler.failover,
+            # What `reported.models` lists, for OIP's readiness queries (agent/queries.py).
+            statuses=self.reconciler.statuses,
         )
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,

@@ -52,6 +52,7 @@ from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.protocol import JobMeta, encode_error
+from edgeinfer.agent.queries import Queries
 from edgeinfer.agent.workers import Workers
 from edgeinfer.contract.errors import Code
 
@@ -89,7 +90,7 @@ class Intake:
     def __init__(self, journal: Journal, outbox: OutboxPublisher, answers: Answers,
                  ledger: Ledger, workers: Workers, work_q: WorkQueue, metrics: Metrics,
                  ack: Ack, send_now: SendNow, results_topic: str,
-                 reply_prefixes: Sequence[str], cfg: JobsConfig) -> None:
+                 reply_prefixes: Sequence[str], cfg: JobsConfig, queries: Queries) -> None:
         self._journal = journal
         self._outbox = outbox
         self._answers = answers
@@ -102,6 +103,7 @@ class Intake:
         self._results_topic = results_topic
         self._reply_prefixes = tuple(reply_prefixes)
         self._cfg = cfg
+        self._queries = queries
         # queue.SimpleQueue (C, one lock) and not queue.Queue (Python, a Condition and a new
         # lock per wait): the network thread's put and the intake's get are on every job's
         # path. Bounded by submit(), its only producer besides stop() and wake().
@@ -203,6 +205,10 @@ class Intake:
                     break
                 if more is not _RETRY:
                     batch.append(Arrival(more))
+            # Health and metadata queries first, never journaled (agent/queries.py: why here).
+            jobs = [a for a in batch if not self._queries.answered(a.inbound)]
+            self._settled += len(batch) - len(jobs)
+            batch = jobs
             inline: Job | None = None
             try:
                 with self.admitting:

@@ -25,9 +25,10 @@ import numpy as np
 from edgeinfer.agent import faults, health_gate
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.failover import EmitEvent, FailoverManager, OnSwapped, RuntimeFault
-from edgeinfer.agent.served import ServedModels, ServingModel
+from edgeinfer.agent.served import ServedModels, ServingModel, tensor_metadata
 from edgeinfer.agent.store import ModelStore
 from edgeinfer.contract import documents
+from edgeinfer.contract.errors import JobError
 from edgeinfer.contract.manifest import ModelSpec, RoleModel
 from edgeinfer.runtimes.autotune import Choice, Tolerance, Tuned, choose, load_choice
 from edgeinfer.runtimes.autotune_cache import AutotuneCache
@@ -87,8 +88,17 @@ class Serving:
     roles: dict[str, RoleLoaded] | None = None  # multi-model versions only
 
     def entry(self, spec: ModelSpec) -> documents.ModelEntry:
-        """The version's entry in `reported.models` now that it serves."""
+        """The version's entry in `reported.models` now that it serves: how it was chosen,
+        and what a job sends and gets back (which builds a single model's pipeline now
+        rather than on its first job)."""
         tuned = self.tuned
+        inputs: list[documents.TensorMetadata] | msgspec.UnsetType = msgspec.UNSET
+        outputs: list[documents.TensorMetadata] | msgspec.UnsetType = msgspec.UNSET
+        try:
+            ins, outs = self.model.tensors()
+            inputs, outputs = tensor_metadata(ins), tensor_metadata(outs)
+        except JobError:
+            pass  # the pipeline cannot be built: left out; each job is told why (UNAVAILABLE)
         return documents.ModelEntry(
             name=spec.name, version=spec.version, sha256=spec.sha256, state="serving",
             runtime=tuned.session.runtime, device=tuned.session.device,
@@ -99,6 +109,7 @@ class Serving:
             failovers=[],
             roles=(msgspec.UNSET if self.roles is None
                    else {role: r.report() for role, r in self.roles.items()}),
+            task=spec.task, inputs=inputs, outputs=outputs,
         )
 
 

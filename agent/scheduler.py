@@ -10,6 +10,7 @@ the watchdog (agent/lifecycle.py) talk to; each room has one job:
     agent/inflight.py  the ledger: jobs unanswered, repeats, cancel switches, who runs
     agent/workers.py   worker loop: prepare, run (alone, batched, through a pipeline), answer
     agent/answers.py   the group commit of answers; replays, refusals, partial answers out
+    agent/queries.py   OIP's health and metadata queries, answered by the intake unjournaled
 
 The path of one job, from the network thread calling the jobs route's handler with its
 `Inbound` to its answer's bytes leaving (session.publish), counted before and after
@@ -53,7 +54,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgeinfer.agent.answers import Answers, SendNow
 from edgeinfer.agent.config import JobsConfig
@@ -65,8 +66,10 @@ from edgeinfer.agent.journal import Journal
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.outbox import OutboxPublisher
+from edgeinfer.agent.queries import Queries
 from edgeinfer.agent.served import ServedModels
 from edgeinfer.agent.workers import RunObserver, Unobserved, Workers
+from edgeinfer.contract.documents import ModelEntry
 
 __all__ = ["Ack", "RunObserver", "Scheduler", "SendNow"]
 
@@ -85,9 +88,11 @@ class Scheduler:
         cfg: JobsConfig,
         alarm: DiskAlarm | None = None,
         observer: RunObserver | None = None,
+        statuses: Callable[[], Sequence[ModelEntry]] = list,
     ) -> None:
         """`observer` is told every run's outcome (agent/failover.py); `alarm` raised and
-        cleared by the journal's commits (by default one that tells nobody)."""
+        cleared by the journal's commits (by default one that tells nobody); `statuses`:
+        the versions `reported` lists, for readiness queries (by default none)."""
         self._cfg = cfg
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -102,9 +107,11 @@ class Scheduler:
                                 self._ledger, self._work_q, results_topic, cfg,
                                 observer if observer is not None else Unobserved(),
                                 self._stopping)
+        self.queries = Queries(registry, statuses, lambda: not self._intake.draining.is_set(),
+                               send_now, ack, results_topic, reply_prefixes)
         self._intake = Intake(journal, outbox, self._answers, self._ledger, self._workers,
                               self._work_q, metrics, ack, send_now, results_topic,
-                              reply_prefixes, cfg)
+                              reply_prefixes, cfg, self.queries)
 
     def _wake_intake(self) -> None:
         # Answers blocked by a full disk: the intake, maybe waiting for a job, retries them.

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgeinfer.contract.documents import TensorMetadata
 from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.contract.manifest import ModelSpec
-from edgeinfer.runtimes.base import Session
+from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
 from edgeinfer.runtimes.selection import Attempt
 
@@ -66,6 +67,14 @@ class ServingModel:
                 raise JobError(Code.UNAVAILABLE, self._pipeline_error)
             return self._pipeline
 
+    def tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """What a job sends and what its answer holds: the task pipeline's tensors when the
+        task has one, else the session's. Raises JobError when the pipeline cannot be built."""
+        pipeline = self.pipeline()
+        if pipeline is None:
+            return self.session.inputs, self.session.outputs
+        return pipeline.inputs(), pipeline.outputs()
+
     @property
     def label(self) -> str:
         return f"{self.spec.name}:{self.spec.version}"
@@ -107,6 +116,11 @@ class ServingModel:
                 log.exception("closing %s failed", self.label)
 
 
+def tensor_metadata(specs: Sequence[TensorSpec]) -> list[TensorMetadata]:
+    """Tensors as `reported` and OIP's model metadata list them."""
+    return [TensorMetadata(s.name, s.datatype, list(s.shape)) for s in specs]
+
+
 class ServedModels:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,6 +151,13 @@ class ServedModels:
         for m in dropped:
             m.retire()
         return dropped
+
+    def lookup(self, name: str, version: str | None) -> tuple[ServingModel, list[str]]:
+        """The version a job naming `version` (None: none) would run on, without holding
+        it, and every version of `name` served (the one a job naming none gets last);
+        raises JobError(NOT_FOUND) as `acquire` does."""
+        with self._lock:
+            return self._lookup(name, version), [m.spec.version for m in self._by_name[name]]
 
     def _lookup(self, name: str, version: str | None) -> ServingModel:
         versions = self._by_name.get(name)

@@ -206,10 +206,8 @@ class Workers:
                 deadline = deadline_of(inbound, req.timeout_ms, req.sent_at_ms)
             check_deadline(deadline)
             model = self._registry.acquire(req.model_name, req.model_version)
-            session = model.session
             pipeline = model.pipeline()
-            in_specs = pipeline.inputs() if pipeline is not None else session.inputs
-            out_specs = pipeline.outputs() if pipeline is not None else session.outputs
+            in_specs, out_specs = model.tensors()
             knobs = pipeline.optional_inputs() if pipeline is not None else []
             arrays = check_inputs(req, in_specs, model.label, self._cfg.max_tensor_elements,
                                   optional=knobs)

@@ -17,8 +17,6 @@ from edgeinfer.agent.protocol.answer import (
 from edgeinfer.agent.protocol.inputs import check_inputs, check_outputs
 from edgeinfer.agent.protocol.request import (
     HEADER_LENGTH_PROPERTY,
-    MODEL_NAME_PROPERTY,
-    MODEL_VERSION_PROPERTY,
     REQUEST_PROPERTIES,
     JobMeta,
     RawRequest,
@@ -29,6 +27,7 @@ from edgeinfer.agent.protocol.request import (
     peek_id,
     peek_meta,
 )
+from edgeinfer.contract.queries import MODEL_NAME_PROPERTY, MODEL_VERSION_PROPERTY
 
 __all__ = [
     "HEADER_LENGTH_PROPERTY", "MODEL_NAME_PROPERTY", "MODEL_VERSION_PROPERTY",

@@ -12,13 +12,12 @@ from typing import Any
 import msgspec
 
 from edgeinfer.contract.errors import Code, JobError
+from edgeinfer.contract.queries import MODEL_NAME_PROPERTY, MODEL_VERSION_PROPERTY
 from edgeinfer.contract.topics import NAME_RE
 from edgeinfer.structcheck import StructError, convert, not_utf8
 
 # Triton's binary-data extension: the JSON header's length, as an MQTT user property.
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
-MODEL_NAME_PROPERTY = "model_name"
-MODEL_VERSION_PROPERTY = "model_version"
 # The user properties that are part of what a request asks for, beside its payload (the
 # request's identity for de-duplication: agent/jobs.py's request_digest).
 REQUEST_PROPERTIES = frozenset({HEADER_LENGTH_PROPERTY, MODEL_NAME_PROPERTY, MODEL_VERSION_PROPERTY})

@@ -117,11 +117,24 @@ class RoleEntry(msgspec.Struct):
     attempts: list[Attempt] = []
 
 
+class TensorMetadata(msgspec.Struct):
+    """One input or output of a model as OIP's model metadata describes it (KServe v2
+    `$metadata_tensor`): in `reported.models[]` and in a ModelMetadata answer
+    (edgeinfer.contract.queries)."""
+
+    name: str
+    datatype: str  # OIP datatype (edgeinfer.contract.datatypes)
+    shape: list[int]  # -1 for a dynamic dimension; [] when the runtime knows no rank
+
+
 class ModelEntry(msgspec.Struct):
     """One model version in `reported.models`: loading, serving or failed.
 
     The fields after `attempts` come with serving models only (UNSET, so left out of the
-    wire, otherwise); `roles` only with a multi-model version.
+    wire, otherwise); `roles` only with a multi-model version. `inputs` and `outputs` are
+    what a job sends and gets back: the task pipeline's tensors when the task has one (an
+    encoded image, not the model's pixel tensor), else the model's; left out when the
+    pipeline cannot be built (its first job says why).
     """
 
     name: str
@@ -137,6 +150,9 @@ class ModelEntry(msgspec.Struct):
     autotune: Autotune | UnsetType | None = UNSET  # None when pinned
     failovers: list[Failover] | UnsetType = UNSET
     roles: dict[str, RoleEntry] | UnsetType = UNSET
+    task: str | UnsetType = UNSET  # the manifest's (edgeinfer.contract.tasks)
+    inputs: list[TensorMetadata] | UnsetType = UNSET
+    outputs: list[TensorMetadata] | UnsetType = UNSET
 
 
 class CpuSummary(msgspec.Struct):
