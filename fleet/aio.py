@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
+from edgeinfer.contract.queries import ModelMetadata, ModelReady, QueryAnswer, QueryKind, ServerReady
 from edgeinfer.contract.topics import DEFAULT_PREFIX
 from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.mqtt import BrokerError
@@ -135,6 +136,35 @@ class AsyncInferenceClient:
         fut.add_done_callback(lambda f: _call_in_loop(loop, _settle, waiter, f))
         return await waiter
 
+    async def metadata(self, model: str, *, device: str | None = None,
+                       pool: str | None = None, version: str | None = None,
+                       timeout: float = 10.0) -> ModelMetadata:
+        """KServe's model metadata of `model` on `device` or `pool`: as
+        `InferenceClient.metadata`."""
+        answer = await self._query(QueryKind.MODEL_METADATA, device, pool, model, version,
+                                   timeout)
+        assert isinstance(answer, ModelMetadata)
+        return answer
+
+    async def ready(self, model: str | None = None, *, device: str | None = None,
+                    pool: str | None = None, version: str | None = None,
+                    timeout: float = 10.0) -> bool:
+        """Model ready (with `model`) or server ready (without): as
+        `InferenceClient.ready`."""
+        kind = QueryKind.SERVER_READY if model is None else QueryKind.MODEL_READY
+        answer = await self._query(kind, device, pool, model, version, timeout)
+        assert isinstance(answer, (ServerReady, ModelReady))
+        return answer.ready
+
+    async def _query(self, kind: QueryKind, device: str | None, pool: str | None,
+                     model: str | None, version: str | None, timeout: float) -> QueryAnswer:
+        loop = asyncio.get_running_loop()
+        fut = self.sync.query(kind, device=device, pool=pool, model=model, version=version,
+                              timeout=timeout)
+        waiter: asyncio.Future[QueryAnswer] = loop.create_future()
+        fut.add_done_callback(lambda f: _call_in_loop(loop, _settle, waiter, f))
+        return await waiter
+
     def stream(
         self,
         model: str,
@@ -174,7 +204,7 @@ def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
         loop.call_soon_threadsafe(fn, *args)
 
 
-def _settle(waiter: asyncio.Future[InferResult], fut: Future[InferResult]) -> None:
+def _settle(waiter: asyncio.Future[Any], fut: Future[Any]) -> None:
     if waiter.done():  # the awaiting task was cancelled
         return
     exc = fut.exception()

@@ -9,6 +9,8 @@ of jobs can be in flight at once.
         print(result.outputs["label"], result.parameters["runtime"])
         for part in client.stream("llm", {"prompt": text}, device="gw-1"):
             ...  # each response of a streamed job, the last one says sequence_end: true
+        meta = client.metadata("digits", device="gw-1")  # inputs, outputs: name, datatype, shape
+        client.ready("digits", device="gw-1")  # True when a job would run now
 
 This module is the SDK's public face: an application imports everything from here.
 `InferenceClient` (fleet/sync_client.py) sends jobs from threads; `AsyncInferenceClient`
@@ -21,6 +23,8 @@ so a slow `add_done_callback` never stalls the MQTT connection (it delays other 
 
 from __future__ import annotations
 
+from edgeinfer.contract.documents import TensorMetadata
+from edgeinfer.contract.queries import ModelMetadata
 from edgeinfer.fleet.aio import AsyncInferenceClient
 from edgeinfer.fleet.errors import (
     DeadlineExceeded,
@@ -43,8 +47,10 @@ __all__ = [
     "InferenceError",
     "Internal",
     "InvalidArgument",
+    "ModelMetadata",
     "NotFound",
     "ResourceExhausted",
     "ResponseStream",
+    "TensorMetadata",
     "Unavailable",
 ]

@@ -4,6 +4,7 @@ A push hashes the file, checks the registry (a name:version names one set of byt
 forever), copies the file into the content-addressed artifact store and records it.
 The CLI talks to the registry directly (the same storage layer the controller uses), so
 pushing works whether or not a controller runs; SQLite in WAL mode lets both share a file.
+`describe` asks a device instead (OIP's model metadata over MQTT); its table is here too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeinfer.contract.queries import ModelMetadata
 from edgeinfer.contract.topics import NAME_RE
 from edgeinfer.fleet.artifacts import ArtifactStore
 from edgeinfer.fleet.registry import ModelConflict, ModelVersion, Registry, RegistryError
@@ -82,3 +84,19 @@ def format_models_table(models: list[ModelVersion]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+def format_metadata_table(meta: ModelMetadata) -> str:
+    """A model's inputs and outputs as OIP's metadata gives them, one row each (shape -1:
+    any size), under a line naming its served versions and platform."""
+    header = ("", "NAME", "DATATYPE", "SHAPE")
+    rows = [header] + [
+        (kind, t.name, t.datatype, "[" + ", ".join(str(d) for d in t.shape) + "]")
+        for kind, tensors in (("input", meta.inputs), ("output", meta.outputs))
+        for t in tensors
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [f"{meta.name}: versions {', '.join(meta.versions)}; platform {meta.platform}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+              for row in rows]
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from edgeinfer.contract.errors import Code
+from edgeinfer.contract.queries import QueryAnswer, QueryKind, read_answer
 from edgeinfer.fleet.errors import Internal, error_from_code
 
 HEADER_LENGTH_PROPERTY = "Inference-Header-Content-Length"
@@ -185,6 +186,22 @@ def result_from_response(doc: dict[str, Any], tail: bytes = b"") -> InferResult:
         parameters=dict(params) if isinstance(params, dict) else {},
         raw=doc,
     )
+
+
+def answer_from_response(kind: QueryKind, doc: dict[str, Any]) -> QueryAnswer:
+    """A health or metadata query's typed answer (edgeinfer.contract.queries), or raises
+    the InferenceError subclass its error's code names, as `result_from_response`."""
+    query_id = doc.get("id")
+    if "error" in doc:
+        params = doc.get("parameters")
+        code = params.get("code") if isinstance(params, dict) else None
+        raise error_from_code(
+            str(code or Code.INTERNAL.value), str(doc["error"]), job_id=query_id, response=doc
+        )
+    try:
+        return read_answer(kind, doc)
+    except ValueError as exc:
+        raise Internal(Code.INTERNAL, str(exc), job_id=query_id, response=doc) from None
 
 
 def _decode_outputs(tensors: list[dict[str, Any]], tail: bytes) -> dict[str, np.ndarray[Any, Any]]:

@@ -20,10 +20,23 @@ import numpy as np
 
 from edgeinfer.contract.brokerurl import DEFAULT_BROKER_URL
 from edgeinfer.contract.properties import PackedPublishProperties
+from edgeinfer.contract.queries import (
+    ModelMetadata,
+    ModelReady,
+    QueryAnswer,
+    QueryKind,
+    ServerReady,
+    encode_query,
+)
 from edgeinfer.contract.topics import DEFAULT_PREFIX, DEVICE_ID_RE, POOL_RE, Topics, reply_prefix
 from edgeinfer.contract.transport import TransportSecurity
 from edgeinfer.fleet.mqtt import BrokerError, Connection, connect, new_client_id
-from edgeinfer.fleet.oip import HEADER_LENGTH_PROPERTY, InferResult, encode_request
+from edgeinfer.fleet.oip import (
+    HEADER_LENGTH_PROPERTY,
+    InferResult,
+    answer_from_response,
+    encode_request,
+)
 from edgeinfer.fleet.pending import PendingJob, PendingJobs
 from edgeinfer.fleet.streams import ResponseStream, StreamBase
 
@@ -194,6 +207,57 @@ class InferenceClient:
         # The worker fails the future at `timeout` with a TimeoutError naming the job;
         # the margin only guards against a stuck worker.
         return fut.result(timeout + 5.0)
+
+    # -- health and metadata (OIP's, edgeinfer.contract.queries) ---------------------
+
+    def metadata(self, model: str, *, device: str | None = None, pool: str | None = None,
+                 version: str | None = None, timeout: float = 10.0) -> ModelMetadata:
+        """What `model` (`version`; default: the one a job naming none gets) takes and
+        returns on `device` (or a device of `pool`): KServe's model metadata, with its
+        inputs' and outputs' names, datatypes and shapes (-1: any size). Raises NotFound
+        when it is not served there, TimeoutError when no answer came within `timeout`."""
+        answer = self.query(QueryKind.MODEL_METADATA, device=device, pool=pool, model=model,
+                            version=version, timeout=timeout).result(timeout + 5.0)
+        assert isinstance(answer, ModelMetadata)
+        return answer
+
+    def ready(self, model: str | None = None, *, device: str | None = None,
+              pool: str | None = None, version: str | None = None,
+              timeout: float = 10.0) -> bool:
+        """Whether `model` (`version`) would run a job now on `device` (or a device of
+        `pool`): False while it loads or after it failed, NotFound when the device was
+        never told to serve it. Without `model`: whether the device serves every model it
+        was told to and takes jobs (KServe's server ready)."""
+        kind = QueryKind.SERVER_READY if model is None else QueryKind.MODEL_READY
+        answer = self.query(kind, device=device, pool=pool, model=model, version=version,
+                            timeout=timeout).result(timeout + 5.0)
+        assert isinstance(answer, (ServerReady, ModelReady))
+        return answer.ready
+
+    def query(self, kind: QueryKind, *, device: str | None = None, pool: str | None = None,
+              model: str | None = None, version: str | None = None,
+              timeout: float = 10.0) -> Future[QueryAnswer]:
+        """Send one OIP health or metadata query; the future holds its typed answer, or the
+        InferenceError, TimeoutError or BrokerError that `submit`'s would. The query
+        expires in the broker after `timeout` (nobody waits for a later answer)."""
+        topic = self._jobs_topic(device, pool)
+        query_id = f"q-{uuid.uuid4().hex[:16]}"
+        body, user_props = encode_query(kind, query_id=query_id, model=model, version=version)
+        raw: Future[dict[str, Any]] = self._send(
+            topic, body, job_id=query_id, timeout=timeout, expiry_s=timeout,
+            user_properties=user_props, raw=True,
+        )
+        typed: Future[QueryAnswer] = Future()
+
+        def settle(done: Future[dict[str, Any]]) -> None:
+            # On the client's worker thread: the answer is small, its reading cheap.
+            try:
+                typed.set_result(answer_from_response(kind, done.result()))
+            except Exception as exc:  # the InferenceError, or the raw future's own
+                typed.set_exception(exc)
+
+        raw.add_done_callback(settle)
+        return typed
 
     def publish_raw(
         self,

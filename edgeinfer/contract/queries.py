@@ -121,17 +121,24 @@ def decode_query(kind_text: str, payload: bytes,
     return Query(kind, query_id, name, version)
 
 
+_NO_JSON = "a query's body is empty or a JSON object; this is no JSON"
+
+
 def _read_body(payload: bytes) -> _Body:
     if not payload.strip():
         return _Body()
     try:
         return _body_decoder.decode(payload)
     except msgspec.ValidationError:
-        pass  # worded below, in our words
+        pass  # worded below, in our words (a typed decode may refuse bad JSON this way too)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        raise QueryError("a query's body is empty or a JSON object; this is no JSON") from None
+        raise QueryError(_NO_JSON) from None
     try:
-        convert(msgspec.json.decode(payload), _Body)
+        data = msgspec.json.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        raise QueryError(_NO_JSON) from None
+    try:
+        convert(data, _Body)
     except StructError as exc:
         raise QueryError(f"malformed query: {exc} (a query's body holds only id, "
                          "model_name and model_version)") from None

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_parser(sub, common)
     add_keys_parser(sub, plain)
     add_devices_parser(sub, plain, common)
-    add_models_parser(sub, plain)
+    add_models_parser(sub, plain, common)
     add_infer_parser(sub, common)
     add_serve_parser(sub, common)
     add_rollout_parser(sub, plain, common)

@@ -1,4 +1,5 @@
-"""`edge-fleet models push|list`: model versions in the artifact store and the registry."""
+"""`edge-fleet models push|list`: model versions in the artifact store and the registry;
+`edge-fleet models describe`: what a model takes and returns, asked of a device over MQTT."""
 
 from __future__ import annotations
 
@@ -8,24 +9,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeinfer.cliargs import Parser, UsageError
+import msgspec
+
+from edgeinfer.cliargs import Parser, UsageError, duration
 from edgeinfer.fleet.artifacts import ArtifactStore
 from edgeinfer.fleet.cli.common import (
     PROG,
     add_artifact_dir_arg,
     add_registry_args,
+    device_id,
     fleet_config,
     registry_of,
+    topic_prefix,
 )
-from edgeinfer.fleet.models import check_push, format_models_table, push_model
+from edgeinfer.fleet.client import InferenceClient
+from edgeinfer.fleet.errors import InferenceError
+from edgeinfer.fleet.models import check_push, format_metadata_table, format_models_table, push_model
 from edgeinfer.fleet.registry import ModelConflict, RegistryError
+from edgeinfer.fleet.tls_options import security_from_args
 
 
-def add_models_parser(sub: Any, plain: Parser) -> None:
+def add_models_parser(sub: Any, plain: Parser, common: Parser) -> None:
     p = sub.add_parser(
-        "models", help="model versions in the registry",
+        "models", help="model versions in the registry, and what a device's model takes",
         description="Push model files into the artifact store and the registry, and list "
-                    "them. Talks to the registry directly (--db, or the config's database).",
+                    "them (these talk to the registry directly: --db, or the config's "
+                    "database); describe a model a device serves (asked over MQTT).",
     )
     models_sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     m = models_sub.add_parser(
@@ -49,6 +58,22 @@ def add_models_parser(sub: Any, plain: Parser) -> None:
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_registry_args(m)
     m.set_defaults(func=cmd_models_list)
+    m = models_sub.add_parser(
+        "describe", parents=[common], help="print a served model's inputs and outputs",
+        description="Ask a device what a model it serves takes and returns (OIP's model "
+                    "metadata: each input's and output's name, datatype and shape, -1 for "
+                    "any size) and print it. Exit 1 when the device does not serve it or "
+                    "does not answer.",
+    )
+    m.add_argument("--device", required=True, help="the device to ask")
+    m.add_argument("--model", required=True, metavar="NAME")
+    m.add_argument("--version", metavar="V",
+                   help="model version (default: the one a job naming none gets)")
+    m.add_argument("--timeout", type=duration, default=10.0, metavar="DURATION",
+                   help="how long to wait for the answer, e.g. 10 (seconds), 500ms "
+                        "(default: 10s)")
+    m.add_argument("--json", action="store_true", help="print the raw OIP answer")
+    m.set_defaults(func=cmd_models_describe)
 
 
 def cmd_models_push(args: argparse.Namespace) -> int:
@@ -96,4 +121,28 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         print(f"no models in {registry.url}")
     else:
         print(format_models_table(found))
+    return 0
+
+
+def cmd_models_describe(args: argparse.Namespace) -> int:
+    prefix = topic_prefix(args)
+    device = device_id(args.device)
+    with InferenceClient(args.broker, prefix=prefix, security=security_from_args(args)) as client:
+        try:
+            meta = client.metadata(args.model, device=device, version=args.version,
+                                   timeout=args.timeout)
+        except InferenceError as exc:
+            if args.json and exc.response is not None:
+                print(json.dumps(exc.response))
+            print(f"{PROG} models describe: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"{PROG} models describe: {exc} (is {device} online?)", file=sys.stderr)
+            return 1
+        except ValueError as exc:  # a model name or version outside the alphabet
+            raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(meta)))
+    else:
+        print(format_metadata_table(meta))
     return 0
