@@ -151,7 +151,7 @@ def _served(*versions: str) -> ServedModels:
     registry = ServedModels()
     registry.replace([ServingModel(msgspec.convert(
         {"name": "m", "version": v, "uri": "file:///m", "sha256": "ab" * 32, "size": 1},
-        ModelSpec), _Session(), []) for v in versions])  # type: ignore[arg-type]
+        ModelSpec), _Session(), []) for v in versions])
     return registry
 
 
