@@ -55,6 +55,7 @@ def test_one_duration_syntax() -> None:
 _DURATION_OPTIONS = [
     (["deploy", "--device", "gw-1", "--remove", "m", "--wait"], "wait"),
     (["infer", "--device", "gw-1", "--model", "m", "--input", "x.npy", "--timeout"], "timeout"),
+    (["models", "describe", "--device", "gw-1", "--model", "m", "--timeout"], "timeout"),
     (["rollout", "start", "m:1", "--group", "", "--bake"], "bake"),
     (["rollout", "start", "m:1", "--group", "", "--install-timeout"], "install_timeout"),
     (["simulate", "--devices", "1", "--report-every"], "report_every"),
@@ -197,7 +198,7 @@ def test_commands_that_never_connect_take_no_broker_options(
 
 @pytest.mark.parametrize("argv", [["deploy"], ["devices"], ["infer"], ["serve"], ["simulate"],
                                   ["rollout", "start"], ["rollout", "resume"],
-                                  ["rollout", "abort"]])
+                                  ["rollout", "abort"], ["models", "describe"]])
 def test_commands_that_connect_list_every_broker_option(
         argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     text = _help(argv, capsys)

@@ -87,6 +87,9 @@ def test_the_query_id_comes_back_in_an_error_once_it_could_be_read() -> None:
     with pytest.raises(QueryError) as caught:
         decode_query("ModelReady", b'{"id": "q-7"}', ())
     assert caught.value.id == "q-7"
+    with pytest.raises(QueryError) as caught:
+        decode_query("ModelReady", b'{"id": "q-8", "model_name": "m", "outputs": []}', ())
+    assert caught.value.id == "q-8"
 
 
 def test_the_sdk_refuses_to_encode_a_query_the_agent_would_refuse() -> None:

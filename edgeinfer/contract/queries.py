@@ -137,11 +137,13 @@ def _read_body(payload: bytes) -> _Body:
         data = msgspec.json.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         raise QueryError(_NO_JSON) from None
+    raw_id = data.get("id") if isinstance(data, dict) else None
+    query_id = raw_id if isinstance(raw_id, str) and NAME_RE.match(raw_id) else None
     try:
         convert(data, _Body)
     except StructError as exc:
         raise QueryError(f"malformed query: {exc} (a query's body holds only id, "
-                         "model_name and model_version)") from None
+                         "model_name and model_version)", query_id) from None
     raise QueryError("malformed query")  # pragma: no cover - convert refuses what msgspec did
 
 
