@@ -24,7 +24,7 @@ so a slow `add_done_callback` never stalls the MQTT connection (it delays other 
 from __future__ import annotations
 
 from edgeinfer.contract.documents import TensorMetadata
-from edgeinfer.contract.queries import ModelMetadata
+from edgeinfer.contract.queries import ModelMetadata, QueryKind
 from edgeinfer.fleet.aio import AsyncInferenceClient
 from edgeinfer.fleet.errors import (
     DeadlineExceeded,
@@ -49,6 +49,7 @@ __all__ = [
     "InvalidArgument",
     "ModelMetadata",
     "NotFound",
+    "QueryKind",
     "ResourceExhausted",
     "ResponseStream",
     "TensorMetadata",

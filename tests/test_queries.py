@@ -236,3 +236,30 @@ def test_model_ready_answer_type() -> None:
     assert read_answer(QueryKind.MODEL_READY, {"name": "m", "ready": True}) == ModelReady(
         "m", True)
     assert read_answer(QueryKind.SERVER_READY, {"ready": False}) == ServerReady(False)
+
+
+class _PixelSession(_Session):
+    runtime = "onnxruntime"
+    inputs = [TensorSpec("pixels", "FP32", (-1, 3, 4, 4))]
+    outputs = [TensorSpec("scores", "FP32", (-1, 3))]
+
+
+def test_a_pipeline_model_s_metadata_is_what_its_jobs_send_not_the_model_s_tensors() -> None:
+    pytest.importorskip("PIL", reason="the image pipeline needs pillow: pip install 'edgeinfer[media]'")
+
+    def spec(name: str, settings: dict[str, Any]) -> ModelSpec:
+        return msgspec.convert({"name": name, "version": "1", "uri": "file:///m", "sha256": "ab" * 32,
+                                "size": 1, "task": "image-classification", "settings": settings},
+                               ModelSpec)
+
+    registry = ServedModels()
+    registry.replace([ServingModel(spec("cls", {}), _PixelSession(), []),
+                      ServingModel(spec("broken", {"top_k": "five"}), _PixelSession(), [])])
+    desk = _Desk(registry, [])
+    meta = desk.ask("ModelMetadata", {"model_name": "cls"})
+    assert (meta["platform"], meta["inputs"]) == (
+        "onnxruntime_onnx", [{"name": "image", "datatype": "BYTES", "shape": [-1]}])
+    assert [t["name"] for t in meta["outputs"]] == ["labels", "scores", "classes"]
+    broken = desk.ask("ModelMetadata", {"model_name": "broken"})
+    assert broken["parameters"] == {"code": "UNAVAILABLE"}
+    assert "key 'top_k'" in broken["error"]
