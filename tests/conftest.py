@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from bench.models import RAPIDOCR_MODELS, DigitsModel, build_digits, rapidocr_models_dir
+from bench.tinylm import TinyLm, build_tiny_lm
 from edgeinfer.fleet.client import InferenceClient
 from tests.broker import Broker
 from tests.deploydevice import Models, build_models
@@ -163,3 +164,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder for the models one module builds (bench/models.py), shared by its tests."""
     return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> TinyLm:
+    """The tiny language model of bench/tinylm.py, trained once per run (~10 s): read-only
+    for the tests that share it."""
+    return build_tiny_lm(tmp_path_factory.mktemp("tinylm"))

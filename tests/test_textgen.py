@@ -32,8 +32,8 @@ PROMPTS = ["Four score and", "It was the best", "Call me", "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory: pytest.TempPathFactory) -> TinyLm:
-    return build_tiny_lm(tmp_path_factory.mktemp("tinylm"))
+def lm(tiny_lm: TinyLm) -> TinyLm:
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from bench.tinylm import TinyLm, build_tiny_lm
+from bench.tinylm import TinyLm
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.runtimes.base import LoadOptions
 from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT
@@ -27,9 +27,10 @@ def prompt(text: str, max_tokens: int = 40) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, TinyLm]]:
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_lm: TinyLm
+          ) -> Iterator[tuple[Broker, TinyLm]]:
     root = tmp_path_factory.mktemp("text")
-    lm = build_tiny_lm(root / "lm")
+    lm = tiny_lm
     with running_agent(root, DEVICE, log={"level": "INFO"}) as (broker, _):
         assert deploy(broker.url, root, "--model", "tiny-lm", "--version", "1", "--file",
                       str(lm.path), "--task", "text-generation",
