@@ -26,10 +26,8 @@ from edgeinfer.contract.documents import (
 from edgeinfer.contract.telemetry import read_telemetry
 
 __all__ = [
-    "applied_revision",
     "attempts_text",
     "device_state",
-    "find_model",
     "int_or_none",
     "models_of",
     "parse_json_object",
@@ -54,7 +52,7 @@ def attempts_text(entry: ModelEntry) -> str:
     return "\n".join(lines)
 
 
-# -- untyped: parts kept as sent, and callers not yet on the Structs -------------------
+# -- untyped: the parts the controller stores as the agent sent them -------------------
 
 
 def parse_json_object(payload: bytes) -> dict[str, Any] | None:
@@ -70,20 +68,6 @@ def int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def applied_revision(reported: dict[str, Any]) -> int | None:
-    return int_or_none(reported.get("revision"))
-
-
 def models_of(reported: dict[str, Any]) -> list[dict[str, Any]]:
     """`reported.models` entries as sent (those that are JSON objects)."""
     return [m for m in reported.get("models") or [] if isinstance(m, dict)]
-
-
-def find_model(reported: dict[str, Any], name: str, version: str | None = None
-               ) -> dict[str, Any] | None:
-    """The entry of `name` (and `version`, when given) in an untyped `reported` document
-    (typed: Reported.find_model)."""
-    for m in models_of(reported):
-        if m.get("name") == name and (version is None or m.get("version") == version):
-            return m
-    return None
