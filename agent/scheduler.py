@@ -63,6 +63,7 @@ from edgeinfer.agent.inflight import Ledger
 from edgeinfer.agent.intake import Ack, Intake
 from edgeinfer.agent.jobs import WorkQueue
 from edgeinfer.agent.journal import Journal
+from edgeinfer.agent.local_replies import LocalReplies
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.outbox import OutboxPublisher
@@ -89,10 +90,12 @@ class Scheduler:
         alarm: DiskAlarm | None = None,
         observer: RunObserver | None = None,
         statuses: Callable[[], Sequence[ModelEntry]] = list,
+        local: LocalReplies | None = None,
     ) -> None:
         """`observer` is told every run's outcome (agent/failover.py); `alarm` raised and
         cleared by the journal's commits (by default one that tells nobody); `statuses`:
-        the versions `reported` lists, for readiness queries (by default none)."""
+        the versions `reported` lists, for readiness queries (by default none); `local`: the
+        reply topics of local requests (agent/local_replies.py), answered without a broker."""
         self._cfg = cfg
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -102,7 +105,7 @@ class Scheduler:
             journal, outbox, send_now, self._ledger,
             alarm if alarm is not None else DiskAlarm(
                 journal.path.parent, metrics, lambda kind, **fields: None),
-            self._wake_intake)
+            self._wake_intake, local)
         self._workers = Workers(registry, metrics, journal, outbox, self._answers,
                                 self._ledger, self._work_q, results_topic, cfg,
                                 observer if observer is not None else Unobserved(),
