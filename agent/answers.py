@@ -264,6 +264,14 @@ class Answers:
             marked = Encoded(answer.payload, answer.user_props)
         self.send_out(answer.topic, marked.payload, correlation, marked.user_properties)
 
+    def send_partial(self, topic: str, payload: bytes, correlation: bytes | None,
+                     user_properties: Sequence[tuple[str, str]]) -> None:
+        """A streaming job's partial answer (`sequence_end: false`). A local request is
+        answered once (KServe v2's infer has no stream): it gets the final answer only."""
+        if self._local is not None and self._local.is_local(topic):
+            return
+        self.send_out(topic, payload, correlation, user_properties)
+
     def send_out(self, topic: str, payload: bytes, correlation: bytes | None,
                  user_properties: Sequence[tuple[str, str]]) -> None:
         """A message that is no job's final answer, through the outbox; directly when the

@@ -216,7 +216,8 @@ class Agent:
         from edgeinfer.agent.http_endpoint import HttpEndpoint  # noqa: PLC0415
 
         endpoint = HttpEndpoint(self.cfg.http, self.cfg.jobs.max_message_bytes,
-                                self.scheduler.submit, self.local, self.topics.jobs)
+                                self.scheduler.submit, self.scheduler.taking_jobs, self.local,
+                                self.topics.jobs)
         try:
             endpoint.start()
         except OSError as exc:

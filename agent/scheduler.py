@@ -110,7 +110,7 @@ class Scheduler:
                                 self._ledger, self._work_q, results_topic, cfg,
                                 observer if observer is not None else Unobserved(),
                                 self._stopping)
-        self.queries = Queries(registry, statuses, lambda: not self._intake.draining.is_set(),
+        self.queries = Queries(registry, statuses, self.taking_jobs,
                                send_now, ack, results_topic, reply_prefixes)
         self._intake = Intake(journal, outbox, self._answers, self._ledger, self._workers,
                               self._work_q, metrics, ack, send_now, results_topic,
@@ -147,6 +147,10 @@ class Scheduler:
 
     def dead_threads(self) -> list[str]:
         return [t.name for t in self._threads if not t.is_alive()]
+
+    def taking_jobs(self) -> bool:
+        """False once a drain began (jobs are then left with the broker)."""
+        return not self._intake.draining.is_set()
 
     def drain(self, timeout: float) -> int:
         """Take no more jobs; wait up to `timeout` s for the taken ones to be answered.

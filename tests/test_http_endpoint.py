@@ -9,7 +9,11 @@ outputs are compared with what ONNX Runtime itself says of the same file and inp
 
 from __future__ import annotations
 
+import http.client
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,11 @@ import psutil
 import pytest
 
 from bench.models import DigitsModel
-from edgeinfer.agent.config import ConfigError, load_config
+from edgeinfer.agent.config import ConfigError, HttpConfig, load_config
+from edgeinfer.agent.http_endpoint import HttpEndpoint
 from edgeinfer.agent.http_endpoint.exchange import http_reply
+from edgeinfer.agent.local_replies import LocalReplies
+from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.protocol import HEADER_LENGTH_PROPERTY, encode_error
 from edgeinfer.contract.errors import Code
 from tests.broker import free_port, wait_port
@@ -183,3 +190,102 @@ def test_ipv6_loopback_and_a_bad_bound_are_read(tmp_path: Path) -> None:
     path.write_text("http:\n  request_timeout_s: 0\n")
     with pytest.raises(ConfigError, match=r"http\.request_timeout_s"):
         load_config(path, {})
+
+
+# --- the server's own bounds, in-process (the job path a fake at its seam) ----------------
+
+
+class FakeJobPath:
+    """The scheduler's seam: takes what the endpoint submits; answers only when told."""
+
+    def __init__(self, local: LocalReplies) -> None:
+        self.local = local
+        self.taken: list[Inbound] = []
+        self.arrived = threading.Event()
+        self.taking = True
+
+    def submit(self, inbound: Inbound) -> None:
+        self.taken.append(inbound)
+        self.arrived.set()
+
+    def answer(self, payload: bytes, props: tuple[tuple[str, str], ...] = ()) -> None:
+        topic = self.taken[-1].response_topic
+        assert topic is not None
+        self.local.deliver(topic, payload, props)
+
+
+@contextmanager
+def bare_endpoint(**http: Any) -> Iterator[tuple[FakeJobPath, int, HttpEndpoint]]:
+    port = free_port()
+    local = LocalReplies()
+    jobs = FakeJobPath(local)
+    cfg = HttpConfig(listen=f"127.0.0.1:{port}", **http)
+    endpoint = HttpEndpoint(cfg, 1000, jobs.submit, lambda: jobs.taking, local, "p/dev/d/jobs")
+    endpoint.start()
+    try:
+        yield jobs, port, endpoint
+    finally:
+        endpoint.stop()
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_request_past_max_concurrent_is_refused_at_once() -> None:
+    with bare_endpoint(max_concurrent=1) as (jobs, port, _), \
+            ThreadPoolExecutor(1) as pool:
+        first = pool.submit(_get, port, "/v2/models/m")
+        assert jobs.arrived.wait(10)
+        status, body = _get(port, "/v2/health/live")
+        assert status == 503 and b"http.max_concurrent" in body
+        jobs.answer(b'{"name":"m","versions":["1"],"platform":"x","inputs":[],"outputs":[]}')
+        assert first.result(10)[0] == 200
+        jobs.arrived.clear()
+        later = pool.submit(_get, port, "/v2/health/live")  # room again
+        assert jobs.arrived.wait(10)
+        jobs.answer(b'{"live":true}')
+        assert later.result(10) == (200, b'{"live":true}')
+    # What went to the job path: the queries, as an MQTT client's would be.
+    kinds = [dict(i.user_properties)["oip_request"] for i in jobs.taken]
+    assert kinds == ["ModelMetadata", "ServerLive"]
+    assert all(i.response_topic and LocalReplies.is_local(i.response_topic) for i in jobs.taken)
+
+
+def test_no_answer_within_the_timeout_is_504_and_a_late_one_is_dropped() -> None:
+    with bare_endpoint(request_timeout_s=0.3) as (jobs, port, _):
+        client = tc.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = tc.InferInput("x", [1, 2], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 2), np.float32))
+        with pytest.raises(InferenceServerException, match=r"http\.request_timeout_s"):
+            client.infer("m", [inp])
+        client.close()
+        job = jobs.taken[-1]
+        props = dict(job.user_properties)
+        assert props["model_name"] == "m" and int(props[HEADER_LENGTH_PROPERTY]) > 0
+        assert job.expiry_s == 1  # the job's deadline is the request's
+        jobs.answer(b'{"outputs":[]}')
+        assert jobs.local.dropped == 1
+
+
+def test_a_draining_agent_refuses_inference_at_once() -> None:
+    with bare_endpoint() as (jobs, port, _):
+        jobs.taking = False
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v2/models/m/infer", body=b"{}")
+        response = conn.getresponse()
+        assert response.status == 503 and b"stopping" in response.read()
+        conn.close()
+        assert jobs.taken == []
+
+
+def test_a_taken_address_is_an_oserror_at_start() -> None:
+    with bare_endpoint() as (_, port, _), pytest.raises(OSError):
+        HttpEndpoint(HttpConfig(listen=f"127.0.0.1:{port}"), 1000, lambda i: None,
+                     lambda: True, LocalReplies(), "t").start()

@@ -30,6 +30,7 @@ Why this design (docs/protocol.md, "The local HTTP endpoint"):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 START_TIMEOUT_S = 10.0
+# The request's deadline on the monotonic clock, set by the bounds (each request is a task).
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("http_request_deadline")
 
 
 def _error(code: Code, text: str, status: int | None = None) -> web.Response:
@@ -66,13 +69,15 @@ def _error(code: Code, text: str, status: int | None = None) -> web.Response:
 
 class HttpEndpoint:
     def __init__(self, cfg: HttpConfig, max_body: int, submit: Callable[[Inbound], None],
-                 local: LocalReplies, jobs_topic: str) -> None:
-        """`submit`: the scheduler's (never blocks); `jobs_topic`: the topic an HTTP job is
-        journaled under (the device's jobs topic: what it would have come on)."""
+                 taking_jobs: Callable[[], bool], local: LocalReplies,
+                 jobs_topic: str) -> None:
+        """`submit`, `taking_jobs`: the scheduler's (neither blocks); `jobs_topic`: the
+        topic an HTTP job is journaled under (the device's jobs topic)."""
         self._cfg = cfg
         self._host, self._port = http_address(cfg.listen)
         self._max_body = max_body
         self._submit = submit
+        self._taking_jobs = taking_jobs
         self._local = local
         self._jobs_topic = jobs_topic
         self._active = 0  # requests being handled (this loop's thread only)
@@ -146,7 +151,7 @@ class HttpEndpoint:
             return _error(Code.RESOURCE_EXHAUSTED, f"the agent's HTTP endpoint is handling "
                           f"{self._active} requests (http.max_concurrent); retry later")
         self._active += 1
-        request["deadline"] = time.monotonic() + self._cfg.request_timeout_s
+        _deadline.set(time.monotonic() + self._cfg.request_timeout_s)  # this request's task
         try:
             async with asyncio.timeout(self._cfg.request_timeout_s):
                 return await handler(request)
@@ -203,13 +208,18 @@ class HttpEndpoint:
         return await self._query(QueryKind.MODEL_METADATA, request)
 
     async def _infer(self, request: web.Request) -> web.Response:
+        if not self._taking_jobs():
+            # Draining before a stop: an MQTT job is left with the broker for the next
+            # start, which an HTTP request cannot be; it is told at once instead.
+            return _error(Code.UNAVAILABLE, "the agent is stopping and takes no new jobs; "
+                          "retry after it restarts")
         size = request.content_length
         if size is not None and size > self._max_body:
             return self._too_large(size)
         body = await request.read()
         header_length = request.headers.get(HEADER_LENGTH_PROPERTY)
         model, version = request.match_info["model"], request.match_info.get("version")
-        left = request["deadline"] - time.monotonic()
+        left = _deadline.get() - time.monotonic()
         return await self._ask(lambda reply_topic: infer_inbound(
             self._jobs_topic, reply_topic, model, version, body, header_length, left))
 
