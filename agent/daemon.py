@@ -117,11 +117,11 @@ class Agent:
             alarm=self.disk,
         )
         # The local KServe endpoint (http.listen): its requests' answers come back through
-        # `local` instead of the broker (agent/local_replies.py).
-        self.local = LocalReplies() if cfg.http.listen else None
-        reply_prefixes = cfg.reply_prefixes_resolved()
-        if self.local is not None:
-            reply_prefixes = (*reply_prefixes, LOCAL_PREFIX)
+        # `local` instead of the broker (agent/local_replies.py). There even with the
+        # endpoint off: a journaled HTTP job recovered after a restart is then answered to
+        # nobody (dropped), never to the broker's results topic.
+        self.local = LocalReplies()
+        reply_prefixes = (*cfg.reply_prefixes_resolved(), LOCAL_PREFIX)
         self.scheduler = Scheduler(
             registry=self.registry,
             metrics=self.metrics,
@@ -210,7 +210,7 @@ class Agent:
         self.journal.close()
 
     def _start_http(self) -> None:
-        if self.local is None:
+        if not self.cfg.http.listen:
             return
         # Here, not at the top: aiohttp is loaded only by an agent that serves HTTP.
         from edgeinfer.agent.http_endpoint import HttpEndpoint  # noqa: PLC0415
@@ -316,14 +316,14 @@ class Agent:
 
     def _send_now(self, topic: str, payload: bytes, correlation: bytes | None,
                   user_properties: Sequence[tuple[str, str]]) -> None:
-        if self.local is not None and self.local.is_local(topic):
+        if self.local.is_local(topic):
             self.local.deliver(topic, payload, user_properties)
             return
         self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation,
                           user_properties=user_properties)
 
     def _publish_out(self, msg: OutMessage) -> Any:
-        if self.local is not None and self.local.is_local(msg.topic):
+        if self.local.is_local(msg.topic):
             # Handed to its request when it was recorded (agent/answers.py): the outbox
             # row is only forgotten, as if the broker had acknowledged it.
             mid = self.local.swallowed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from bench.models import DigitsModel
 from edgeinfer.agent.config import ConfigError, HttpConfig, load_config
 from edgeinfer.agent.http_endpoint import HttpEndpoint
 from edgeinfer.agent.http_endpoint.exchange import http_reply
+from edgeinfer.agent.http_endpoint.server import SHUTDOWN_S
 from edgeinfer.agent.local_replies import LocalReplies
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.protocol import HEADER_LENGTH_PROPERTY, encode_error
@@ -289,3 +291,14 @@ def test_a_taken_address_is_an_oserror_at_start() -> None:
     with bare_endpoint() as (_, port, _), pytest.raises(OSError):
         HttpEndpoint(HttpConfig(listen=f"127.0.0.1:{port}"), 1000, lambda i: None,
                      lambda: True, LocalReplies(), "t").start()
+
+
+def test_stop_gives_a_request_in_hand_a_moment_then_closes_it() -> None:
+    with bare_endpoint() as (jobs, port, endpoint), ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_get, port, "/v2/health/ready")
+        assert jobs.arrived.wait(10)
+        t0 = time.monotonic()
+        endpoint.stop()
+        assert time.monotonic() - t0 < 2 * SHUTDOWN_S + 1.0
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            waiting.result(10)

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 START_TIMEOUT_S = 10.0
+# On the agent's stop (before the scheduler's): requests in hand get this long to be
+# answered, then their connections are closed (aiohttp's graceful shutdown: measured, it
+# waits this long twice, for the handlers and then the connections).
+SHUTDOWN_S = 1.0
 # The request's deadline on the monotonic clock, set by the bounds (each request is a task).
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar("http_request_deadline")
 
@@ -99,7 +103,7 @@ class HttpEndpoint:
             raise self._failed
         log.info("KServe v2 endpoint listening on http://%s", self._cfg.listen)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 2 * SHUTDOWN_S + 3.0) -> None:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
@@ -138,6 +142,7 @@ class HttpEndpoint:
             app.router.add_get(prefix + "/ready", self._model_ready)
             app.router.add_post(prefix + "/infer", self._infer)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=SHUTDOWN_S,
                                      keepalive_timeout=self._cfg.keepalive_s)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
