@@ -45,7 +45,8 @@ _OIP = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory, digits: DigitsModel) -> Iterator[Any]:
-    """(tritonclient's client on the endpoint, the agent process, the endpoint's port)."""
+    """(tritonclient's client on the endpoint, the agent process, the endpoint's port,
+    the broker)."""
     root = tmp_path_factory.mktemp("http")
     port = free_port()
     with running_agent(root, DEVICE, http={"listen": f"127.0.0.1:{port}"},
@@ -57,7 +58,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory, digits: DigitsModel) -> I
         client = tc.InferenceServerClient(f"127.0.0.1:{port}", connection_timeout=10,
                                           network_timeout=30)
         try:
-            yield client, agent, port
+            yield client, agent, port, broker
         finally:
             client.close()
 
@@ -76,7 +77,7 @@ def _tensors(args: list[Any]) -> list[dict[str, Any]]:
 
 
 def test_health_and_readiness(endpoint: Any) -> None:
-    client, _, _ = endpoint
+    client, _, _, _ = endpoint
     assert client.is_server_live() is True
     assert client.is_server_ready() is True
     assert client.is_model_ready("digits") is True
@@ -87,7 +88,7 @@ def test_health_and_readiness(endpoint: Any) -> None:
 
 def test_model_metadata_is_what_onnx_runtime_says_of_the_file(
         endpoint: Any, reference: ort.InferenceSession) -> None:
-    client, _, _ = endpoint
+    client, _, _, _ = endpoint
     meta = client.get_model_metadata("digits")
     assert meta == {"name": "digits", "versions": ["1"], "platform": "onnxruntime_onnx",
                     "inputs": _tensors(reference.get_inputs()),
@@ -100,7 +101,7 @@ def test_model_metadata_is_what_onnx_runtime_says_of_the_file(
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_infer_gives_onnx_runtime_s_outputs(endpoint: Any, reference: ort.InferenceSession,
                                             digits: DigitsModel, binary: bool) -> None:
-    client, _, _ = endpoint
+    client, _, _, _ = endpoint
     x = np.ascontiguousarray(digits.x_test[:5], dtype=np.float32)
     inp = tc.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
@@ -123,7 +124,7 @@ def test_infer_gives_onnx_runtime_s_outputs(endpoint: Any, reference: ort.Infere
 
 
 def test_unknown_model_is_the_client_s_error_naming_it(endpoint: Any) -> None:
-    client, _, _ = endpoint
+    client, _, _, _ = endpoint
     inp = tc.InferInput("x", [1, 64], "FP32")
     inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
     with pytest.raises(InferenceServerException, match="model 'nope' is not served here"):
@@ -131,7 +132,7 @@ def test_unknown_model_is_the_client_s_error_naming_it(endpoint: Any) -> None:
 
 
 def test_a_body_over_the_limit_is_refused_unread(endpoint: Any) -> None:
-    client, _, _ = endpoint
+    client, _, _, _ = endpoint
     x = np.zeros((400, 64), np.float32)  # 102,400 bytes of tensor alone
     inp = tc.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -142,10 +143,28 @@ def test_a_body_over_the_limit_is_refused_unread(endpoint: Any) -> None:
 
 
 def test_the_agent_listens_on_the_configured_port_only(endpoint: Any) -> None:
-    _, agent, port = endpoint
+    _, agent, port, _ = endpoint
     listening = {c.laddr for c in psutil.Process(agent.proc.pid).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN}
     assert {(a.ip, a.port) for a in listening} == {("127.0.0.1", port)}
+
+
+def test_answers_need_no_broker(endpoint: Any, reference: ort.InferenceSession,
+                                digits: DigitsModel) -> None:
+    client, agent, _, broker = endpoint
+    broker.kill()
+    try:
+        agent.wait_log("event broker_disconnected")
+        x = np.ascontiguousarray(digits.x_test[5:8], dtype=np.float32)
+        inp = tc.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("digits", [inp])
+        want = reference.run(None, {"x": x})
+        for name, value in zip([o.name for o in reference.get_outputs()], want, strict=True):
+            np.testing.assert_allclose(result.as_numpy(name), value, rtol=1e-5, atol=1e-6)
+        assert client.is_model_ready("digits") is True
+    finally:
+        broker.start()
 
 
 # --- what the endpoint makes of an answer, and its config ---------------------------------
