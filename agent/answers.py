@@ -11,6 +11,12 @@ When the state disk is full, the answers wait here, in order, `blocked`; `flow` 
 clear and workers take no new job; the intake tries them again (with backoff) until they
 are recorded: no answer is dropped. Messages that are no job's final answer (refusals,
 replays, partial answers) go through the outbox too, or directly while the disk is full.
+
+An answer to a local request (agent/local_replies.py: the HTTP endpoint's) is handed to
+the request as soon as it is recorded, not when the outbox gets to it: its outbox row is
+still written and handed over, so the outbox's order and counts stay as they are, and the
+agent's publish swallows it (agent/daemon.py). Other messages to a local request never
+touch the journal.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from edgeinfer.agent.diskalarm import DiskAlarm
 from edgeinfer.agent.inflight import Ledger
 from edgeinfer.agent.jobs import Answer
 from edgeinfer.agent.journal import Completion, DiskFull, Journal, OutMessage
+from edgeinfer.agent.local_replies import LocalReplies
 from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.protocol import Encoded, mark_replayed
 
@@ -57,8 +64,10 @@ class Done:
 
 class Answers:
     def __init__(self, journal: Journal, outbox: OutboxPublisher, send_now: SendNow,
-                 ledger: Ledger, alarm: DiskAlarm, wake_intake: Callable[[], None]) -> None:
+                 ledger: Ledger, alarm: DiskAlarm, wake_intake: Callable[[], None],
+                 local: LocalReplies | None = None) -> None:
         self._journal = journal
+        self._local = local
         self._outbox = outbox
         self._send_now = send_now
         self._ledger = ledger
@@ -222,6 +231,10 @@ class Answers:
             msgs = [OutMessage(seq, d.answer.reply.topic, d.answer.payload, 1,
                                d.answer.reply.correlation_data, d.answer.user_properties)
                     for d, seq in zip(group, seqs, strict=True) if seq is not None]
+            if self._local is not None:
+                for msg in msgs:
+                    if self._local.is_local(msg.topic):
+                        self._local.deliver(msg.topic, msg.payload, msg.user_props)
             if msgs:
                 self._outbox.hand_over_many(msgs)
             for done, seq in zip(group, seqs, strict=True):
@@ -251,11 +264,22 @@ class Answers:
             marked = Encoded(answer.payload, answer.user_props)
         self.send_out(answer.topic, marked.payload, correlation, marked.user_properties)
 
+    def send_partial(self, topic: str, payload: bytes, correlation: bytes | None,
+                     user_properties: Sequence[tuple[str, str]]) -> None:
+        """A streaming job's partial answer (`sequence_end: false`). A local request is
+        answered once (KServe v2's infer has no stream): it gets the final answer only."""
+        if self._local is not None and self._local.is_local(topic):
+            return
+        self.send_out(topic, payload, correlation, user_properties)
+
     def send_out(self, topic: str, payload: bytes, correlation: bytes | None,
                  user_properties: Sequence[tuple[str, str]]) -> None:
         """A message that is no job's final answer, through the outbox; directly when the
         disk is full (it is then lost if the link drops before its PUBACK: a refusal, a
         replay or a partial answer, which the client's retry or the final answer covers)."""
+        if self._local is not None and self._local.is_local(topic):
+            self._local.deliver(topic, payload, user_properties)
+            return
         try:
             self._journal.enqueue(topic, payload, 1, correlation, user_properties)
         except DiskFull as exc:

@@ -6,6 +6,7 @@ Every key has a default fit for a gateway. An unknown or ill-typed key is a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -166,6 +167,25 @@ class TelemetryConfig(_Section):
     prometheus_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
+class HttpConfig(_Section):
+    """The local KServe v2 REST endpoint (agent/http_endpoint/): off unless `listen` is set.
+
+    Its request body limit is jobs.max_message_bytes, as a job's over MQTT."""
+
+    # "host:port" to listen on, e.g. "127.0.0.1:8000" ("[::1]:8000" for IPv6); empty: off.
+    # Meant for processes on the gateway itself: an address other than a loopback one
+    # opens inference to the network, so it is taken only as written here, never a default.
+    listen: str = ""
+    # Requests being handled at once (reading, queued as jobs, answering); one more is
+    # answered 503 at once.
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    # One request from its first byte to its answer: reading the body, waiting in the job
+    # queue, running. Past it: 504, and the job's deadline passes with it.
+    request_timeout_s: PositiveFloat = 60.0
+    # How long an idle kept-alive connection stays open.
+    keepalive_s: PositiveFloat = 75.0
+
+
 class LogConfig(_Section):
     level: str = "INFO"
 
@@ -195,6 +215,7 @@ class AgentConfig(_Section):
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
 
     @property
@@ -269,10 +290,33 @@ def _check(cfg: AgentConfig, source: str) -> None:
         problem = reply_prefix_problem(reply, cfg.topic_prefix)
         if problem is not None:
             raise ConfigError(f"{source}: key 'jobs.reply_prefixes[{index}]': {reply!r} {problem}")
+    if cfg.http.listen:
+        try:
+            http_address(cfg.http.listen)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: key 'http.listen': {exc}") from None
     if cfg.journal.synchronous.upper() not in {"NORMAL", "FULL"}:
         raise ConfigError(f"{source}: key 'journal.synchronous': must be NORMAL or FULL")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: key 'log.level': {cfg.log.level!r} is not a log level")
+
+
+def http_address(listen: str) -> tuple[str, int]:
+    """`http.listen` as (host, port): an IP address (IPv6 in brackets) or "localhost", and
+    a port 1-65535. Raises ValueError saying what is wrong."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} must be host:port, e.g. 127.0.0.1:8000")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{listen!r}: {host!r} is no IP address (nor localhost)") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{listen!r}: the port must be 1-65535")
+    return host, int(port_text)
 
 
 def _take_old_message_limit(cfg: AgentConfig, data: Mapping[str, Any], source: str) -> None:

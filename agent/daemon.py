@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -17,6 +18,7 @@ from edgeinfer.agent.chunk_client import ChunkClient
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.diskalarm import DiskAlarm
 from edgeinfer.agent.journal import DiskFull, Journal, OutMessage
+from edgeinfer.agent.local_replies import LOCAL_PREFIX, LocalReplies
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, session_of_mid
 from edgeinfer.agent.outbox import OutboxPublisher
@@ -114,6 +116,12 @@ class Agent:
             max_bytes=cfg.outbox.max_bytes,
             alarm=self.disk,
         )
+        # The local KServe endpoint (http.listen): its requests' answers come back through
+        # `local` instead of the broker (agent/local_replies.py). There even with the
+        # endpoint off: a journaled HTTP job recovered after a restart is then answered to
+        # nobody (dropped), never to the broker's results topic.
+        self.local = LocalReplies()
+        reply_prefixes = (*cfg.reply_prefixes_resolved(), LOCAL_PREFIX)
         self.scheduler = Scheduler(
             registry=self.registry,
             metrics=self.metrics,
@@ -122,14 +130,16 @@ class Agent:
             ack=self._ack,
             send_now=self._send_now,
             results_topic=self.topics.results,
-            reply_prefixes=cfg.reply_prefixes_resolved(),
+            reply_prefixes=reply_prefixes,
             cfg=cfg.jobs,
             alarm=self.disk,
             # Told each run's outcome: demotes a runtime that keeps failing (failover.py).
             observer=self.reconciler.failover,
             # What `reported.models` lists, for OIP's readiness queries (agent/queries.py).
             statuses=self.reconciler.statuses,
+            local=self.local,
         )
+        self.http: Any = None  # started with the agent (agent/http_endpoint/)
         self.telemetry = TelemetryLoop(
             cfg.telemetry.interval_s,
             cfg.state_path,
@@ -160,6 +170,7 @@ class Agent:
         if self.pool_mqtt is not None:
             self.pool_mqtt.start()
         self.telemetry.start()
+        self._start_http()
         if self.cfg.telemetry.prometheus_port:
             port = self.cfg.telemetry.prometheus_port
             try:
@@ -176,6 +187,8 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.http is not None:
+            self.http.stop()  # first: no request waits for a scheduler that has stopped
         self.telemetry.stop()
         self.artifacts.stop()  # an MQTT download under way ends now (its part is kept)
         self.reconciler.stop()
@@ -195,6 +208,24 @@ class Agent:
             self._stop_prometheus()
         self.registry.close_all()
         self.journal.close()
+
+    def _start_http(self) -> None:
+        if not self.cfg.http.listen:
+            return
+        # Here, not at the top: aiohttp is loaded only by an agent that serves HTTP.
+        from edgeinfer.agent.http_endpoint import HttpEndpoint  # noqa: PLC0415
+
+        endpoint = HttpEndpoint(self.cfg.http, self.cfg.jobs.max_message_bytes,
+                                self.scheduler.submit, self.scheduler.taking_jobs, self.local,
+                                self.topics.jobs)
+        try:
+            endpoint.start()
+        except OSError as exc:
+            # As the Prometheus endpoint: MQTT inference goes on; say why, loudly.
+            log.error("KServe endpoint on %s not started (%s); set http.listen to a free "
+                      "address or leave it empty", self.cfg.http.listen, exc)
+            return
+        self.http = endpoint
 
     # --- MQTT glue -----------------------------------------------------------------------
 
@@ -285,10 +316,19 @@ class Agent:
 
     def _send_now(self, topic: str, payload: bytes, correlation: bytes | None,
                   user_properties: Sequence[tuple[str, str]]) -> None:
+        if self.local.is_local(topic):
+            self.local.deliver(topic, payload, user_properties)
+            return
         self.mqtt.publish(topic, payload, qos=1, correlation_data=correlation,
                           user_properties=user_properties)
 
     def _publish_out(self, msg: OutMessage) -> Any:
+        if self.local.is_local(msg.topic):
+            # Handed to its request when it was recorded (agent/answers.py): the outbox
+            # row is only forgotten, as if the broker had acknowledged it.
+            mid = self.local.swallowed()
+            self.outbox.on_published(mid, False)
+            return SimpleNamespace(mid=mid)
         return self.mqtt.publish(
             msg.topic, msg.payload, qos=msg.qos, correlation_data=msg.correlation,
             user_properties=msg.user_props,

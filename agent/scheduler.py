@@ -63,6 +63,7 @@ from edgeinfer.agent.inflight import Ledger
 from edgeinfer.agent.intake import Ack, Intake
 from edgeinfer.agent.jobs import WorkQueue
 from edgeinfer.agent.journal import Journal
+from edgeinfer.agent.local_replies import LocalReplies
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.outbox import OutboxPublisher
@@ -89,10 +90,12 @@ class Scheduler:
         alarm: DiskAlarm | None = None,
         observer: RunObserver | None = None,
         statuses: Callable[[], Sequence[ModelEntry]] = list,
+        local: LocalReplies | None = None,
     ) -> None:
         """`observer` is told every run's outcome (agent/failover.py); `alarm` raised and
         cleared by the journal's commits (by default one that tells nobody); `statuses`:
-        the versions `reported` lists, for readiness queries (by default none)."""
+        the versions `reported` lists, for readiness queries (by default none); `local`: the
+        reply topics of local requests (agent/local_replies.py), answered without a broker."""
         self._cfg = cfg
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -102,12 +105,12 @@ class Scheduler:
             journal, outbox, send_now, self._ledger,
             alarm if alarm is not None else DiskAlarm(
                 journal.path.parent, metrics, lambda kind, **fields: None),
-            self._wake_intake)
+            self._wake_intake, local)
         self._workers = Workers(registry, metrics, journal, outbox, self._answers,
                                 self._ledger, self._work_q, results_topic, cfg,
                                 observer if observer is not None else Unobserved(),
                                 self._stopping)
-        self.queries = Queries(registry, statuses, lambda: not self._intake.draining.is_set(),
+        self.queries = Queries(registry, statuses, self.taking_jobs,
                                send_now, ack, results_topic, reply_prefixes)
         self._intake = Intake(journal, outbox, self._answers, self._ledger, self._workers,
                               self._work_q, metrics, ack, send_now, results_topic,
@@ -144,6 +147,10 @@ class Scheduler:
 
     def dead_threads(self) -> list[str]:
         return [t.name for t in self._threads if not t.is_alive()]
+
+    def taking_jobs(self) -> bool:
+        """False once a drain began (jobs are then left with the broker)."""
+        return not self._intake.draining.is_set()
 
     def drain(self, timeout: float) -> int:
         """Take no more jobs; wait up to `timeout` s for the taken ones to be answered.

@@ -333,8 +333,8 @@ class Workers:
         encoded = encode_response(job.request, model.spec.name, model.spec.version, outputs,
                                   {"sequence_end": False, "runtime": model.session.runtime,
                                    "device": model.session.device})
-        self._answers.send_out(job.reply.topic, encoded.payload, job.reply.correlation_data,
-                               encoded.user_properties)
+        self._answers.send_partial(job.reply.topic, encoded.payload,
+                                   job.reply.correlation_data, encoded.user_properties)
 
     def _error_answer(self, reply: Reply, job_id: str | None, model_label: str | None,
                       exc: Exception, executed: bool) -> Answer:

@@ -185,7 +185,7 @@ def test_install_with_extras_media_and_ocr_fills_the_venv_from_the_lock(tmp_path
     venv = root / "opt/edgeinfer/.venv"
     names = distributions(venv)
     assert {"edgeinfer", "onnxruntime", "openvino", "pillow", "soundfile", "tokenizers",
-            "opencv-python-headless"} <= names, names
+            "opencv-python-headless", "aiohttp"} <= names, names  # aiohttp: http.listen
     # Never the dev group, nor what the lock's overrides took away.
     assert not names & {"pytest", "torch", "opencv-python", "onnxruntime-gpu"}, names
     # Exactly the locked releases.
@@ -196,7 +196,8 @@ def test_install_with_extras_media_and_ocr_fills_the_venv_from_the_lock(tmp_path
                                  capture_output=True, text=True, check=True).stdout.strip()
         assert f'name = "{name}"\nversion = "{version}"' in lock, (name, version)
     imported = run_in(venv, "import PIL, soundfile, tokenizers, cv2, onnxruntime, openvino; "
-                            "import edgeinfer.agent.cli, edgeinfer.runtimes.pipelines.ocr; print('ok')")
+                            "import edgeinfer.agent.cli, edgeinfer.runtimes.pipelines.ocr; "
+                            "import edgeinfer.agent.http_endpoint; print('ok')")
     assert imported.stdout.strip() == "ok", imported.stderr
     # Again with the same extras: nothing to do.
     again = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--device-id", "gw-8",

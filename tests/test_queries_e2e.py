@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 
 from bench.models import DigitsModel
@@ -75,6 +76,15 @@ def test_reported_lists_each_serving_model_s_task_inputs_and_outputs(
     assert (entry["state"], entry["task"]) == ("serving", "tensor")
     assert (entry["inputs"], entry["outputs"]) == (truth["inputs"], truth["outputs"])
     assert models["slow"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 1]}]
+
+
+def test_no_http_endpoint_without_http_listen(served: tuple[Broker, Any]) -> None:
+    # The local KServe endpoint (tests/test_http_endpoint.py) is opt-in: this agent's
+    # config has no `http` section, and it listens on no port at all.
+    listening = [c.laddr for c in psutil.Process(served[1].proc.pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening == []
+    assert "KServe v2 endpoint" not in served[1].log_text()
 
 
 def test_metadata_is_what_the_model_takes_and_returns(
