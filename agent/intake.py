@@ -115,12 +115,11 @@ class Intake:
         self.admitting = threading.Lock()
         self._held: list[Arrival] = []  # the disk was full (the module's docstring)
         self._held_bytes = 0
-        # Jobs handed to submit() (network threads) and jobs the intake is done with:
-        # equal once every job handed over is journaled (and acknowledged) or refused.
-        # (Each counter has one writing thread: submit's, the intake's.)
-        self._submitted = 0
-        self._turned_away = 0
-        self._settled = 0
+        # Jobs handed to submit() and jobs the intake is done with: equal once every job
+        # handed over is journaled (and acknowledged) or refused. submit() runs on several
+        # threads (device and pool sessions, the HTTP endpoint): its counts take a lock.
+        self._submit_lock = threading.Lock()
+        self._submitted = self._turned_away = self._settled = 0
         self.duplicates = 0  # jobs answered from a stored answer
         self.rejected = 0  # jobs refused with RESOURCE_EXHAUSTED
 
@@ -128,9 +127,11 @@ class Intake:
 
     def submit(self, inbound: Inbound) -> None:
         """Network thread: hand over, never block."""
-        self._submitted += 1
-        if self._queue.qsize() >= self._max:
-            self._turned_away += 1
+        with self._submit_lock:
+            self._submitted += 1
+            full = self._queue.qsize() >= self._max
+            self._turned_away += full
+        if full:
             self._refuse_now(Arrival(inbound), "the agent's intake is full")
             return
         self._queue.put(inbound)
