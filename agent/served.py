@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgeinfer.contract.documents import TensorMetadata
 from edgeinfer.contract.errors import Code, JobError
-from edgeinfer.contract.manifest import ModelSpec
+from edgeinfer.contract.manifest import ModelSpec, pick_version
 from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
 from edgeinfer.runtimes.selection import Attempt
@@ -121,6 +121,19 @@ def tensor_metadata(specs: Sequence[TensorSpec]) -> list[TensorMetadata]:
     return [TensorMetadata(s.name, s.datatype, list(s.shape)) for s in specs]
 
 
+def _unnamed(versions: list[ServingModel], split_key: str | None) -> ServingModel:
+    """The version a job naming none runs on: by `traffic` weight from `split_key` when the
+    name's serving versions give weights, else the last serving version; never a shadow."""
+    serving = [m for m in versions if not m.spec.shadow] or versions
+    weighted = [(m.spec.version, m.spec.traffic) for m in serving if m.spec.traffic is not None]
+    if len(weighted) == len(serving) > 1 and split_key is not None:
+        chosen = pick_version(weighted, split_key)
+        for m in serving:
+            if m.spec.version == chosen:
+                return m
+    return serving[-1]
+
+
 class ServedModels:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -159,13 +172,14 @@ class ServedModels:
         with self._lock:
             return self._lookup(name, version), [m.spec.version for m in self._by_name[name]]
 
-    def _lookup(self, name: str, version: str | None) -> ServingModel:
+    def _lookup(self, name: str, version: str | None,
+                split_key: str | None = None) -> ServingModel:
         versions = self._by_name.get(name)
         if not versions:
             served = ", ".join(sorted(self._by_name)) or "none"
             raise JobError(Code.NOT_FOUND, f"model {name!r} is not served here (serving: {served})")
         if version is None:
-            return versions[-1]
+            return _unnamed(versions, split_key)
         for m in versions:
             if m.spec.version == version:
                 return m
@@ -174,11 +188,13 @@ class ServedModels:
             Code.NOT_FOUND, f"model {name!r} has no version {version!r} here (versions: {have})"
         )
 
-    def acquire(self, name: str, version: str | None) -> ServingModel:
-        """Hold a model for one job until `release()`; raises JobError(NOT_FOUND)."""
+    def acquire(self, name: str, version: str | None,
+                split_key: str | None = None) -> ServingModel:
+        """Hold a model for one job until `release()`; raises JobError(NOT_FOUND).
+        `split_key` (the job's id, else its key) picks among A/B versions (`traffic`)."""
         while True:
             with self._lock:
-                model = self._lookup(name, version)
+                model = self._lookup(name, version, split_key)
             if model._enter():
                 return model
             # Retired between lookup and enter: the registry already holds its successor.

@@ -205,7 +205,8 @@ class Workers:
                 req = decode_deferred(inbound)
                 deadline = deadline_of(inbound, req.timeout_ms, req.sent_at_ms)
             check_deadline(deadline)
-            model = self._registry.acquire(req.model_name, req.model_version)
+            model = self._registry.acquire(req.model_name, req.model_version,
+                                           req.id if req.id is not None else job.key)
             pipeline = model.pipeline()
             in_specs, out_specs = model.tensors()
             knobs = pipeline.optional_inputs() if pipeline is not None else []

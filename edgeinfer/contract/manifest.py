@@ -88,6 +88,11 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     settings: dict[str, Any] = msgspec.field(default_factory=dict)
     # Side files; for a multi-model task (`ocr`) also its other models (`model_roles`).
     files: list[ArtifactFile] = msgspec.field(default_factory=list)
+    # A/B: the percent of the name's jobs that name no version this version gets (the
+    # serving versions of one name add up to 100; docs/protocol.md, "A/B and shadow").
+    traffic: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    # Shadow: gets a copy of each job of its name; its answers are never sent.
+    shadow: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -283,6 +288,76 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
             "(rtol, atol and max_latency_ms do, to each model)")
 
 
+TRAFFIC_TOTAL = 100
+
+
+def check_versions(models: list[ModelSpec]) -> None:
+    """The rules across the versions of one name (A/B `traffic`, `shadow`); raises
+    ManifestError naming the entry (`models[1].traffic`).
+
+    A name's serving (non-shadow) versions either all give `traffic`, adding up to 100, or
+    none does; `traffic` needs two serving versions. A `shadow` has no `traffic`, needs a
+    serving version of its name, and a name has at most one shadow.
+    """
+    by_name: dict[str, list[tuple[int, ModelSpec]]] = {}
+    for i, m in enumerate(models):
+        by_name.setdefault(m.name, []).append((i, m))
+    for name, entries in by_name.items():
+        serving = [(i, m) for i, m in entries if not m.shadow]
+        shadows = [(i, m) for i, m in entries if m.shadow]
+        for i, m in shadows:
+            if m.traffic is not None:
+                raise ManifestError(f"invalid manifest: key 'models[{i}].traffic': shadow "
+                                    f"version {name}:{m.version} gets a copy of each job, "
+                                    "not a share: drop traffic or shadow")
+            if not serving:
+                raise ManifestError(f"invalid manifest: key 'models[{i}].shadow': shadow "
+                                    f"version {name}:{m.version} has no serving version of "
+                                    f"{name} beside it")
+        if len(shadows) > 1:
+            raise ManifestError(f"invalid manifest: key 'models[{shadows[1][0]}].shadow': "
+                                f"{name} has more than one shadow version")
+        weighted = [(i, m) for i, m in serving if m.traffic is not None]
+        if not weighted:
+            continue
+        if len(serving) < 2:
+            i, m = weighted[0]
+            raise ManifestError(f"invalid manifest: key 'models[{i}].traffic': {name}:"
+                                f"{m.version} is the only serving version of {name}; "
+                                "traffic splits jobs between two or more")
+        for i, m in serving:
+            if m.traffic is None:
+                raise ManifestError(f"invalid manifest: key 'models[{i}].traffic': missing "
+                                    f"for {name}:{m.version} while another version of "
+                                    f"{name} gives one")
+        total = sum(m.traffic or 0 for _, m in serving)
+        if total != TRAFFIC_TOTAL:
+            listed = ", ".join(f"{m.version} {m.traffic}" for _, m in serving)
+            raise ManifestError(f"invalid manifest: key 'models[{serving[-1][0]}].traffic': "
+                                f"the traffic of {name}'s versions adds up to {total}, not "
+                                f"{TRAFFIC_TOTAL} ({listed})")
+
+
+def traffic_bucket(key: str) -> int:
+    """Where a job falls in [0, 100): the first 8 bytes of sha256(key) modulo 100. `key`
+    is the job's id (or, for a job without one, its request digest)."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % TRAFFIC_TOTAL
+
+
+def pick_version(weighted: list[tuple[str, int]], key: str) -> str:
+    """The version a job that names none gets: `weighted` is (version, traffic) in manifest
+    order; version i takes the buckets from the sum of the weights before it to that sum
+    plus its own."""
+    bucket = traffic_bucket(key)
+    upto = 0
+    for version, weight in weighted:
+        upto += weight
+        if bucket < upto:
+            return version
+    return weighted[-1][0]
+
+
 _decoder = msgspec.json.Decoder()
 
 
@@ -323,6 +398,7 @@ def decode_published(payload: bytes) -> Published:
             raise ManifestError(f"model {m.name} version {m.version} is listed twice")
         seen.add(m.key)
         check_model(m, f"models[{i}]")
+    check_versions(manifest.models)
     if manifest.expires_at is not None:
         try:
             parse_rfc3339(manifest.expires_at)

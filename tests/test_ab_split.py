@@ -1,0 +1,66 @@
+"""A/B and shadow versions: the manifest's rules (`traffic`, `shadow`) and the split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from edgeinfer.contract.manifest import (
+    ManifestError,
+    decode_manifest,
+    pick_version,
+    traffic_bucket,
+)
+
+SHA = "ab" * 32
+
+
+def _entry(version: str, **extra: Any) -> dict[str, Any]:
+    return {"name": "m", "version": version, "uri": "file:///m.onnx", "sha256": SHA,
+            "size": 1, **extra}
+
+
+def _manifest(*entries: dict[str, Any]) -> bytes:
+    return msgspec.json.encode({"revision": 1, "models": list(entries)})
+
+
+def test_weights_adding_up_to_100_are_accepted() -> None:
+    m = decode_manifest(_manifest(_entry("1", traffic=70), _entry("2", traffic=30)))
+    assert [(s.version, s.traffic) for s in m.models] == [("1", 70), ("2", 30)]
+    shadowed = decode_manifest(_manifest(_entry("1"), _entry("2", shadow=True)))
+    assert [s.shadow for s in shadowed.models] == [False, True]
+
+
+@pytest.mark.parametrize(("entries", "needle"), [
+    ((_entry("1", traffic=60), _entry("2", traffic=30)),
+     "'models[1].traffic': the traffic of m's versions adds up to 90, not 100"),
+    ((_entry("1", traffic=100),), "'models[0].traffic': m:1 is the only serving version"),
+    ((_entry("1", traffic=70), _entry("2")), "'models[1].traffic': missing for m:2"),
+    ((_entry("1", traffic=101), _entry("2", traffic=0)), "models[0].traffic"),
+    ((_entry("1", traffic="x"), _entry("2", traffic=50)), "models[0].traffic"),
+    ((_entry("1"), _entry("2", shadow=True, traffic=10)),
+     "'models[1].traffic': shadow version m:2"),
+    ((_entry("2", shadow=True),), "'models[0].shadow': shadow version m:2 has no serving"),
+    ((_entry("1"), _entry("2", shadow=True), _entry("3", shadow=True)),
+     "'models[2].shadow': m has more than one shadow"),
+])
+def test_bad_traffic_and_shadow_are_refused_naming_the_entry(
+        entries: tuple[dict[str, Any], ...], needle: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        decode_manifest(_manifest(*entries))
+    assert needle in str(info.value)
+
+
+def test_the_split_is_deterministic_and_follows_the_weights() -> None:
+    weighted = [("1", 70), ("2", 30)]
+    ids = [f"job-{i}" for i in range(4000)]
+    picks = [pick_version(weighted, i) for i in ids]
+    assert picks == [pick_version(weighted, i) for i in ids]  # the same id, the same version
+    share = picks.count("2") / len(picks)
+    assert 0.27 < share < 0.33, share
+    assert all(0 <= traffic_bucket(i) < 100 for i in ids[:200])
+    # The buckets: version 1 takes [0, 70), version 2 [70, 100).
+    assert all((traffic_bucket(i) >= 70) == (p == "2") for i, p in zip(ids, picks, strict=True))
+    assert {pick_version([("a", 0), ("b", 100)], i) for i in ids[:200]} == {"b"}
