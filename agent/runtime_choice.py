@@ -110,6 +110,8 @@ class Serving:
             roles=(msgspec.UNSET if self.roles is None
                    else {role: r.report() for role, r in self.roles.items()}),
             task=spec.task, inputs=inputs, outputs=outputs,
+            traffic=msgspec.UNSET if spec.traffic is None else spec.traffic,
+            shadow=True if spec.shadow else msgspec.UNSET,
         )
 
 

@@ -64,3 +64,21 @@ def test_the_split_is_deterministic_and_follows_the_weights() -> None:
     # The buckets: version 1 takes [0, 70), version 2 [70, 100).
     assert all((traffic_bucket(i) >= 70) == (p == "2") for i, p in zip(ids, picks, strict=True))
     assert {pick_version([("a", 0), ("b", 100)], i) for i in ids[:200]} == {"b"}
+
+
+def test_the_agent_picks_by_weight_and_never_a_shadow() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from edgeinfer.agent.served import ServingModel, _unnamed
+
+    def model(version: str, **extra: Any) -> ServingModel:
+        fields = {"version": version, "traffic": None, "shadow": False, **extra}
+        return cast(ServingModel, SimpleNamespace(spec=SimpleNamespace(**fields)))
+
+    a, b = model("1", traffic=70), model("2", traffic=30)
+    for i in (f"job-{n}" for n in range(300)):
+        assert _unnamed([a, b], i).spec.version == pick_version([("1", 70), ("2", 30)], i)
+    plain, shadow = model("1"), model("2", shadow=True)
+    assert {_unnamed([plain, shadow], f"j{n}").spec.version for n in range(50)} == {"1"}
+    assert _unnamed([a, b], None) is b  # no key: the last serving version

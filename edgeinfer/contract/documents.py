@@ -153,6 +153,9 @@ class ModelEntry(msgspec.Struct):
     task: str | UnsetType = UNSET  # the manifest's (edgeinfer.contract.tasks)
     inputs: list[TensorMetadata] | UnsetType = UNSET
     outputs: list[TensorMetadata] | UnsetType = UNSET
+    # A/B and shadow (manifest `traffic`, `shadow`): only on the versions that give them.
+    traffic: int | UnsetType = UNSET
+    shadow: bool | UnsetType = UNSET
 
 
 class CpuSummary(msgspec.Struct):
