@@ -81,6 +81,19 @@ class VersionBringUp:
         with self._lock:
             return list(self._statuses.values())
 
+    def _reweigh(self, current: ServingModel, spec: ModelSpec) -> None:
+        """A serving version whose A/B `traffic` or `shadow` changed takes the new values
+        (no reload): the split reads them from the serving model's spec."""
+        if (current.spec.traffic, current.spec.shadow) == (spec.traffic, spec.shadow):
+            return
+        current.spec = spec
+        with self._lock:
+            status = self._statuses.get(spec.key)
+            if status is not None:
+                self._statuses[spec.key] = msgspec.structs.replace(
+                    status, traffic=msgspec.UNSET if spec.traffic is None else spec.traffic,
+                    shadow=True if spec.shadow else msgspec.UNSET)
+
     def set_status(self, status: ModelEntry) -> None:
         with self._lock:
             self._statuses[(status.name, status.version)] = status
@@ -97,6 +110,7 @@ class VersionBringUp:
         may raise what the reconciler's fetch raises (a newer manifest superseding this)."""
         current = self._registry.find(spec.name, spec.version)
         if current is not None and version_dir_name(current.spec) == version_dir_name(spec):
+            self._reweigh(current, spec)
             return current, None
         if self._failed.get(spec.key) == version_dir_name(spec):
             status = self._statuses.get(spec.key)
