@@ -124,6 +124,8 @@ def tensor_metadata(specs: Sequence[TensorSpec]) -> list[TensorMetadata]:
 def _unnamed(versions: list[ServingModel], split_key: str | None) -> ServingModel:
     """The version a job naming none runs on: by `traffic` weight from `split_key` when the
     name's serving versions give weights, else the last serving version; never a shadow."""
+    if len(versions) == 1:  # the common case, on every job's path: nothing to choose
+        return versions[0]
     serving = [m for m in versions if not m.spec.shadow] or versions
     weighted = [(m.spec.version, m.spec.traffic) for m in serving if m.spec.traffic is not None]
     if len(weighted) == len(serving) > 1 and split_key is not None:
