@@ -1,5 +1,5 @@
 """Answers to OIP's health and metadata queries (edgeinfer/contract/queries.py): server
-live and ready, model ready, model metadata, asked on the jobs topics.
+live, ready and metadata, model ready, model metadata, asked on the jobs topics.
 
 Where they are answered: by the intake thread (agent/intake.py), as it takes arrivals
 off its queue and before it journals the batch's jobs. Not on the thread that owns the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from edgeinfer import __version__
 from edgeinfer.agent.answers import SendNow
 from edgeinfer.agent.jobs import route_reply
 from edgeinfer.agent.mqtt_session import Inbound
@@ -30,6 +31,8 @@ from edgeinfer.agent.served import ServedModels, tensor_metadata
 from edgeinfer.contract.documents import ModelEntry
 from edgeinfer.contract.errors import JobError
 from edgeinfer.contract.queries import (
+    SERVER_EXTENSIONS,
+    SERVER_NAME,
     ModelMetadata,
     ModelReady,
     Query,
@@ -37,6 +40,7 @@ from edgeinfer.contract.queries import (
     QueryError,
     QueryKind,
     ServerLive,
+    ServerMetadata,
     ServerReady,
     decode_query,
     encode_answer,
@@ -97,6 +101,9 @@ class Queries:
             # and here also only while jobs are taken (not while draining before a stop).
             return ServerReady(ready=self._taking_jobs() and all(
                 e.state == "serving" for e in self._statuses()))
+        if query.kind is QueryKind.SERVER_METADATA:
+            return ServerMetadata(name=SERVER_NAME, version=__version__,
+                                  extensions=list(SERVER_EXTENSIONS))
         name = query.model_name
         assert name is not None  # decode_query's check for the model kinds
         if query.kind is QueryKind.MODEL_READY:

@@ -23,6 +23,7 @@ import onnxruntime as ort
 import psutil
 import pytest
 
+import edgeinfer
 from bench.models import DigitsModel
 from edgeinfer.agent.config import ConfigError, HttpConfig, load_config
 from edgeinfer.agent.http_endpoint import HttpEndpoint
@@ -84,6 +85,13 @@ def test_health_and_readiness(endpoint: Any) -> None:
     assert client.is_model_ready("digits", "1") is True
     assert client.is_model_ready("digits", "7") is False  # 404: no such version
     assert client.is_model_ready("nope") is False
+
+
+def test_server_metadata_names_edgeinfer_and_its_extensions(endpoint: Any) -> None:
+    client, _, _, _ = endpoint
+    assert client.get_server_metadata() == {
+        "name": "edgeinfer", "version": edgeinfer.__version__,
+        "extensions": ["binary_tensor_data"]}
 
 
 def test_model_metadata_is_what_onnx_runtime_says_of_the_file(

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import edgeinfer
 from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.queries import Queries
 from edgeinfer.agent.served import ServedModels, ServingModel
@@ -65,7 +66,8 @@ def test_only_the_query_property_marks_a_query() -> None:
 
 
 @pytest.mark.parametrize(("kind", "payload", "props", "words"), [
-    ("ModelInfer", b"", (), "'ModelInfer' is none of ServerLive, ServerReady, ModelReady"),
+    ("ModelInfer", b"", (),
+     "'ModelInfer' is none of ServerLive, ServerReady, ServerMetadata, ModelReady"),
     ("ModelReady", b"{}", (), "ModelReady needs a model: set model_name"),
     ("ModelReady", b'{"model_name": "a b"}', (), "model_name must match"),
     ("ModelMetadata", b'{"model_name": "m", "model_version": "1/2"}', (),
@@ -209,6 +211,8 @@ def test_model_ready_is_false_while_a_told_version_loads_and_not_found_for_a_str
     desk.taking = False  # draining before a stop
     assert desk.ask("ServerReady") == {"ready": False}
     assert desk.ask("ServerLive") == {"live": True}
+    assert desk.ask("ServerMetadata") == {"name": "edgeinfer", "version": edgeinfer.__version__,
+                                          "extensions": ["binary_tensor_data"]}
 
 
 def test_a_refused_response_topic_and_a_bad_query_get_their_errors() -> None:

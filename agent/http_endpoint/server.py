@@ -135,6 +135,7 @@ class HttpEndpoint:
         app = web.Application(client_max_size=self._max_body, middlewares=[self._bounds])
         model = "/v2/models/{model}"
         version = model + "/versions/{version}"
+        app.router.add_get("/v2", self._server_metadata)
         app.router.add_get("/v2/health/live", self._server_live)
         app.router.add_get("/v2/health/ready", self._server_ready)
         for prefix in (model, version):
@@ -205,6 +206,9 @@ class HttpEndpoint:
 
     async def _server_ready(self, request: web.Request) -> web.Response:
         return await self._query(QueryKind.SERVER_READY, request)
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return await self._query(QueryKind.SERVER_METADATA, request)
 
     async def _model_ready(self, request: web.Request) -> web.Response:
         return await self._query(QueryKind.MODEL_READY, request)

@@ -6,6 +6,7 @@ A query is a message on a device's (or a pool's) jobs topic with the MQTT user p
 
     ServerLive     -> {"live": true}                        GET v2/health/live
     ServerReady    -> {"ready": bool}                       GET v2/health/ready
+    ServerMetadata -> {"name", "version", "extensions"}     GET v2
     ModelReady     -> {"name", "ready": bool}               GET v2/models/{name}[/versions/{v}]/ready
     ModelMetadata  -> {"name", "versions", "platform",      GET v2/models/{name}[/versions/{v}]
                        "inputs": [{"name", "datatype", "shape"}], "outputs": [...]}
@@ -46,6 +47,7 @@ MODEL_VERSION_PROPERTY = "model_version"
 class QueryKind(str, Enum):  # noqa: UP042
     SERVER_LIVE = "ServerLive"
     SERVER_READY = "ServerReady"
+    SERVER_METADATA = "ServerMetadata"
     MODEL_READY = "ModelReady"
     MODEL_METADATA = "ModelMetadata"
 
@@ -175,6 +177,12 @@ class ServerReady(msgspec.Struct):
     ready: bool
 
 
+class ServerMetadata(msgspec.Struct):
+    name: str  # SERVER_NAME
+    version: str  # edgeinfer's release
+    extensions: list[str]  # SERVER_EXTENSIONS
+
+
 class ModelReady(msgspec.Struct):
     name: str
     ready: bool
@@ -188,14 +196,21 @@ class ModelMetadata(msgspec.Struct):
     outputs: list[TensorMetadata]
 
 
-QueryAnswer = ServerLive | ServerReady | ModelReady | ModelMetadata
+QueryAnswer = ServerLive | ServerReady | ServerMetadata | ModelReady | ModelMetadata
 
 ANSWER_TYPES: dict[QueryKind, type[QueryAnswer]] = {
     QueryKind.SERVER_LIVE: ServerLive,
     QueryKind.SERVER_READY: ServerReady,
+    QueryKind.SERVER_METADATA: ServerMetadata,
     QueryKind.MODEL_READY: ModelReady,
     QueryKind.MODEL_METADATA: ModelMetadata,
 }
+
+# What ServerMetadata says of the server: its name, and the KServe v2 protocol extensions
+# its answers follow (Triton's names): tensors as binary data after the JSON header, over
+# MQTT (the `header_length` user property) and over the local HTTP endpoint alike.
+SERVER_NAME = "edgeinfer"
+SERVER_EXTENSIONS = ("binary_tensor_data",)
 
 # A runtime's platform as Triton and KServe name it (`platform` of model metadata).
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "cuda": "onnxruntime_onnx",
