@@ -46,7 +46,7 @@ class QuantizeError(RuntimeError):
     """The quantizer failed on this model (an op it cannot handle, say)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # its arrays have no truth value
 class Int8Plan:
     """What auto-tuning needs to try the INT8 candidates (runtimes/autotune.py)."""
 
