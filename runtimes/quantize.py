@@ -19,6 +19,7 @@ tolerance, on every value.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -141,6 +142,13 @@ def int8_path(folder: Path, key: str) -> Path:
     return folder / f"model.int8-{key}.onnx"
 
 
+def _not_preprocess_advice(record: logging.LogRecord) -> bool:
+    """quantize_static advises, on the root logger, ONNX Runtime's model pre-processing
+    (shape inference, for models it cannot shape otherwise): the agent quantizes without it
+    and reports what the result is worth (judge), so the advice is noise in its log."""
+    return "pre-processing" not in str(record.msg)
+
+
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over the calibration batches."""
 
@@ -172,6 +180,8 @@ def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarra
 
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
+    root = logging.getLogger()
+    root.addFilter(_not_preprocess_advice)
     try:
         # QDQ: the format both ONNX Runtime and OpenVINO read. Signed int8 activations and
         # weights (S8S8) is ONNX Runtime's recommended default on x86; per-channel weights
@@ -183,6 +193,7 @@ def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarra
     except Exception as exc:
         raise QuantizeError(f"quantizing failed: {type(exc).__name__}: {one_line(exc)}") from None
     finally:
+        root.removeFilter(_not_preprocess_advice)
         Path(tmp).unlink(missing_ok=True)
     return True
 

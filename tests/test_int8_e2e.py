@@ -61,6 +61,17 @@ def test_int8_candidate_is_judged_and_a_bad_calibration_is_refused(
         assert result.model_version == "1"
         assert (result.outputs["label"] == digits.sklearn_pred[:5]).mean() >= 0.8
 
+        # A restart reuses the quantized model (and the tuning): nothing is quantized again.
+        made = quantized[0].stat().st_mtime_ns
+        log_at = len(dev.agent.log_text())
+        dev.agent.stop()
+        dev.start()
+        dev.wait_log(f"int8 model {quantized[0].name}", after=log_at)
+        text = dev.wait_log("autotune cache hit", after=log_at)
+        assert f"int8 model {quantized[0].name}" in text and "reused" in text
+        assert "quantized in" not in text
+        assert quantized[0].stat().st_mtime_ns == made
+
         # Version 2's calibration file is 8x8 images, the model takes rows of 64.
         mark = dev.mark()
         publish(dev, Manifest(revision=2, models=[digits_spec(digits.path, "2", bad)]))
