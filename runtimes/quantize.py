@@ -98,6 +98,10 @@ def check_calibration(inputs: Sequence[TensorSpec], arrays: Mapping[str, np.ndar
             raise CalibrationError(f"{source}: input {spec.name!r} is {arr.dtype}, the model "
                                    f"expects {spec.datatype} ({want})")
         expected = list(spec.shape)
+        if not expected:
+            raise CalibrationError(f"{source}: input {spec.name!r} is a scalar or of unknown "
+                                   "rank: calibration rows stack on a first (batch) dimension, "
+                                   "which it has not")
         fits = arr.ndim == len(expected) and arr.ndim >= 1 and all(
             e < 0 or e == a for e, a in zip(expected[1:], arr.shape[1:], strict=True))
         batch = expected[0] if expected else -1

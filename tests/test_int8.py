@@ -85,6 +85,9 @@ def test_calibration_that_does_not_fit_names_input_and_shapes(digits: DigitsMode
         ({"x": x.astype(np.float64)}, "cal: input 'x' is float64, the model expects FP32"),
         ({"image": x}, "missing input(s) x; unknown input(s) image; the model takes x"),
     ]
+    scalar = [replace(inputs[0], shape=())]
+    with pytest.raises(CalibrationError, match="input 'x' is a scalar or of unknown rank"):
+        check_calibration(scalar, {"x": x}, "cal")
     for arrays, needle in cases:
         with pytest.raises(CalibrationError) as err:
             check_calibration(inputs, arrays, "cal")
