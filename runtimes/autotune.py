@@ -316,7 +316,7 @@ def autotune(
                                            ok=False, reason=reason))
             continue
         warm = load_choice(path, choice, options, sample_inputs, check, int8_path)
-        if isinstance(warm, str) and int8 is not None and int8.error:
+        if isinstance(warm, str) and choice.precision == "int8" and int8 and int8.error:
             warm = int8.error  # quantizing failed: every int8 candidate says why
         if isinstance(warm, str):
             log.info("%s: autotune: %s failed: %s", path.name, choice.label, warm)
