@@ -148,7 +148,7 @@ class ModelEntry(msgspec.Struct):
     device: str | None = None
     error: str | None = None
     attempts: list[Attempt] = []
-    precision: str | UnsetType = UNSET  # "f32" | "bf16"
+    precision: str | UnsetType = UNSET  # "f32" | "bf16" | "int8"
     candidates: list[Candidate] | UnsetType = UNSET  # auto-tuned only, else []
     autotune: Autotune | UnsetType | None = UNSET  # None when pinned
     failovers: list[Failover] | UnsetType = UNSET
