@@ -19,6 +19,7 @@ import msgspec
 
 from edgeinfer.agent import faults, health_gate
 from edgeinfer.agent.config import AgentConfig
+from edgeinfer.agent.int8 import prepare as prepare_int8
 from edgeinfer.agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
@@ -37,6 +38,7 @@ from edgeinfer.contract.manifest import ManifestError, ModelSpec, RoleModel, mod
 from edgeinfer.runtimes.autotune import Choice
 from edgeinfer.runtimes.base import Session
 from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.quantize import CalibrationError
 from edgeinfer.runtimes.selection import Attempt, NoRuntimeError, WarmupCheck
 
 log = logging.getLogger(__name__)
@@ -135,13 +137,22 @@ class VersionBringUp:
             warmup_inputs = health_gate.sample_inputs(spec.health) or task_warmup_inputs(spec.task)
         except health_gate.HealthError as exc:
             return self._failed_to(spec, "health", f"{label} failed its health check: {exc}")
+        int8 = None
+        if spec.quantize is not None and not self.loader.tunes(spec):
+            log.warning("%s: quantize %s is an auto-tune candidate; the pinned runtime list "
+                        "serves f32", label, spec.quantize)
+        elif spec.quantize is not None:
+            try:
+                int8 = prepare_int8(spec, path, model_dir)
+            except CalibrationError as exc:
+                return self._failed_to(spec, "quantize", f"{label}: {exc}")
         refusals: list[str] = []
         reports: dict[int, health_gate.HealthReport] = {}  # by id(session): auto judges several
         gate = self._gate(spec, check_latency, refusals, reports)
         self._crash.reached("load")
         try:
             # ["auto"] (the default) tunes over every runtime; a list pins an order.
-            loaded = self.loader.load(spec, path, warmup_inputs, gate)
+            loaded = self.loader.load(spec, path, warmup_inputs, gate, int8=int8)
         except NoRuntimeError as exc:
             if refusals:
                 return self._failed_to(

@@ -35,7 +35,8 @@ from edgeinfer.runtimes.autotune_cache import AutotuneCache
 from edgeinfer.runtimes.base import LoadOptions, Session
 from edgeinfer.runtimes.hardware import HardwareInfo
 from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS, task_module
-from edgeinfer.runtimes.selection import Attempt, WarmupCheck, WarmupFeed
+from edgeinfer.runtimes.quantize import Int8Plan
+from edgeinfer.runtimes.selection import Attempt, WarmupCheck, WarmupFeed, is_auto
 
 AUTOTUNE_FILE = "autotune.json"
 
@@ -148,17 +149,30 @@ class ModelLoader:
         self.fault = RuntimeFault(faults.failing_runtime_from_env())
         self.failover = FailoverManager(registry, cfg.runtime.failover_after, self.load_next,
                                         on_swapped, emit, swap_lock)
+        # Each version's quantized model (`quantize: int8`), for a failover onto int8.
+        self._int8_paths: dict[tuple[str, str], Path] = {}
 
     def _options(self, spec: ModelSpec) -> LoadOptions:
         return LoadOptions(threads=self._cfg.runtime.threads, instances=spec.instances)
 
+    def tunes(self, spec: ModelSpec) -> bool:
+        """Whether `spec` is auto-tuned (its int8 candidates are tried only then)."""
+        try:
+            return is_auto(spec.runtime.prefer or self._cfg.runtime.prefer)
+        except ValueError:
+            return False  # a bad preference list: loading says why
+
     def load(self, spec: ModelSpec, path: Path, sample_inputs: Mapping[str, Any] | None,
-             check: WarmupCheck, *, sha256: str | None = None) -> Tuned:
+             check: WarmupCheck, *, sha256: str | None = None,
+             int8: Int8Plan | None = None) -> Tuned:
         """Raises NoRuntimeError when nothing works, ValueError for a bad preference.
 
         `path`, `sha256`: another model of the version than its artifact (a role of a
-        multi-model version), tuned and cached as its own file.
+        multi-model version), tuned and cached as its own file. `int8`: its quantized
+        model's candidates (agent/int8.py).
         """
+        if int8 is not None and int8.path is not None:
+            self._int8_paths[spec.key] = int8.path
         tolerance = None if spec.health is None else Tolerance(spec.health.rtol, spec.health.atol)
         return choose(
             path,
@@ -171,6 +185,7 @@ class ModelLoader:
             check=check,
             tolerance=tolerance,
             cache=self.cache,
+            int8=int8,
         )
 
     def serving(self, spec: ModelSpec, tuned: Tuned) -> Serving:
@@ -202,7 +217,8 @@ class ModelLoader:
         def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
             health_gate.judge(session, feed, outputs, spec.health, check_latency=False)
 
-        warm = load_choice(self._store.path_for(spec.sha256), choice, self._options(spec), sample, gate)
+        warm = load_choice(self._store.path_for(spec.sha256), choice, self._options(spec), sample,
+                           gate, self._int8_paths.get(spec.key))
         if isinstance(warm, str):
             return warm
         attempts = [*old.attempts, Attempt(choice.runtime, choice.device, ok=True, reason="")]

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench import e2e, jobcpu, points, preprocess, raw, refmodels, report
+from bench import e2e, int8, jobcpu, points, preprocess, raw, refmodels, report
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("raw", "preprocess", "e2e", "cpu")
@@ -92,6 +92,9 @@ def method(quick: bool, budget: raw.Budget, timing: points.Timing) -> list[str]:
         f"({budget.min_iters}..{budget.max_iters}) on one thread, then as many again split over "
         "two threads (one shared ONNX Runtime session; one OpenVINO compiled model with a "
         "request per thread). Default runtime thread settings, as the agent uses them.",
+        f"INT8: {', '.join(int8.MODELS)} quantized as the agent does at deploy, timed like "
+        "the raw runtimes, top-1 agreement with onnxruntime f32 on rows the calibration did "
+        "not see (bench/int8.py).",
         "End to end: one mosquitto (fleet.localbroker.Broker: the reference config's "
         "max_inflight_messages 64, TCP_NODELAY) and one edge-agent process with its default "
         "config (2 job workers, runtime threads 0, queue 256, journal synchronous NORMAL), "
@@ -228,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                     results["raw"][m.name] = {"skipped": m.skipped}
                     continue
                 results["raw"][m.name] = {"runtimes": raw.bench_model(m, budget, say)}
+                if m.name in int8.MODELS:  # beside f32 and bf16: `quantize: int8`
+                    (work / "int8").mkdir(exist_ok=True)
+                    results["raw"][m.name]["int8"] = int8.bench_model(m, work / "int8",
+                                                                      budget, say)
         sections["raw"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         if not args.skip_preprocess:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.int8 import markdown_section as _int8_section
 from bench.preprocess import markdown_section as _preprocess_section
 from bench.targets import LEVEL, Ratio, where_served
 
@@ -78,6 +79,7 @@ def markdown(results: dict[str, Any], rs: list[Ratio]) -> str:
                    r.issue, r.detail] for r in rs])
     md += ["", "Plots: `raw_batch1.png`, `e2e_throughput.png`, `e2e_latency.png`.", ""]
     md += _raw_section(results)
+    md += _int8_section(results)
     md += _preprocess_section(results)
     md += _e2e_section(results)
     md += cpu_section(results)

@@ -13,6 +13,10 @@ the others that agree, fastest first, are its failover order.
 The choice is cached in a JSON file (runtimes/autotune_cache.py) per (model sha256,
 candidate set, hardware fingerprint, tolerance, threads): a restart loads the chosen
 candidate directly.
+
+With an `Int8Plan` (`quantize: int8`, runtimes/quantize.py) the quantized model is two more
+candidates, ONNX Runtime CPU and OpenVINO CPU in int8, judged not by the warm-up's
+tolerance but on the calibration set against the reference (quantize.judge).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from edgeinfer.runtimes.autotune_cache import AutotuneCache, hardware_fingerprin
 from edgeinfer.runtimes.backends import get_backend
 from edgeinfer.runtimes.base import LoadOptions, RuntimeLoadError, Session, one_line
 from edgeinfer.runtimes.hardware import HardwareInfo
+from edgeinfer.runtimes.quantize import Int8Plan, judge
 from edgeinfer.runtimes.selection import (
     Attempt,
     NoRuntimeError,
@@ -93,6 +98,7 @@ class CandidateReport:
     p50_ms: float | None = None  # median of the timed runs (agreeing candidates only)
     agrees: bool | None = None  # with the reference; None when not compared
     runs: int = 0
+    agreement: float | None = None  # int8 only (quantize.judge)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +128,7 @@ def has_bf16(hw: HardwareInfo) -> bool:
     return any(flag in hw.cpu_flags for flag in BF16_FLAGS)
 
 
-def candidate_choices(hw: HardwareInfo) -> tuple[list[Choice], list[Attempt]]:
+def candidate_choices(hw: HardwareInfo, int8: bool = False) -> tuple[list[Choice], list[Attempt]]:
     """Everything auto-tuning tries here, reference first, and what it skips with why."""
     candidates, skipped = plan(None, hw)
     choices: list[Choice] = []
@@ -130,6 +136,9 @@ def candidate_choices(hw: HardwareInfo) -> tuple[list[Choice], list[Attempt]]:
         choices.append(Choice(c.runtime, c.device))
         if c.runtime == "openvino" and c.device == "CPU" and has_bf16(hw):
             choices.append(Choice("openvino", "CPU", "bf16"))
+    if int8:  # the QDQ model on the CPU runtimes, after every f32 and bf16 candidate
+        choices += [Choice(c.runtime, "CPU", "int8") for c in candidates
+                    if c.device == "CPU" and c.runtime in ("onnxruntime", "openvino")]
     reference = Choice("onnxruntime", "CPU")
     if reference in choices:
         choices.remove(reference)
@@ -138,10 +147,13 @@ def candidate_choices(hw: HardwareInfo) -> tuple[list[Choice], list[Attempt]]:
 
 
 def cache_key(sha256: str, choices: Sequence[Choice], hw: HardwareInfo,
-              tolerance: Tolerance | None, threads: int, instances: int = 1) -> str:
+              tolerance: Tolerance | None, threads: int, instances: int = 1,
+              int8: Int8Plan | None = None) -> str:
     runtimes = ",".join(c.label for c in choices)
     tol = "default" if tolerance is None else f"{tolerance.rtol!r}/{tolerance.atol!r}"
     key = f"{sha256}|{runtimes}|{hardware_fingerprint(hw)}|tol={tol}|threads={threads}"
+    if int8 is not None:
+        key += f"|int8={int8.key}/{int8.min_agreement!r}/{int8.classifier}"
     return key if instances == 1 else f"{key}|instances={instances}"
 
 
@@ -161,10 +173,17 @@ def load_choice(
     options: LoadOptions,
     sample_inputs: Mapping[str, np.ndarray] | None,
     check: WarmupCheck | None,
+    int8_path: Path | None = None,
 ) -> _Warm | str:
-    """Load, warm up and judge one candidate: the warmed session, or why it could not be had."""
+    """Load, warm up and judge one candidate: the warmed session, or why it could not be had.
+    An int8 choice loads `int8_path`, the quantized model, in f32 (its int8 is in the graph)."""
     backend = get_backend(choice.runtime)
-    opts = LoadOptions(threads=options.threads, precision=choice.precision,
+    precision = choice.precision
+    if precision == "int8":
+        if int8_path is None:
+            return "int8: no quantized model"
+        path, precision = int8_path, "f32"
+    opts = LoadOptions(threads=options.threads, precision=precision,
                        instances=options.instances)
     try:
         session = backend.load(path, choice.device, opts)
@@ -237,6 +256,7 @@ def choose(
     check: WarmupCheck | None = None,
     tolerance: Tolerance | None = None,
     cache: AutotuneCache | None = None,
+    int8: Int8Plan | None = None,
 ) -> Tuned:
     """Serve `path` on the runtime `prefer` asks for: auto-tuned for ["auto"], else the
     first workable entry of the pinned list (selection.load_first_workable).
@@ -246,7 +266,7 @@ def choose(
     if is_auto(prefer):
         return autotune(path, hw, options, sha256=sha256, budget_s=budget_s,
                         sample_inputs=sample_inputs, check=check, tolerance=tolerance,
-                        cache=cache)
+                        cache=cache, int8=int8)
     loaded = load_first_workable(path, prefer, hw, options, warmup=True,
                                  sample_inputs=sample_inputs, check=check)
     session = loaded.session
@@ -270,11 +290,13 @@ def autotune(
     check: WarmupCheck | None = None,
     tolerance: Tolerance | None = None,
     cache: AutotuneCache | None = None,
+    int8: Int8Plan | None = None,
 ) -> Tuned:
-    choices, skipped = candidate_choices(hw)
-    key = cache_key(sha256, choices, hw, tolerance, options.threads, options.instances)
+    choices, skipped = candidate_choices(hw, int8 is not None)
+    key = cache_key(sha256, choices, hw, tolerance, options.threads, options.instances, int8)
+    int8_path = None if int8 is None else int8.path
     if cache is not None and (entry := cache.get(key)) is not None:
-        hit = _from_cache(path, entry, options, sample_inputs, check)
+        hit = _from_cache(path, entry, options, sample_inputs, check, int8_path)
         if hit is not None:
             return hit
     started = time.monotonic()
@@ -293,7 +315,9 @@ def autotune(
             reports.append(CandidateReport(choice.runtime, choice.device, choice.precision,
                                            ok=False, reason=reason))
             continue
-        warm = load_choice(path, choice, options, sample_inputs, check)
+        warm = load_choice(path, choice, options, sample_inputs, check, int8_path)
+        if isinstance(warm, str) and choice.precision == "int8" and int8 and int8.error:
+            warm = int8.error  # quantizing failed: every int8 candidate says why
         if isinstance(warm, str):
             log.info("%s: autotune: %s failed: %s", path.name, choice.label, warm)
             attempts.append(Attempt(choice.runtime, choice.device, ok=False,
@@ -308,8 +332,11 @@ def autotune(
             reference, ref_label = warm, choice.label
             report.agrees = True
         else:
-            why = disagreement(warm.outputs, reference.outputs,
-                               tolerance_for(choice.precision, tolerance))
+            if choice.precision == "int8" and int8 is not None:
+                report.agreement, why = _judge_int8(reference, warm, int8)
+            else:
+                why = disagreement(warm.outputs, reference.outputs,
+                                   tolerance_for(choice.precision, tolerance))
             report.agrees = why is None
             if why is not None:
                 report.reason = f"disagrees with the reference {ref_label}: {why}"
@@ -367,12 +394,21 @@ def _with_precision(choice: Choice, reason: str) -> str:
     return reason if choice.precision == "f32" else f"{choice.precision}: {reason}"
 
 
+def _judge_int8(reference: _Warm, warm: _Warm, int8: Int8Plan) -> tuple[float | None, str | None]:
+    try:
+        share, why = judge(reference.session, warm.session, int8)
+    except Exception as exc:  # a calibration batch it cannot run: refused, not a crash
+        return None, f"failed on the calibration set: {one_line(exc)}"
+    return round(share, 4), why
+
+
 def _from_cache(
     path: Path,
     entry: dict[str, Any],
     options: LoadOptions,
     sample_inputs: Mapping[str, np.ndarray] | None,
     check: WarmupCheck | None,
+    int8_path: Path | None = None,
 ) -> Tuned | None:
     """The cached choice, loaded and warmed up; None (tune again) when it fails now."""
     try:
@@ -385,7 +421,7 @@ def _from_cache(
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("%s: autotune cache entry unusable (%s); tuning again", path.name, exc)
         return None
-    warm = load_choice(path, winner, options, sample_inputs, check)
+    warm = load_choice(path, winner, options, sample_inputs, check, int8_path)
     if isinstance(warm, str):
         log.warning("%s: autotune cache chose %s, which fails now (%s); tuning again",
                     path.name, winner.label, warm)

@@ -79,12 +79,15 @@ class Candidate(msgspec.Struct):
 
     runtime: str | None = None
     device: str | None = None
-    precision: str | None = None  # "f32" | "bf16"
+    precision: str | None = None  # "f32" | "bf16" | "int8"
     ok: bool = False
     reason: str | None = None
     p50_ms: float | None = None
     agrees: bool | None = None  # with the reference; None when not compared
     runs: int = 0
+    # int8 only: top-1 agreement with the reference on the calibration set (a classifier),
+    # else the share of output values within tolerance (runtimes/quantize.py).
+    agreement: float | None = None
 
 
 class Autotune(msgspec.Struct):
@@ -145,7 +148,7 @@ class ModelEntry(msgspec.Struct):
     device: str | None = None
     error: str | None = None
     attempts: list[Attempt] = []
-    precision: str | UnsetType = UNSET  # "f32" | "bf16"
+    precision: str | UnsetType = UNSET  # "f32" | "bf16" | "int8"
     candidates: list[Candidate] | UnsetType = UNSET  # auto-tuned only, else []
     autotune: Autotune | UnsetType | None = UNSET  # None when pinned
     failovers: list[Failover] | UnsetType = UNSET

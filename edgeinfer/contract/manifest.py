@@ -18,6 +18,7 @@ import msgspec
 import rfc8785
 
 from edgeinfer.contract.datatypes import OIP_DATATYPES
+from edgeinfer.contract.quantize import quantize_problem
 from edgeinfer.contract.tasks import MULTI_MODEL_TASKS
 from edgeinfer.contract.topics import NAME_RE
 from edgeinfer.structcheck import StructError, convert, not_utf8
@@ -93,6 +94,10 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     traffic: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
     # Shadow: gets a copy of each job of its name; its answers are never sent.
     shadow: bool = False
+    # INT8 at deploy: edgeinfer/contract/quantize.py, docs/protocol.md.
+    quantize: str | None = None
+    quantize_calibration: Name | None = None
+    quantize_min_agreement: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.99
 
     @property
     def key(self) -> tuple[str, str]:
@@ -280,6 +285,11 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
     if m.format != "onnx":
         raise ManifestError(f"model {m.name}:{m.version}: unsupported format {m.format!r}")
     _check_health(m)
+    why = quantize_problem(m.quantize, m.quantize_calibration, [f.name for f in m.files],
+                           m.health is not None and bool(m.health.inputs), m.task)
+    if why is not None:
+        raise ManifestError(f"invalid manifest: key '{where}.{why[0]}': model {m.name}:"
+                            f"{m.version}: {why[1]}")
     if model_roles(m) is not None and m.health is not None and (
             m.health.inputs or m.health.expected):
         raise ManifestError(
