@@ -15,7 +15,7 @@ import pytest
 
 from bench.tinyvlm import PROMPTS, TinyVlm, caption
 from edgeinfer.contract.manifest import ArtifactFile, ManifestError, ModelSpec, model_roles
-from edgeinfer.runtimes.base import LoadOptions, Session
+from edgeinfer.runtimes.base import LoadOptions, Session, make_sample_inputs
 from edgeinfer.runtimes.onnxruntime_cpu import BACKEND as ORT_CPU
 from edgeinfer.runtimes.openvino_backend import BACKEND as OPENVINO
 from edgeinfer.runtimes.pipelines import MULTI_MODEL_TASKS, build_pipeline, pipeline_requirements
@@ -27,7 +27,7 @@ BACKENDS: list[Any] = [ORT_CPU, OPENVINO]
 WHAT, DESCRIBE = PROMPTS
 CHECKED = 12  # held-out digits checked token for token per runtime and prompt
 SCORED = 120  # held-out digits whose captions are scored
-MIN_ACCURACY = 0.9  # measured: 98.6% (355/360 held-out digits, both prompts)
+MIN_ACCURACY = 0.9  # measured: 96.7% (348/360 held-out digits, either prompt)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -36,7 +36,8 @@ def png(pixels: np.ndarray) -> bytes:
 
 def as_png_reads(pixels: np.ndarray) -> np.ndarray:
     """The pixels the pipeline reads back from `png(pixels)` (8-bit, scaled 1/255)."""
-    return np.rint(pixels * 255).astype(np.float32) / np.float32(255)
+    grey: np.ndarray = np.rint(pixels * 255).astype(np.float32)
+    return grey / np.float32(255)
 
 
 def job(image: bytes | None, prompt: str | None, **extra: Any) -> dict[str, np.ndarray]:
@@ -83,7 +84,7 @@ def test_captions_of_held_out_digits_are_mostly_right(
 ) -> None:
     sessions = models["onnxruntime"]
     p = pipe(tiny_vlm, sessions)
-    right = {prompt: 0 for prompt in PROMPTS}
+    right = dict.fromkeys(PROMPTS, 0)
     for pixels, digit in zip(tiny_vlm.holdout_pixels[:SCORED], tiny_vlm.holdout_digits[:SCORED],
                              strict=True):
         for prompt in PROMPTS:
@@ -180,13 +181,17 @@ def test_roles_requirements_and_warmup(
     # the version: the encoder is the entry's artifact, the decoder a file beside it
     spec = msgspec.convert({"name": "vlm", "version": "1", "task": "image-to-text", "uri": "file:///e",
                             "sha256": "a" * 64, "size": 1}, ModelSpec)
-    with pytest.raises(ManifestError, match="missing decoder.onnx in files"):
+    with pytest.raises(ManifestError, match=r"missing decoder\.onnx in files"):
         model_roles(spec)
     spec = msgspec.structs.replace(spec, files=[ArtifactFile("decoder.onnx", "file:///d", "b" * 64, 2)])
     assert [(r.role, r.file) for r in model_roles(spec) or []] == [("encoder", "model.onnx"),
                                                                    ("decoder", "decoder.onnx")]
-    for role, session in models["onnxruntime"].items():
-        assert warmup_inputs(role) == {}  # synthetic inputs fit: the agent's warm-up runs them
+    for backend in models.values():
+        for role, session in backend.items():
+            # no inputs of the task's own: the agent's synthetic warm-up inputs run
+            assert warmup_inputs(role) == {}
+            out = session.infer(make_sample_inputs(session.inputs))
+            assert all(np.isfinite(v).all() for v in out.values())
     with pytest.raises(ValueError, match="no role 'det'"):
         warmup_inputs("det")
     assert pipeline_requirements()["image-to-text"] is None
