@@ -37,6 +37,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.onnx_common import IR_VERSION, OPSET, save_checked
+from bench.tinylm import EOS, train_tokenizer
 from bench.tinylm_onnx import export_onnx
 from bench.tinyvlm_training import PIXELS, TinyVlmConfig, greedy, train
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EOS", "PROMPTS", "TinyVlm", "TinyVlmConfig", "build_tiny_vlm", "caption", "main"]
 
-EOS = "<|endoftext|>"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # prompt -> caption of digit d
 PROMPTS: dict[str, Any] = {
@@ -89,22 +89,6 @@ class TinyVlm:
         """The numpy model's greedy tokens for one image (pixels [64] or [8, 8], 0..1)."""
         ids = self.tokenizer().encode(prompt, add_special_tokens=False).ids
         return greedy(self.weights, pixels.reshape(PIXELS), ids, max_tokens, self.eos_token_id, self.config)
-
-
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on the prompts and captions, EOS its one special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    texts = [*PROMPTS, *(caption(p, d) for p in PROMPTS for d in range(10))]
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
 
 
 def export_encoder(w: dict[str, np.ndarray], cfg: TinyVlmConfig, path: Path) -> Path:
@@ -161,7 +145,7 @@ def build_tiny_vlm(out_dir: Path, cfg: TinyVlmConfig | None = None) -> TinyVlm:
     cached = _cached(out_dir, cfg)
     if cached is not None:
         return cached
-    tok = train_tokenizer(cfg.lm.vocab_size)
+    tok = train_tokenizer(cfg.lm.vocab_size, [*PROMPTS, *(caption(p, d) for p in PROMPTS for d in range(10))])
     eos = tok.token_to_id(EOS)
     if eos is None:  # the trainer always adds its special tokens
         raise RuntimeError(f"the tokenizer has no {EOS} token")
