@@ -32,6 +32,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,8 +88,8 @@ class TinyLm:
 # --- tokenizer ----------------------------------------------------------------------------
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE (GPT-2's scheme) trained on CORPUS, with EOS as its one special token."""
+def train_tokenizer(vocab_size: int, texts: Sequence[str] = CORPUS) -> Tokenizer:
+    """Byte-level BPE (GPT-2's scheme) trained on `texts`, with EOS as its one special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -100,7 +101,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(CORPUS), trainer=trainer)
+    tok.train_from_iterator(list(texts), trainer=trainer)
     return tok
 
 

@@ -13,8 +13,15 @@ from bench.onnx_common import IR_VERSION, OPSET
 from bench.tinylm_training import LN_EPS, TinyLmConfig
 
 
-def export_onnx(w: dict[str, np.ndarray], cfg: TinyLmConfig, path: Path) -> Path:
-    """The KV-cached graph; every step computes positions and the causal mask from the cache length."""
+def export_onnx(
+    w: dict[str, np.ndarray], cfg: TinyLmConfig, path: Path, prefix_input: str | None = None
+) -> Path:
+    """The KV-cached graph; every step computes positions and the causal mask from the cache length.
+
+    With `prefix_input` (the image-to-text decoder, `bench.tinyvlm`) the graph takes one more
+    input, FP32 [batch, prefix, dim]: embeddings put before the step's tokens (an image's, on
+    the first step; [batch, 0, dim] on the next), counted in the positions and the cache.
+    """
     h_, hd, d = cfg.heads, cfg.head_dim, cfg.dim
     inits = [numpy_helper.from_array(v, k) for k, v in sorted(w.items())]
 
@@ -32,7 +39,9 @@ def export_onnx(w: dict[str, np.ndarray], cfg: TinyLmConfig, path: Path) -> Path
     const("c_fzero", np.array(0.0, np.float32))
     nodes = [
         helper.make_node("Shape", ["past_key_0"], ["past_len1"], start=2, end=3),
-        helper.make_node("Shape", ["input_ids"], ["new_len1"], start=1, end=2),
+        # the new positions: the tokens', plus the prefix's when there is one (added below)
+        helper.make_node("Shape", ["input_ids"], ["ids_len1" if prefix_input else "new_len1"],
+                         start=1, end=2),
         helper.make_node("Add", ["past_len1", "new_len1"], ["total1"]),
         helper.make_node("Squeeze", ["past_len1", "c_ax0"], ["past_len"]),
         helper.make_node("Squeeze", ["total1", "c_ax0"], ["total"]),
@@ -44,9 +53,16 @@ def export_onnx(w: dict[str, np.ndarray], cfg: TinyLmConfig, path: Path) -> Path
         helper.make_node("Where", ["future", "c_neg", "c_fzero"], ["mask"]),  # [T, P+T]
         helper.make_node("Gather", ["tok", "input_ids"], ["tok_emb"], axis=0),
         helper.make_node("Gather", ["pos", "qpos"], ["pos_emb"], axis=0),
-        helper.make_node("Add", ["tok_emb", "pos_emb"], ["x0"]),
+        helper.make_node("Add", ["in_emb" if prefix_input else "tok_emb", "pos_emb"], ["x0"]),
     ]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
+    if prefix_input:
+        nodes[2:2] = [
+            helper.make_node("Shape", [prefix_input], ["prefix_len1"], start=1, end=2),
+            helper.make_node("Add", ["prefix_len1", "ids_len1"], ["new_len1"]),
+        ]
+        nodes.insert(-1, helper.make_node("Concat", [prefix_input, "tok_emb"], ["in_emb"], axis=1))
+        inputs.append(helper.make_tensor_value_info(prefix_input, TensorProto.FLOAT, ["batch", "prefix", d]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", "vocab"])]
     x = "x0"
     for i in range(cfg.layers):

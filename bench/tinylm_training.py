@@ -5,6 +5,7 @@ the weights it trains."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,15 +70,16 @@ def _ln_back(dy: np.ndarray, cache: tuple[np.ndarray, ...]) -> tuple[np.ndarray,
     return dx, (dy * xhat).sum(axes), dy.sum(axes)
 
 
-def loss_and_grads(
-    w: dict[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, cfg: TinyLmConfig
-) -> tuple[float, dict[str, np.ndarray]]:
-    """Mean next-token cross-entropy over [B, T] and its gradient, by hand."""
-    bsz, t = ids.shape
+def forward(
+    w: dict[str, np.ndarray], x: np.ndarray, cfg: TinyLmConfig
+) -> tuple[np.ndarray, tuple[object, ...]]:
+    """The transformer blocks and head on input embeddings x [B, T, dim] (tokens plus
+    positions, or any prefix a caller puts first): logits [B, T, vocab] and what `backward`
+    needs."""
+    bsz, t, _ = x.shape
     h_, hd = cfg.heads, cfg.head_dim
     scale = np.float32(1.0 / np.sqrt(hd))
     causal = np.triu(np.full((t, t), -np.inf, np.float32), 1)
-    x = w["tok"][ids] + w["pos"][:t]
     caches = []
     for i in range(cfg.layers):
         p = f"l{i}."
@@ -98,18 +100,38 @@ def loss_and_grads(
         x = x + r @ w[p + "w2"] + w[p + "b2"]
         caches.append((h, c1, q, k, v, att, o, h2, c2, u, r))
     hf, cf = _ln(x, w["lnf_g"], w["lnf_b"])
-    logits = hf @ w["head"]
+    return hf @ w["head"], (caches, hf, cf)
+
+
+def cross_entropy(
+    logits: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
+    """Next-token cross-entropy over [B, T] and its gradient on the logits: the mean over
+    every position, or over `weights` (1 where a position counts, 0 where not)."""
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    n = bsz * t
-    loss = float(-np.take_along_axis(logp, targets[..., None], -1).mean())
-
-    g: dict[str, np.ndarray] = {}
+    picked = np.take_along_axis(logp, targets[..., None], -1)
     dlogits = np.exp(logp)
-    np.put_along_axis(
-        dlogits, targets[..., None], np.take_along_axis(dlogits, targets[..., None], -1) - 1, -1
-    )
-    dlogits /= n
+    np.put_along_axis(dlogits, targets[..., None], np.exp(picked) - 1, -1)
+    if weights is None:
+        dlogits /= targets.size
+        return float(-picked.mean()), dlogits
+    wsum = float(weights.sum())
+    dlogits *= (weights / wsum).astype(np.float32)[..., None]
+    return float(-(picked[..., 0] * weights).sum() / wsum), dlogits
+
+
+def backward(
+    w: dict[str, np.ndarray], dlogits: np.ndarray, cache: tuple[object, ...], cfg: TinyLmConfig
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The gradients of the blocks, final norm and head, and the gradient on `forward`'s x."""
+    caches, hf, cf = cache
+    assert isinstance(caches, list) and isinstance(hf, np.ndarray) and isinstance(cf, tuple)
+    bsz, t, _ = dlogits.shape
+    h_, hd = cfg.heads, cfg.head_dim
+    scale = np.float32(1.0 / np.sqrt(hd))
+    n = bsz * t
+    g: dict[str, np.ndarray] = {}
     g["head"] = hf.reshape(n, -1).T @ dlogits.reshape(n, -1)
     dx, g["lnf_g"], g["lnf_b"] = _ln_back(dlogits @ w["head"].T, cf)
     for i in reversed(range(cfg.layers)):
@@ -141,24 +163,57 @@ def loss_and_grads(
         dh = (dqm @ w[p + "wq"].T + dkm @ w[p + "wk"].T + dvm @ w[p + "wv"].T).reshape(bsz, t, -1)
         dh1, g[p + "ln1_g"], g[p + "ln1_b"] = _ln_back(dh, c1)
         dx = dx + dh1
+    return g, dx
+
+
+def loss_and_grads(
+    w: dict[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, cfg: TinyLmConfig
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean next-token cross-entropy over [B, T] and its gradient, by hand."""
+    t = ids.shape[1]
+    logits, cache = forward(w, w["tok"][ids] + w["pos"][:t], cfg)
+    loss, dlogits = cross_entropy(logits, targets)
+    g, dx = backward(w, dlogits, cache, cfg)
     g["pos"] = np.zeros_like(w["pos"])
     g["pos"][:t] = dx.sum(0)
     g["tok"] = np.zeros_like(w["tok"])
-    np.add.at(g["tok"], ids.reshape(-1), dx.reshape(n, -1))
+    np.add.at(g["tok"], ids.reshape(-1), dx.reshape(ids.size, -1))
     return loss, {key: val.astype(np.float32, copy=False) for key, val in g.items()}
 
 
-def train(cfg: TinyLmConfig, stream: np.ndarray, vocab: int, eos: int) -> tuple[dict[str, np.ndarray], float]:
-    """Adam (warm-up, then cosine decay) on random windows of the token stream.
+def adam_step(
+    w: dict[str, np.ndarray], grads: dict[str, np.ndarray], state: tuple[dict[str, np.ndarray], ...],
+    step: int, steps: int, peak_lr: float,
+) -> None:
+    """One Adam update in place, at the learning rate of `step` of `steps`: 20 steps of
+    warm-up, then a cosine decay to a tenth of `peak_lr`. `state` is (m, s), zeros at first."""
+    m, s = state
+    b1, b2, eps = 0.9, 0.99, 1e-8
+    warm = min(1.0, step / 20)
+    lr = peak_lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+    for key, grad in grads.items():
+        m[key] = b1 * m[key] + (1 - b1) * grad
+        s[key] = b2 * s[key] + (1 - b2) * grad * grad
+        mh = m[key] / (1 - b1**step)
+        sh = s[key] / (1 - b2**step)
+        w[key] = (w[key] - lr * mh / (np.sqrt(sh) + eps)).astype(np.float32)
 
-    BLAS runs on one thread: these matrices are too small to share, a busy machine makes
-    threaded OpenBLAS spin (ten times slower), and one thread sums in one order every run.
-    """
+
+def one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """BLAS on one thread while training: these matrices are too small to share, a busy
+    machine makes threaded OpenBLAS spin (ten times slower), and one thread sums in one
+    order every run."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # scikit-learn's dependency; without it BLAS keeps its own threads
-        return _train(cfg, stream, vocab, eos)
-    with threadpool_limits(limits=1, user_api="blas"):
+        return contextlib.nullcontext()
+    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=1, user_api="blas")
+    return limits
+
+
+def train(cfg: TinyLmConfig, stream: np.ndarray, vocab: int, eos: int) -> tuple[dict[str, np.ndarray], float]:
+    """Adam on random windows of the token stream, BLAS on one thread (`one_blas_thread`)."""
+    with one_blas_thread():
         return _train(cfg, stream, vocab, eos)
 
 
@@ -167,9 +222,7 @@ def _train(
 ) -> tuple[dict[str, np.ndarray], float]:
     w = init_weights(cfg, vocab)
     rng = np.random.default_rng(cfg.seed + 1)
-    m = {k: np.zeros_like(v) for k, v in w.items()}
-    s = {k: np.zeros_like(v) for k, v in w.items()}
-    b1, b2, eps = 0.9, 0.99, 1e-8
+    state = ({k: np.zeros_like(v) for k, v in w.items()}, {k: np.zeros_like(v) for k, v in w.items()})
     t = min(cfg.context, len(stream) - 1)
     # Half the windows start at a paragraph's first token, where a prompt starts (position
     # 0), half anywhere. The stream wraps around so that every start has a whole window.
@@ -181,12 +234,5 @@ def _train(
         starts = np.where(rng.random(cfg.batch) < 0.5, rng.choice(firsts, cfg.batch), anywhere)
         window = np.stack([ring[a : a + t + 1] for a in starts])
         loss, grads = loss_and_grads(w, window[:, :-1], window[:, 1:], cfg)
-        warm = min(1.0, step / 20)
-        lr = cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
-        for key, grad in grads.items():
-            m[key] = b1 * m[key] + (1 - b1) * grad
-            s[key] = b2 * s[key] + (1 - b2) * grad * grad
-            mh = m[key] / (1 - b1**step)
-            sh = s[key] / (1 - b2**step)
-            w[key] = (w[key] - lr * mh / (np.sqrt(sh) + eps)).astype(np.float32)
+        adam_step(w, grads, state, step, cfg.steps, cfg.lr)
     return w, loss

@@ -21,6 +21,7 @@ import pytest
 
 from bench.models import RAPIDOCR_MODELS, DigitsModel, build_digits, rapidocr_models_dir
 from bench.tinylm import TinyLm, build_tiny_lm
+from bench.tinyvlm import TinyVlm, build_tiny_vlm
 from edgeinfer.fleet.client import InferenceClient
 from tests.broker import Broker
 from tests.deploydevice import Models, build_models
@@ -171,3 +172,11 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> TinyLm:
     """The tiny language model of bench/tinylm.py, trained once per run (~10 s): read-only
     for the tests that share it."""
     return build_tiny_lm(tmp_path_factory.mktemp("tinylm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> TinyVlm:
+    """The tiny vision-language model of bench/tinyvlm.py (encoder.onnx + decoder.onnx,
+    captions of the digits), trained once per run (~5 s): read-only for the tests that
+    share it."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("tinyvlm"))

@@ -12,10 +12,12 @@ KNOWN_TASKS: tuple[str, ...] = (
     "embedding",
     "text-generation",
     "ocr",
+    "image-to-text",
 )
 
 # Tasks that run several models: task -> (required roles, optional roles). Their models
 # deploy, version and roll back together.
 MULTI_MODEL_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ocr": (("det", "rec"), ("cls",)),
+    "image-to-text": (("encoder", "decoder"), ()),
 }

@@ -11,6 +11,9 @@
   (`run_stream`), from a KV-cached decoder; needs tokenizers.
 - ocr: an encoded image in, text lines with their boxes and scores out (needs opencv); it
   runs several models (det, rec, optional cls): `session` is then a mapping role -> Session.
+- image-to-text: an encoded image and a prompt in, generated text out (whole or streamed,
+  as text-generation), from an image encoder and a decoder (roles encoder, decoder); needs
+  pillow and tokenizers.
 
 Each task lives in its own module, imported on first use, so that a missing optional
 library (pillow, soundfile) costs only the tasks that need it; `pipeline_requirements`
@@ -43,18 +46,24 @@ _TASKS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "embedding": ("edgeinfer.runtimes.pipelines.embedding", None),
     "text-generation": ("edgeinfer.runtimes.pipelines.textgen", ("tokenizers", "tokenizers")),
     "ocr": ("edgeinfer.runtimes.pipelines.ocr", ("cv2", "opencv")),  # and pillow: the ocr extra has both
+    "image-to-text": ("edgeinfer.runtimes.pipelines.imagetext", ("tokenizers", "tokenizers")),  # and pillow
 }
 assert tuple(_TASKS) == KNOWN_TASKS  # one pipeline per task of the contract's table
 # For the tasks of MULTI_MODEL_TASKS, build_pipeline takes a mapping role -> Session, and
 # so does their pipeline's run.
 
 
-def _missing(requirement: tuple[str, str] | None) -> str | None:
+# Tasks whose extra installs pillow beside their own library: ocr's (opencv post-processes)
+# and media (image-to-text's tokenizer).
+_PILLOW_TOO = ("ocr", "image-to-text")
+
+
+def _missing(task: str) -> str | None:
+    requirement = _TASKS[task][1]
     if requirement is None:
         return None
-    needs, hint = [requirement], MEDIA_EXTRA_HINT
-    if requirement[1] == "opencv":  # ocr: pillow decodes, opencv post-processes
-        needs, hint = [("PIL", "pillow"), requirement], OCR_EXTRA_HINT
+    needs = [("PIL", "pillow"), requirement] if task in _PILLOW_TOO else [requirement]
+    hint = OCR_EXTRA_HINT if task == "ocr" else MEDIA_EXTRA_HINT
     for module, dist in needs:
         try:
             importlib.import_module(module)
@@ -68,7 +77,7 @@ def pipeline_requirements() -> dict[str, str | None]:
 
     For `edge-agent doctor`: imports pillow, soundfile and opencv, nothing else.
     """
-    return {task: _missing(req) for task, (_, req) in _TASKS.items()}
+    return {task: _missing(task) for task in _TASKS}
 
 
 def build_pipeline(
@@ -95,8 +104,7 @@ def task_module(task: str) -> ModuleType:
     """
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}")
-    module_name, requirement = _TASKS[task]
-    missing = _missing(requirement)
+    missing = _missing(task)
     if missing is not None:
         raise ValueError(f"task {task} cannot run here: {missing}")
-    return importlib.import_module(module_name)
+    return importlib.import_module(_TASKS[task][0])

@@ -429,8 +429,8 @@ class TextGeneration(StreamingPipeline):
         yield _chunk(final_text[released:], pending, finish)
 
 
-def build(settings: Mapping[str, Any], model_dir: Path | None, session: Session) -> TextGeneration:
-    cfg = parse_settings(TextGenSettings, settings, TASK)
+def load_tokenizer(cfg: TextGenSettings, model_dir: Path | None) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer and the (generation_)config.json keys of the model's folder."""
     path = _plain_file(model_dir, cfg.tokenizer_file, "tokenizer_file")
     try:
         tokenizer = Tokenizer.from_file(str(path))
@@ -438,4 +438,9 @@ def build(settings: Mapping[str, Any], model_dir: Path | None, session: Session)
         raise ValueError(f"{TASK}: cannot load the tokenizer {path.name}: {exc}") from None
     assert model_dir is not None  # _plain_file refused None
     config = {**_read_json(model_dir / "config.json"), **_read_json(model_dir / "generation_config.json")}
-    return TextGeneration(cfg, tokenizer, config, session)
+    return tokenizer, config
+
+
+def build(settings: Mapping[str, Any], model_dir: Path | None, session: Session) -> TextGeneration:
+    cfg = parse_settings(TextGenSettings, settings, TASK)
+    return TextGeneration(cfg, *load_tokenizer(cfg, model_dir), session)
