@@ -168,6 +168,8 @@ class Agent:
         # Serve what we had before the broker answers: a gateway must work offline.
         restored = self.reconciler.restore()
         log.info("restored %d model(s) in %.2fs", restored, time.monotonic() - t0)
+        if self.local_models is not None:
+            self.reconciler.serve_local(self.local_models.settle())
         self.scheduler.recover()
         self.scheduler.start()
         self.outbox.start()

@@ -217,6 +217,24 @@ def split_conflicts(scan: LocalScan | None, fleet_names: set[str], revision: int
     return wanted, refused
 
 
+class Refusals:
+    """Reports each refusal once as a `local_model_refused` event, however often the
+    folder is looked at (and again if it comes back after a change)."""
+
+    def __init__(self, emit: Callable[..., None]) -> None:
+        self._emit = emit
+        self._reported: set[Refusal] = set()
+
+    def report(self, refused: list[Refusal]) -> None:
+        for r in refused:
+            if r not in self._reported:
+                log.warning("local model refused: %s", r.message)
+                self._emit("local_model_refused", model=r.model, version=r.version,
+                           folder=str(r.folder), reason=r.reason, revision=r.revision,
+                           message=r.message)
+        self._reported = set(refused)
+
+
 class LocalFolder:
     """Reads `root` into a LocalScan, taking a version folder once it is stable."""
 
@@ -304,12 +322,13 @@ class LocalModels:
         self._interval_s = interval_s
         self._on_change = on_change
         self._last: tuple[Any, ...] | None = None
+        self.last_scan = LocalScan(root)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def look(self) -> LocalScan | None:
         """Look at the folder once; the scan when it differs from the last handed over."""
-        scan = self.folder.scan()
+        scan = self.last_scan = self.folder.scan()
         key = (tuple((n, tuple((v.spec, v.folder) for v in vs))
                      for n, vs in sorted(scan.versions.items())),
                tuple(scan.refused))
@@ -317,6 +336,14 @@ class LocalModels:
             return None
         self._last = key
         return scan
+
+    def settle(self) -> LocalScan:
+        """Two looks a scan interval apart, at start: what the folder holds then is served
+        before the agent says it is ready (as the models restored from the store are)."""
+        self.look()
+        self._stop.wait(self._interval_s)
+        self.look()
+        return self.last_scan
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="local-models", daemon=True)

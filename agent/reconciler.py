@@ -42,7 +42,7 @@ from edgeinfer.agent.applied import AppliedFile, AppliedUnreadable
 from edgeinfer.agent.bring_up import EmitEvent, VersionBringUp
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.failover import FailoverManager
-from edgeinfer.agent.local_models import LocalScan, Refusal, split_conflicts
+from edgeinfer.agent.local_models import LocalScan, Refusal, Refusals, split_conflicts
 from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.agent.store import ArtifactError, DownloadCut, ModelStore
 from edgeinfer.agent.trust import load_trusted_keys
@@ -101,7 +101,7 @@ class Reconciler:
         self._local: LocalScan | None = None
         self._restored: list[ModelSpec] = []
         self._inputs: tuple[object, LocalScan | None] | None = None
-        self._refusals: set[Refusal] = set()
+        self._refusals = Refusals(emit_event)
         # The last refused manifest's error: kept in last_error by the folder's applies.
         self._manifest_error: str | None = None
         self._wake = threading.Condition()
@@ -236,6 +236,11 @@ class Reconciler:
         with self.swap_lock:
             self._apply(None, None)
 
+    def serve_local(self, scan: LocalScan) -> None:
+        """Apply a scan of the local folder now (at start, before this thread runs)."""
+        self._local = scan
+        self.apply_local()
+
     def _fleet_source(self) -> object:
         return self._last_manifest if self._last_manifest is not None else self._restored
 
@@ -323,7 +328,7 @@ class Reconciler:
             self.applied_revision = manifest.revision
             self.applied_digest = digest
             self.applied_rollback = manifest.rollback
-        self._report_local(refused)
+        self._refusals.report(refused)
         self._inputs = inputs
         if manifest is not None:
             self._manifest_error = None
@@ -341,18 +346,6 @@ class Reconciler:
             **rollback,
         )
         self._on_change()
-
-    def _report_local(self, refused: list[Refusal]) -> None:
-        """A `local_model_refused` event for each refusal not reported before (a folder
-        refused for the same reason is reported once, however often it is looked at)."""
-        now = set(refused)
-        for r in refused:
-            if r not in self._refusals:
-                log.warning("local model refused: %s", r.message)
-                self._emit("local_model_refused", model=r.model, version=r.version,
-                           folder=str(r.folder), reason=r.reason, revision=r.revision,
-                           message=r.message)
-        self._refusals = now
 
     def _fetch(self, spec: ModelSpec) -> Path:
         """The spec's artifact and files, fetched and verified on a thread of their own.

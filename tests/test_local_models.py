@@ -133,7 +133,7 @@ def test_a_name_in_the_folder_and_the_manifest_is_refused_naming_both(tmp_path: 
 def test_local_dir_must_be_an_absolute_path(tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text("models:\n  local_dir: models\n")
-    with pytest.raises(ConfigError, match="key 'models.local_dir': 'models' must be an absolute"):
+    with pytest.raises(ConfigError, match=r"key 'models\.local_dir': 'models' must be an absolute"):
         load_config(config, environ={})
     config.write_text(f"models:\n  local_dir: {tmp_path}\n  scan_interval_s: 0.2\n")
     assert load_config(config, environ={}).models.scan_interval_s == 0.2
