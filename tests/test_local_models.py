@@ -12,6 +12,7 @@ import pytest
 
 from edgeinfer.agent.config import ConfigError, load_config
 from edgeinfer.agent.local_models import LocalFolder, LocalScan, natural_key, split_conflicts
+from edgeinfer.agent.preflight import environment_problems
 
 pytestmark = pytest.mark.unit
 
@@ -137,3 +138,12 @@ def test_local_dir_must_be_an_absolute_path(tmp_path: Path) -> None:
         load_config(config, environ={})
     config.write_text(f"models:\n  local_dir: {tmp_path}\n  scan_interval_s: 0.2\n")
     assert load_config(config, environ={}).models.scan_interval_s == 0.2
+
+
+def test_validate_config_warns_of_a_local_dir_that_is_not_there(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\nbroker:\n  url: mqtt://127.0.0.1\n"
+                      f"models:\n  local_dir: {tmp_path / 'absent'}\n")
+    [problem] = environment_problems(load_config(config, environ={}))
+    assert problem.key == "models.local_dir" and not problem.lasting
+    assert "absent is not a folder (yet)" in problem.message
