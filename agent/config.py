@@ -161,6 +161,16 @@ class DeployConfig(_Section):
     allow_rollback: bool = False
 
 
+class ModelsConfig(_Section):
+    """Models served from a folder on the gateway, no fleet needed (agent/local_models.py)."""
+
+    # <local_dir>/<name>/<version>/ folders, each with model.onnx (or one *.onnx file) and an
+    # optional model.yaml; empty: off.
+    local_dir: str = ""
+    # How often the folder is looked at; a version folder is taken once two looks agree.
+    scan_interval_s: PositiveFloat = 2.0
+
+
 class TelemetryConfig(_Section):
     interval_s: PositiveFloat = 30.0
     # 0 disables the Prometheus endpoint; it only ever binds to localhost.
@@ -209,6 +219,7 @@ class AgentConfig(_Section):
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     deploy: DeployConfig = msgspec.field(default_factory=DeployConfig)
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     # Keys that sign manifests (agent/trust.py); none: manifests need no signature.
     trust: TrustConfig = msgspec.field(default_factory=TrustConfig)
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
@@ -295,6 +306,9 @@ def _check(cfg: AgentConfig, source: str) -> None:
             http_address(cfg.http.listen)
         except ValueError as exc:
             raise ConfigError(f"{source}: key 'http.listen': {exc}") from None
+    if cfg.models.local_dir and not Path(cfg.models.local_dir).is_absolute():
+        raise ConfigError(f"{source}: key 'models.local_dir': {cfg.models.local_dir!r} must be "
+                          "an absolute path")
     if cfg.journal.synchronous.upper() not in {"NORMAL", "FULL"}:
         raise ConfigError(f"{source}: key 'journal.synchronous': must be NORMAL or FULL")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +19,7 @@ from edgeinfer.agent.chunk_client import ChunkClient
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.diskalarm import DiskAlarm
 from edgeinfer.agent.journal import DiskFull, Journal, OutMessage
+from edgeinfer.agent.local_models import LocalModels
 from edgeinfer.agent.local_replies import LOCAL_PREFIX, LocalReplies
 from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.mqtt_session import Inbound, MqttSession, Retained, Route, session_of_mid
@@ -78,6 +80,10 @@ class Agent:
         self.reconciler = Reconciler(
             cfg, self.store, self.registry, self.hardware, self.emit_event, self.publish_reported
         )
+        # models.local_dir: a second source of models beside the fleet's manifest.
+        self.local_models = (
+            LocalModels(Path(cfg.models.local_dir), cfg.models.scan_interval_s,
+                        self.reconciler.offer_local) if cfg.models.local_dir else None)
         # mqtt:// artifacts: chunks asked for over this session (agent/chunk_client.py).
         self.artifacts = ChunkClient(self.topics, cfg.deploy, self.store.tmp)
         self.store.sources["mqtt"] = self.artifacts.open
@@ -162,10 +168,14 @@ class Agent:
         # Serve what we had before the broker answers: a gateway must work offline.
         restored = self.reconciler.restore()
         log.info("restored %d model(s) in %.2fs", restored, time.monotonic() - t0)
+        if self.local_models is not None:
+            self.reconciler.serve_local(self.local_models.settle())
         self.scheduler.recover()
         self.scheduler.start()
         self.outbox.start()
         self.reconciler.start()
+        if self.local_models is not None:
+            self.local_models.start()
         self.mqtt.start()
         if self.pool_mqtt is not None:
             self.pool_mqtt.start()
@@ -191,6 +201,8 @@ class Agent:
             self.http.stop()  # first: no request waits for a scheduler that has stopped
         self.telemetry.stop()
         self.artifacts.stop()  # an MQTT download under way ends now (its part is kept)
+        if self.local_models is not None:
+            self.local_models.stop()
         self.reconciler.stop()
         self.scheduler.stop()
         if self.mqtt.connected.is_set():

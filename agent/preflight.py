@@ -36,7 +36,8 @@ class Problem:
 
 def environment_problems(cfg: AgentConfig) -> list[Problem]:
     """Everything the machine refuses that `cfg` needs, lasting problems first."""
-    found = [*_state_dir(cfg.state_dir), *_readable_files(cfg.broker), *_broker_host(cfg.broker)]
+    found = [*_state_dir(cfg.state_dir), *_readable_files(cfg.broker), *_broker_host(cfg.broker),
+             *_local_dir(cfg.models.local_dir)]
     return sorted(found, key=lambda p: not p.lasting)
 
 
@@ -94,4 +95,18 @@ def _broker_host(broker: BrokerConfig) -> list[Problem]:
         why = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
         return [Problem("broker.url", f"host {addr.host!r} does not resolve ({why})",
                         lasting=False)]
+    return []
+
+
+def _local_dir(local_dir: str) -> list[Problem]:
+    """models.local_dir: a folder missing yet may be made or mounted later (the agent looks
+    again every scan), one that cannot be read stays so."""
+    if not local_dir:
+        return []
+    path = Path(local_dir)
+    if not path.is_dir():
+        return [Problem("models.local_dir", f"{path} is not a folder (yet): nothing is served "
+                        "from it until it is", lasting=False)]
+    if not os.access(path, os.R_OK | os.X_OK):
+        return [Problem("models.local_dir", f"{path} cannot be read")]
     return []

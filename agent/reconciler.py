@@ -14,6 +14,12 @@ accepts cuts the download (agent.store.DownloadCut), abandons the manifest being
 applied (`deploy_superseded`; what serves keeps serving) and is applied at once.
 One that is refused is reported and the download goes on.
 
+The local model folder (`models.local_dir`, agent/local_models.py) is a second source:
+its scans come through `offer_local`, and every apply brings up the fleet manifest's
+models and the folder's together, through the same fetch, verification, health gate and
+swap. A name in both is the manifest's; the folder's is refused and reported. Only the
+manifest's models go to `applied.json`: the folder's are read again from the folder.
+
 Crash safety: the artifact store only ever holds complete, verified files; the
 swap in memory is followed by one atomic rename of `applied.json`, so a process
 killed at any moment restarts serving the old set or the new one, and `restore`
@@ -36,6 +42,7 @@ from edgeinfer.agent.applied import AppliedFile, AppliedUnreadable
 from edgeinfer.agent.bring_up import EmitEvent, VersionBringUp
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.failover import FailoverManager
+from edgeinfer.agent.local_models import LocalScan, Refusal, Refusals, split_conflicts
 from edgeinfer.agent.served import ServedModels, ServingModel
 from edgeinfer.agent.store import ArtifactError, DownloadCut, ModelStore
 from edgeinfer.agent.trust import load_trusted_keys
@@ -88,6 +95,15 @@ class Reconciler:
         self.last_error: str | None = None
         self._last_manifest: Manifest | None = None
         self._mailbox: bytes | None = None
+        # The local folder: its newest scan not yet taken, the one applied, the fleet's
+        # models restored from applied.json (until a manifest comes), refusals reported.
+        self._local_mailbox: LocalScan | None = None
+        self._local: LocalScan | None = None
+        self._restored: list[ModelSpec] = []
+        self._inputs: tuple[object, LocalScan | None] | None = None
+        self._refusals = Refusals(emit_event)
+        # The last refused manifest's error: kept in last_error by the folder's applies.
+        self._manifest_error: str | None = None
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -134,17 +150,28 @@ class Reconciler:
             self._mailbox = payload
             self._wake.notify()
 
+    def offer_local(self, scan: LocalScan) -> None:
+        """Hand over the local folder's newest scan (its watcher's thread: never blocks)."""
+        with self._wake:
+            self._local_mailbox = scan
+            self._wake.notify()
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._mailbox is None and not self._stop:
+                while self._mailbox is None and self._local_mailbox is None and not self._stop:
                     self._wake.wait()
-                if self._stop or self._mailbox is None:
+                if self._stop:
                     return
-                payload: bytes = self._mailbox
-                self._mailbox = None
+                payload, self._mailbox = self._mailbox, None
+                local, self._local_mailbox = self._local_mailbox, None
             try:
-                self.apply_payload(payload)
+                if local is not None:
+                    self._local = local
+                if payload is not None:
+                    self.apply_payload(payload)
+                if local is not None:
+                    self.apply_local()
             except Exception as exc:
                 log.exception("reconcile failed")
                 self.last_error = f"reconcile failed: {exc}"
@@ -182,7 +209,7 @@ class Reconciler:
             revision = msgspec.json.decode(payload, type=_RevisionOnly).revision
         # `edge-fleet deploy --wait` looks for "manifest revision N refused" here.
         which = "manifest" if revision is None else f"manifest revision {revision}"
-        self.last_error = f"{which} refused ({exc.reason}): {exc}"
+        self.last_error = self._manifest_error = f"{which} refused ({exc.reason}): {exc}"
         log.warning("%s", self.last_error)
         self._emit("manifest_rejected", reason=exc.reason, message=str(exc), revision=revision)
         self._on_change()
@@ -202,19 +229,51 @@ class Reconciler:
             self._crash.live = False
             self._applying = None
 
-    def _apply(self, manifest: Manifest, digest: str | None) -> None:
+    def apply_local(self) -> None:
+        """Apply the local folder's scan beside the fleet's models as they stand."""
+        if self._inputs == (self._fleet_source(), self._local):
+            return
+        with self.swap_lock:
+            self._apply(None, None)
+
+    def serve_local(self, scan: LocalScan) -> None:
+        """Apply a scan of the local folder now (at start, before this thread runs)."""
+        self._local = scan
+        self.apply_local()
+
+    def _fleet_source(self) -> object:
+        return self._last_manifest if self._last_manifest is not None else self._restored
+
+    def _apply(self, manifest: Manifest | None, digest: str | None) -> None:
+        """`manifest` None: the local folder changed, the fleet's models stay as they were
+        (no deploy events; the applied revision stays)."""
         self.reconcile_count += 1
         started = time.monotonic()
-        rollback = {"rollback": True} if manifest.rollback else {}
-        self._emit("deploy_started", revision=manifest.revision, **rollback)
+        inputs = (manifest or self._fleet_source(), self._local)
+        fleet = (manifest.models if manifest is not None else self._last_manifest.models
+                 if self._last_manifest is not None else self._restored)
+        local, refused = split_conflicts(self._local, {spec.name for spec in fleet},
+                                         self.applied_revision if manifest is None
+                                         else manifest.revision)
+        rollback = {"rollback": True} if manifest is not None and manifest.rollback else {}
+        if manifest is not None:
+            self._emit("deploy_started", revision=manifest.revision, **rollback)
         chosen: list[ServingModel] = []
         failures: list[str] = []
         loaded_names: set[str] = set()
+        tried: set[tuple[str, str]] = set()
         before = {id(m) for m in self._registry.snapshot()}
-        for spec in manifest.models:
+        # The fleet's models, then each local name's versions newest first until one serves.
+        queue = [(spec, None) for spec in fleet] + [
+            (v.spec, v.folder) for versions in local.values() for v in versions]
+        for spec, folder in queue:
+            if folder is not None and spec.name in loaded_names:
+                continue  # a newer local version of this name serves
+            tried.add(spec.key)
             try:
                 model, error = self.versions.bring_up(spec)
             except _Superseded as exc:
+                assert manifest is not None  # only a manifest's apply is superseded
                 for new in chosen:
                     if id(new) not in before:
                         new.retire()  # loaded for this manifest, never served
@@ -231,9 +290,12 @@ class Reconciler:
             if model is not None:
                 chosen.append(model)
                 loaded_names.add(spec.name)
-            elif error is not None:
+            elif error is not None and folder is None:
                 failures.append(error)
-        wanted_names = {spec.name for spec in manifest.models}
+            elif error is not None and folder is not None:
+                refused.append(Refusal(folder, f"{folder}: {error}", spec.name, spec.version,
+                                       reason="load"))
+        wanted_names = {spec.name for spec in fleet} | set(local)
         # A name whose new versions all failed keeps serving what it served.
         for old in self._registry.snapshot():
             if old.spec.name in wanted_names and old.spec.name not in loaded_names:
@@ -250,30 +312,37 @@ class Reconciler:
         serving_keys = {m.spec.key for m in chosen}
         for m in dropped:
             self._emit("model_unloaded", model=m.spec.name, version=m.spec.version)
-        self.versions.keep_statuses({spec.key for spec in manifest.models} | serving_keys)
+        self.versions.keep_statuses(tried | serving_keys)
+        done = manifest is not None and not failures  # the applied revision advances
         self._applied.write(
-            (m.spec for m in chosen),
-            manifest.revision if not failures else self.applied_revision,
-            digest if not failures else self.applied_digest,
-            manifest.rollback if not failures else self.applied_rollback,
+            (m.spec for m in chosen if m.spec.name not in local),
+            manifest.revision if done and manifest else self.applied_revision,
+            digest if done else self.applied_digest,
+            manifest.rollback if done and manifest else self.applied_rollback,
             before_replace=(lambda: self._crash.reached("swap")) if changed else None,
         )
         if changed:
             self._crash.reached("cleanup")
         self._store.remove_unreferenced(m.spec for m in chosen)
-        if failures:
-            self.last_error = "; ".join(failures)
-        else:
+        if done and manifest is not None:
             self.applied_revision = manifest.revision
             self.applied_digest = digest
             self.applied_rollback = manifest.rollback
-            self.last_error = None
+        self._refusals.report(refused)
+        self._inputs = inputs
+        if manifest is not None:
+            self._manifest_error = None
+        self.last_error = "; ".join([*([self._manifest_error] if self._manifest_error else []),
+                                     *failures, *(r.message for r in refused)]) or None
+        if manifest is None:
+            self._on_change()
+            return
         self._last_manifest = manifest
         self._emit(
             "deploy_finished" if not failures else "deploy_failed",
             revision=manifest.revision,
             seconds=round(time.monotonic() - started, 3),
-            message=self.last_error,
+            message="; ".join(failures) or None,
             **rollback,
         )
         self._on_change()
@@ -363,6 +432,7 @@ class Reconciler:
             if model is not None:
                 chosen.append(model)
         self._registry.replace(chosen)
+        self._restored = list(applied.models)
         self.applied_revision = applied.revision
         self.applied_digest = applied.digest
         self.applied_rollback = applied.rollback
