@@ -114,6 +114,9 @@ class JobsConfig(_Section):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     # A job id seen again within this window is answered from its stored answer.
     dedup_window_s: PositiveFloat = 600.0
+    # Copies of jobs waiting for a shadow version (agent/shadow.py); past this, a copy is
+    # dropped and counted (the shadow's `dropped`), never waited for.
+    shadow_backlog: Annotated[int, msgspec.Meta(ge=1)] = 64
 
 
 class JournalConfig(_Section):
