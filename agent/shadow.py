@@ -16,8 +16,8 @@ The figures (agent/metrics.py `record_shadow`) go into telemetry's `inference.sh
 and the shadow's `reported.models[].shadow_stats`. Nothing here is journaled, published
 or waited for by a job, and a shadow's failure never reaches an answer: it is counted
 (`errors`). The backlog is bounded (`jobs.shadow_backlog`): a copy that finds it full is
-dropped and counted, as is one whose shadow was gone by its turn. A stop does not wait
-for the backlog (copies are not kept across a restart).
+dropped and counted, as is one whose shadow was gone by its turn and those still waiting
+at a stop (copies are not kept across a restart).
 
 With no shadow anywhere, a run's whole cost is ServedModels.shadow_of's test of an empty
 dict.
@@ -150,8 +150,10 @@ class ShadowLane:
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._stopping = True
-            self._copies.clear()
+            left, self._copies = list(self._copies), deque()
             self._cond.notify_all()
+        for copy in left:
+            self._metrics.shadow_dropped(copy.label)
         if self._thread is not None:
             self._thread.join(timeout)
 
