@@ -7,7 +7,8 @@ With either flag, the deployed name's entries become exactly the versions the fl
 - `--traffic V=W` (repeatable): the serving versions, in this order (the order of the
   split's bucket ranges), with these weights;
 - `--shadow V`: the shadow. Without `--traffic`, the serving versions are the deployed one
-  when it is not the shadow, else those of the desired manifest, as they were.
+  when it is not the shadow, else those of the desired manifest, as they were (one left
+  alone loses its weight).
 
 A version named is the one deployed (`--version`) or a version of the name in the desired
 manifest; other versions of the name are dropped. The manifest's own rules (weights adding
@@ -65,6 +66,8 @@ def name_versions(new: ModelSpec, current: Manifest | None, traffic: Sequence[tu
                                            shadow=False) for v, w in traffic]
     elif shadow == new.version:
         serving = [m for m in desired.values() if not m.shadow and m.version != new.version]
+        if len(serving) == 1:  # what was an A/B pair: the one left serves alone, unweighted
+            serving = [msgspec.structs.replace(serving[0], traffic=None)]
     else:
         serving = [msgspec.structs.replace(new, traffic=None, shadow=False)]
     if shadow is not None:

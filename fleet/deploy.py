@@ -298,7 +298,10 @@ class ReportWatcher:
         return None
 
     def wait_serving(self, name: str, version: str, sha256: str, revision: int,
-                     timeout_s: float) -> WaitResult:
+                     timeout_s: float, role: tuple[int | None, bool] | None = None
+                     ) -> WaitResult:
+        """`role`: the version's A/B (traffic, shadow) asked for; an entry that says
+        otherwise is from before our manifest (the version served already)."""
         deadline = time.monotonic() + timeout_s
         while (got := self._next_report(deadline)) is not None:
             doc, retained = got
@@ -306,6 +309,9 @@ class ReportWatcher:
                 return refused
             entry = doc.find_model(name, version)
             if entry is None or entry.sha256 not in (None, sha256):
+                continue
+            traffic = None if isinstance(entry.traffic, msgspec.UnsetType) else entry.traffic
+            if role is not None and role != (traffic, entry.shadow is True):
                 continue
             self.last_entry = entry
             state = entry.state
@@ -415,9 +421,10 @@ def deploy(
         if watcher is None or wait_s is None:
             return DeployOutcome(topics.desired, manifest)
         if upsert is not None:
+            mine = next((m for m in versions or () if m.version == upsert.version), None)
             result = watcher.wait_serving(
-                upsert.name, upsert.version, upsert.sha256, manifest.revision, wait_s
-            )
+                upsert.name, upsert.version, upsert.sha256, manifest.revision, wait_s,
+                None if mine is None else (mine.traffic, mine.shadow))
         else:
             assert remove is not None
             result = watcher.wait_removed(remove, manifest.revision, wait_s)

@@ -112,6 +112,8 @@ def test_deploy_flags_put_the_named_versions_of_a_name_in_the_next_manifest() ->
     assert _versions("3", ab, [], "3") == [("1", 70, False), ("2", 30, False), ("3", None, True)]
     # Another version as the shadow: the deployed one serves alone beside it.
     assert _versions("3", ab, [], "1") == [("3", None, False), ("1", None, True)]
+    # The deployed version was one of an A/B pair: the other serves alone, unweighted.
+    assert _versions("2", ab, [], "2") == [("1", None, False), ("2", None, True)]
     assert parse_traffic(["1=70", "b.2=30"]) == [("1", 70), ("b.2", 30)]
 
 
