@@ -108,7 +108,8 @@ class Scheduler:
                 journal.path.parent, metrics, lambda kind, **fields: None),
             self._wake_intake, local)
         # Shadow versions' copies of jobs, on a low-priority thread of their own.
-        self._shadows = ShadowLane(registry, metrics, cfg.shadow_backlog)
+        self._shadows = ShadowLane(registry, metrics, cfg.shadow_backlog,
+                                   cfg.shadow_backlog_bytes)
         self._workers = Workers(registry, metrics, journal, outbox, self._answers,
                                 self._ledger, self._work_q, results_topic, cfg,
                                 observer if observer is not None else Unobserved(),

@@ -5,7 +5,8 @@ name that named no version and that a serving version answered (an OK answer) is
 here by its worker right after the answer went to the group commit (agent/workers.py):
 the copy holds the job's checked inputs, the outputs it asked for and the answer's
 tensors. One thread of its own, at the lowest CPU priority the OS gives it (nice 19 on
-Linux, which applies per thread), runs each copy on the shadow version and compares:
+Linux, which applies per thread; a runtime's own pool threads, made when the shadow was
+loaded, keep theirs), runs each copy on the shadow version and compares:
 
 - classification tasks (`image-classification`): agreement is the same top-1 class in
   every row (the answers' `classes`, else `labels`, first column; else argmax of `scores`);
@@ -15,9 +16,10 @@ Linux, which applies per thread), runs each copy on the shadow version and compa
 The figures (agent/metrics.py `record_shadow`) go into telemetry's `inference.shadows`
 and the shadow's `reported.models[].shadow_stats`. Nothing here is journaled, published
 or waited for by a job, and a shadow's failure never reaches an answer: it is counted
-(`errors`). The backlog is bounded (`jobs.shadow_backlog`): a copy that finds it full is
-dropped and counted, as is one whose shadow was gone by its turn and those still waiting
-at a stop (copies are not kept across a restart).
+(`errors`). The backlog is bounded: a copy that finds it full is
+dropped and counted (by count, `jobs.shadow_backlog`, and by the bytes of the tensors the
+copies hold, `jobs.shadow_backlog_bytes`), as is one whose shadow was gone by its turn and
+those still waiting at a stop (copies are not kept across a restart).
 
 With no shadow anywhere, a run's whole cost is ServedModels.shadow_of's test of an empty
 dict.
@@ -72,6 +74,16 @@ class Copy:
     def label(self) -> str:
         return f"{self.name}:{self.version}"
 
+    def nbytes(self) -> int:
+        """What the copy holds in memory: its tensors' bytes (a BYTES tensor's items)."""
+        return sum(_nbytes(a) for a in (*self.inputs.values(), *self.answered.values()))
+
+
+def _nbytes(a: np.ndarray) -> int:
+    if a.dtype != object:
+        return int(a.nbytes)
+    return sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in a.ravel())
+
 
 def way_of_comparing(task: str) -> str:
     return TOP1 if task in CLASSIFICATION_TASKS else ALLCLOSE
@@ -124,21 +136,27 @@ class ShadowLane:
     """The bounded backlog of copies and the thread that runs them (the module's docstring).
     `offer` is called by workers; everything else happens on the lane's thread."""
 
-    def __init__(self, registry: ServedModels, metrics: Metrics, backlog: int) -> None:
+    def __init__(self, registry: ServedModels, metrics: Metrics, backlog: int,
+                 backlog_bytes: int = 64 * 1024 * 1024) -> None:
         self._registry = registry
         self._metrics = metrics
         self._backlog = backlog
-        self._copies: deque[Copy] = deque()
+        self._backlog_bytes = backlog_bytes
+        self._copies: deque[tuple[Copy, int]] = deque()  # with its nbytes
+        self._held = 0  # bytes in `_copies`
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     def offer(self, copy: Copy) -> None:
         """Queue a copy; never waits: a full backlog drops it (counted)."""
+        size = copy.nbytes()
         with self._cond:
-            taken = not self._stopping and len(self._copies) < self._backlog
+            taken = (not self._stopping and len(self._copies) < self._backlog
+                     and self._held + size <= self._backlog_bytes)
             if taken:
-                self._copies.append(copy)
+                self._copies.append((copy, size))
+                self._held += size
                 self._cond.notify()
         if not taken:
             self._metrics.shadow_dropped(copy.label)
@@ -150,9 +168,9 @@ class ShadowLane:
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:
             self._stopping = True
-            left, self._copies = list(self._copies), deque()
+            left, self._copies, self._held = list(self._copies), deque(), 0
             self._cond.notify_all()
-        for copy in left:
+        for copy, _ in left:
             self._metrics.shadow_dropped(copy.label)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -168,7 +186,8 @@ class ShadowLane:
                     self._cond.wait()
                 if self._stopping:
                     return
-                copy = self._copies.popleft()
+                copy, size = self._copies.popleft()
+                self._held -= size
             try:
                 self.run(copy)
             except Exception:  # a bug of ours: the lane must go on for the next copy

@@ -105,6 +105,12 @@ def test_a_full_backlog_drops_copies_and_counts_them(served: ServedModels) -> No
     lane.stop()  # the two waiting are dropped too: copies do not outlive the agent
     lane.offer(_copy(X, X))
     assert metrics.shadow_figures()["m:2"]["dropped"] == 6
+    # By bytes too: a copy holds x and the answer's y, 2 x 256 bytes here.
+    small = ShadowLane(served, metrics, backlog=10, backlog_bytes=1024)
+    for _ in range(3):
+        small.offer(_copy(X, X))
+    assert metrics.shadow_figures()["m:2"]["dropped"] == 7
+    small.stop()
     assert metrics.shadow_figures()["m:2"]["compared"] == 0
 
 
