@@ -11,6 +11,7 @@ the watchdog (agent/lifecycle.py) talk to; each room has one job:
     agent/workers.py   worker loop: prepare, run (alone, batched, through a pipeline), answer
     agent/answers.py   the group commit of answers; replays, refusals, partial answers out
     agent/queries.py   OIP's health and metadata queries, answered by the intake unjournaled
+    agent/shadow.py    shadow versions' copies of answered jobs, on a low-priority lane
 
 The path of one job, from the network thread calling the jobs route's handler with its
 `Inbound` to its answer's bytes leaving (session.publish), counted before and after
