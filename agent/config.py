@@ -114,6 +114,11 @@ class JobsConfig(_Section):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     # A job id seen again within this window is answered from its stored answer.
     dedup_window_s: PositiveFloat = 600.0
+    # Copies of jobs waiting for a shadow version (agent/shadow.py) are bounded by count
+    # and by bytes; past either, a copy is dropped and counted (`dropped`), never waited for.
+    shadow_backlog: Annotated[int, msgspec.Meta(ge=1)] = 64
+    # ... and by the bytes of tensors they hold (a job's inputs and its answer's outputs).
+    shadow_backlog_bytes: PositiveInt = 64 * 1024 * 1024
 
 
 class JournalConfig(_Section):

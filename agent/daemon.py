@@ -27,11 +27,12 @@ from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.reconciler import Reconciler
 from edgeinfer.agent.scheduler import Scheduler
 from edgeinfer.agent.served import ServedModels
+from edgeinfer.agent.shadow import with_shadow_stats
 from edgeinfer.agent.store import ModelStore
 from edgeinfer.agent.telemetry import TelemetryLoop, start_prometheus
 from edgeinfer.contract import documents
 from edgeinfer.contract.documents import Hardware, Reported, State
-from edgeinfer.contract.telemetry import Durability
+from edgeinfer.contract.telemetry import Durability, ShadowFigures, Telemetry
 from edgeinfer.contract.topics import Topics
 from edgeinfer.runtimes.hardware import HardwareInfo, detect
 
@@ -151,12 +152,13 @@ class Agent:
             cfg.state_path,
             self.metrics,
             self.scheduler.depth,
-            lambda doc: self._publish(self.topics.telemetry, documents.encode(doc), qos=0),
+            self._publish_telemetry,
             self.durability,
         )
         self._stop_prometheus: Any = None
         self._stopped = threading.Event()
         self._reported_lock = threading.Lock()
+        self._reported_shadows: dict[str, ShadowFigures] = {}  # as `reported` last had them
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -389,11 +391,20 @@ class Agent:
             agent_version=__version__,
             revision=self.reconciler.applied_revision,
             rollback=self.reconciler.applied_rollback,
-            models=self.reconciler.statuses(),
+            models=with_shadow_stats(self.reconciler.statuses(), self.metrics.shadow_figures()),
             last_error=self.reconciler.last_error,
             hardware=self.hardware_report,
             updated_at=_now_iso(),
         )
+
+    def _publish_telemetry(self, doc: Telemetry) -> None:
+        self._publish(self.topics.telemetry, documents.encode(doc), qos=0)
+        # `reported` holds the shadows' figures too (shadow_stats): refreshed at this pace
+        # while they change, not on every copy.
+        shadows = doc.inference.shadows
+        if shadows and shadows != self._reported_shadows:
+            self._reported_shadows = shadows
+            self.publish_reported()
 
     def publish_reported(self) -> None:
         # Offline, a queued copy would be resent after the fresh one that every reconnect

@@ -22,6 +22,19 @@ class _ModelStats:
     queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
 
+@dataclass
+class _ShadowStats:
+    """A shadow version's copies (agent/shadow.py)."""
+
+    compare: str | None = None
+    compared: int = 0
+    agreed: int = 0
+    dropped: int = 0
+    errors: int = 0
+    shadow_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    serving_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+
 def percentiles(values: deque[float] | list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None}
@@ -33,6 +46,7 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._models: dict[str, _ModelStats] = {}
+        self._shadows: dict[str, _ShadowStats] = {}  # by the shadow's "name:version"
         self.errors_by_code: dict[str, int] = {}
         self.jobs_ok = 0
         self.jobs_failed = 0
@@ -72,6 +86,39 @@ class Metrics:
                 s = self._models.setdefault(model, _ModelStats())
                 s.errors[code] = s.errors.get(code, 0) + 1
 
+    def record_shadow(self, shadow: str, compare: str, agreed: bool | None,
+                      serving_ms: float, shadow_ms: float | None) -> None:
+        """A copy run on shadow version `shadow`: `agreed` None when its run failed."""
+        with self._lock:
+            s = self._shadows.setdefault(shadow, _ShadowStats())
+            s.compare = compare
+            if agreed is None:
+                s.errors += 1
+                return
+            s.compared += 1
+            s.agreed += agreed
+            s.serving_ms.append(serving_ms)
+            if shadow_ms is not None:
+                s.shadow_ms.append(shadow_ms)
+
+    def shadow_dropped(self, shadow: str) -> None:
+        with self._lock:
+            self._shadows.setdefault(shadow, _ShadowStats()).dropped += 1
+
+    def shadow_figures(self) -> dict[str, dict[str, Any]]:
+        """Per shadow version, as telemetry's `inference.shadows` holds them."""
+        with self._lock:
+            return {
+                name: {
+                    "compared": s.compared, "agreed": s.agreed,
+                    "agreement": round(s.agreed / s.compared, 4) if s.compared else None,
+                    "dropped": s.dropped, "errors": s.errors, "compare": s.compare,
+                    "shadow_ms": percentiles(s.shadow_ms),
+                    "serving_ms": percentiles(s.serving_ms),
+                }
+                for name, s in self._shadows.items()
+            }
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             models = {
@@ -84,7 +131,7 @@ class Metrics:
                 }
                 for name, s in self._models.items()
             }
-            return {
+            out = {
                 "jobs_ok": self.jobs_ok,
                 "jobs_failed": self.jobs_failed,
                 "errors_by_code": dict(self.errors_by_code),
@@ -96,3 +143,5 @@ class Metrics:
                     "waiting_answers": self.disk_waiting_answers,
                 },
             }
+        out["shadows"] = self.shadow_figures()
+        return out

@@ -11,6 +11,7 @@ the watchdog (agent/lifecycle.py) talk to; each room has one job:
     agent/workers.py   worker loop: prepare, run (alone, batched, through a pipeline), answer
     agent/answers.py   the group commit of answers; replays, refusals, partial answers out
     agent/queries.py   OIP's health and metadata queries, answered by the intake unjournaled
+    agent/shadow.py    shadow versions' copies of answered jobs, on a low-priority lane
 
 The path of one job, from the network thread calling the jobs route's handler with its
 `Inbound` to its answer's bytes leaving (session.publish), counted before and after
@@ -69,6 +70,7 @@ from edgeinfer.agent.mqtt_session import Inbound
 from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.queries import Queries
 from edgeinfer.agent.served import ServedModels
+from edgeinfer.agent.shadow import ShadowLane
 from edgeinfer.agent.workers import RunObserver, Unobserved, Workers
 from edgeinfer.contract.documents import ModelEntry
 
@@ -106,10 +108,13 @@ class Scheduler:
             alarm if alarm is not None else DiskAlarm(
                 journal.path.parent, metrics, lambda kind, **fields: None),
             self._wake_intake, local)
+        # Shadow versions' copies of jobs, on a low-priority thread of their own.
+        self._shadows = ShadowLane(registry, metrics, cfg.shadow_backlog,
+                                   cfg.shadow_backlog_bytes)
         self._workers = Workers(registry, metrics, journal, outbox, self._answers,
                                 self._ledger, self._work_q, results_topic, cfg,
                                 observer if observer is not None else Unobserved(),
-                                self._stopping)
+                                self._stopping, self._shadows)
         self.queries = Queries(registry, statuses, self.taking_jobs,
                                send_now, ack, results_topic, reply_prefixes)
         self._intake = Intake(journal, outbox, self._answers, self._ledger, self._workers,
@@ -180,9 +185,11 @@ class Scheduler:
             t = threading.Thread(target=self._workers.loop, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._shadows.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        self._shadows.stop()
         self._intake.stop()
         for _ in range(self._cfg.workers):
             self._work_q.put_stop()

@@ -141,6 +141,15 @@ class ServedModels:
         self._lock = threading.Lock()
         # name -> versions in manifest order; the last one answers jobs that name no version.
         self._by_name: dict[str, list[ServingModel]] = {}
+        # name -> its shadow version (manifest `shadow`), only for names that have one:
+        # replaced whole (never changed in place), so read without the lock.
+        self._shadows: dict[str, ServingModel] = {}
+
+    def shadow_of(self, name: str) -> ServingModel | None:
+        """The shadow version of `name`, if one serves. On every run's path: with no shadow
+        anywhere it costs one truthiness test of an empty dict."""
+        shadows = self._shadows
+        return shadows.get(name) if shadows else None
 
     def snapshot(self) -> list[ServingModel]:
         with self._lock:
@@ -159,9 +168,13 @@ class ServedModels:
         for m in models:
             fresh.setdefault(m.spec.name, []).append(m)
         keep_ids = {id(m) for versions in fresh.values() for m in versions}
+        # Rebuilt here, after a deploy set each kept version's `shadow` (bring_up._reweigh).
+        shadows = {m.spec.name: m for versions in fresh.values() for m in versions
+                   if m.spec.shadow}
         with self._lock:
             old = [m for versions in self._by_name.values() for m in versions]
             self._by_name = fresh
+            self._shadows = shadows
         dropped = [m for m in old if id(m) not in keep_ids]
         for m in dropped:
             m.retire()

@@ -46,6 +46,7 @@ from edgeinfer.agent.metrics import Metrics
 from edgeinfer.agent.outbox import OutboxPublisher
 from edgeinfer.agent.protocol import check_inputs, check_outputs, encode_error, encode_response
 from edgeinfer.agent.served import ServedModels, ServingModel
+from edgeinfer.agent.shadow import Copy, ShadowLane
 from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.runtimes.base import BadInput, Session
 from edgeinfer.runtimes.pipelines.base import Pipeline, StreamingPipeline
@@ -90,8 +91,10 @@ class Workers:
     def __init__(self, registry: ServedModels, metrics: Metrics, journal: Journal,
                  outbox: OutboxPublisher, answers: Answers, ledger: Ledger,
                  work_q: WorkQueue, results_topic: str, cfg: JobsConfig,
-                 observer: RunObserver, stopping: threading.Event) -> None:
+                 observer: RunObserver, stopping: threading.Event,
+                 shadows: ShadowLane | None = None) -> None:
         self._registry = registry
+        self._shadows = shadows  # copies for shadow versions (agent/shadow.py)
         self._metrics = metrics
         self._journal = journal
         self._outbox = outbox
@@ -270,6 +273,8 @@ class Workers:
             return
         infer_ms = (time.monotonic() - started) * 1000.0
         self._observer.returned(model, [j.arrays for j in live], results)
+        # The one look per run for a shadow of this name (None unless a manifest has one).
+        shadow = self._registry.shadow_of(model.spec.name)
         for job, outputs in zip(live, results, strict=True):
             queue_ms = (started - job.inbound.received) * 1000.0
             params: dict[str, object] = {
@@ -282,15 +287,27 @@ class Workers:
                 params["batch_size"] = sum(j.rows for j in live)
             if pipeline is not None and job.request.parameters.get("stream"):
                 params["sequence_end"] = True
+            ok = False
             try:
                 encoded = encode_response(job.request, model.spec.name, model.spec.version,
                                           outputs, params)
                 answer = Answer(job.reply, encoded.payload, encoded.user_properties, True)
                 self._metrics.record_ok(model.label, queue_ms, infer_ms,
                                         (time.monotonic() - job.inbound.received) * 1000.0)
+                ok = True
             except Exception as exc:
                 answer = self._error_answer(job.reply, job.request.id, model.label, exc, True)
             self._finish_prepared(job, answer)
+            if shadow is not None and ok and job.request.model_version is None:
+                self._copy(shadow, job, outputs, infer_ms)
+
+    def _copy(self, shadow: ServingModel, job: Prepared, outputs: Tensors,
+              infer_ms: float) -> None:
+        """After its answer went to the group commit: a copy of an OK job that named no
+        version for its name's shadow (off this thread, never answered: agent/shadow.py)."""
+        if self._shadows is not None and shadow is not job.model:
+            self._shadows.offer(Copy(shadow.spec.name, shadow.spec.version, job.arrays,
+                                     job.wanted, outputs, infer_ms))
 
     def _infer(self, model: ServingModel, pipeline: Pipeline | None,
                live: list[Prepared]) -> list[Tensors]:

@@ -31,6 +31,7 @@ from edgeinfer.contract.manifest import (
     encode_manifest,
 )
 from edgeinfer.contract.topics import NAME_RE, Topics
+from edgeinfer.fleet.abtest import VersionsError, name_versions
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore, artifact_url
 from edgeinfer.fleet.models import file_digest
 from edgeinfer.fleet.mqtt import BrokerError, Connection
@@ -153,8 +154,10 @@ def next_manifest(
     issued_at: str | None = None,
     applied: int | None = None,
     rollback: bool = False,
+    versions: Sequence[ModelSpec] | None = None,
 ) -> Manifest:
-    """The next revision: `upsert` replaces every entry of its name, `remove` drops one.
+    """The next revision: `upsert` replaces every entry of its name (by `versions` when
+    given: several versions of the name at once, fleet/abtest.py), `remove` drops one.
 
     Revisions only move forward: the next one also passes `applied` (the device's
     reported revision), since an agent refuses a revision lower than the one it applied,
@@ -169,7 +172,7 @@ def next_manifest(
             raise DeployError(f"the desired manifest has no model {remove!r} (models: {listed})")
         models = [m for m in models if m.name != remove]
     if upsert is not None:
-        models = [m for m in models if m.name != upsert.name] + [upsert]
+        models = [m for m in models if m.name != upsert.name] + list(versions or [upsert])
     manifest = Manifest(
         revision=max(current.revision if current else 0, applied or 0) + 1,
         models=models,
@@ -177,7 +180,10 @@ def next_manifest(
         rollback=rollback,
     )
     # What we publish must be what an agent accepts: round-trip through its decoder.
-    return decode_manifest(encode_manifest(manifest))
+    try:
+        return decode_manifest(encode_manifest(manifest))
+    except ManifestError as exc:  # e.g. A/B weights that do not add up to 100
+        raise DeployError(f"the next manifest would be refused: {exc}") from None
 
 
 def read_current(conn: Connection, topics: Topics) -> tuple[Manifest | None, int | None]:
@@ -292,7 +298,10 @@ class ReportWatcher:
         return None
 
     def wait_serving(self, name: str, version: str, sha256: str, revision: int,
-                     timeout_s: float) -> WaitResult:
+                     timeout_s: float, role: tuple[int | None, bool] | None = None
+                     ) -> WaitResult:
+        """`role`: the version's A/B (traffic, shadow) asked for; an entry that says
+        otherwise is from before our manifest (the version served already)."""
         deadline = time.monotonic() + timeout_s
         while (got := self._next_report(deadline)) is not None:
             doc, retained = got
@@ -300,6 +309,9 @@ class ReportWatcher:
                 return refused
             entry = doc.find_model(name, version)
             if entry is None or entry.sha256 not in (None, sha256):
+                continue
+            traffic = None if isinstance(entry.traffic, msgspec.UnsetType) else entry.traffic
+            if role is not None and role != (traffic, entry.shadow is True):
                 continue
             self.last_entry = entry
             state = entry.state
@@ -372,24 +384,36 @@ def deploy(
     wait_s: float | None = None,
     signer: Signer | None = None,
     rollback: bool = False,
+    traffic: Sequence[tuple[str, int]] = (),
+    shadow: str | None = None,
 ) -> DeployOutcome:
     """Publish the next desired revision with one model added/replaced or removed.
 
     With `wait_s`, follow `reported` until the agent serves (or has dropped) the model.
     With `signer`, the manifest is signed (agents with trusted keys refuse it otherwise).
     A version older than the one the device serves is refused unless `rollback` says it
-    is meant; the manifest then carries `"rollback": true`.
+    is meant; the manifest then carries `"rollback": true`. `traffic` and `shadow` serve
+    several versions of the name at once (fleet/abtest.py).
     """
     if (upsert is None) == (remove is None):
         raise ValueError("deploy one model or remove one, not both or neither")
     current, reported = _read_state(conn, topics)
+    versions = None
+    if upsert is not None and (traffic or shadow is not None):
+        try:
+            versions = name_versions(upsert, current, traffic, shadow)
+        except VersionsError as exc:
+            raise DeployError(str(exc)) from None
+    # An older version deployed beside the one served (A/B, shadow) rolls nothing back.
     if upsert is not None and not rollback and (
-            served := older_than_served(upsert, current, reported)) is not None:
+            served := older_than_served(upsert, current, reported)) is not None and (
+            versions is None or all(m.version != served for m in versions)):
         raise DeployError(
             f"{upsert.name}:{upsert.version} is older than {upsert.name}:{served}, which "
             f"{topics.device_id} serves; pass --rollback to roll back on purpose")
     manifest = next_manifest(current, upsert=upsert, remove=remove, rollback=rollback,
-                             applied=reported.revision if reported else None)
+                             applied=reported.revision if reported else None,
+                             versions=versions)
     # Subscribe before publishing so no report about this revision can slip by.
     watcher = ReportWatcher(conn, topics) if wait_s is not None else None
     try:
@@ -397,9 +421,10 @@ def deploy(
         if watcher is None or wait_s is None:
             return DeployOutcome(topics.desired, manifest)
         if upsert is not None:
+            mine = next((m for m in versions or () if m.version == upsert.version), None)
             result = watcher.wait_serving(
-                upsert.name, upsert.version, upsert.sha256, manifest.revision, wait_s
-            )
+                upsert.name, upsert.version, upsert.sha256, manifest.revision, wait_s,
+                None if mine is None else (mine.traffic, mine.shadow))
         else:
             assert remove is not None
             result = watcher.wait_removed(remove, manifest.revision, wait_s)

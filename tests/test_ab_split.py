@@ -8,11 +8,15 @@ import msgspec
 import pytest
 
 from edgeinfer.contract.manifest import (
+    Manifest,
     ManifestError,
+    ModelSpec,
     decode_manifest,
     pick_version,
     traffic_bucket,
 )
+from edgeinfer.fleet.abtest import VersionsError, name_versions, parse_traffic
+from edgeinfer.fleet.deploy import DeployError, next_manifest
 
 SHA = "ab" * 32
 
@@ -82,3 +86,62 @@ def test_the_agent_picks_by_weight_and_never_a_shadow() -> None:
     plain, shadow = model("1"), model("2", shadow=True)
     assert {_unnamed([plain, shadow], f"j{n}").spec.version for n in range(50)} == {"1"}
     assert _unnamed([a, b], None) is b  # no key: the last serving version
+
+
+# --- edge-fleet deploy --traffic / --shadow (fleet/abtest.py) --------------------------------
+
+
+def _desired(*entries: dict[str, Any]) -> Manifest:
+    return decode_manifest(_manifest(*entries))
+
+
+def _versions(new: str, current: Manifest | None, traffic: list[tuple[str, int]],
+              shadow: str | None) -> list[tuple[str, int | None, bool]]:
+    spec = msgspec.convert(_entry(new), ModelSpec)
+    manifest = next_manifest(current, upsert=spec,
+                             versions=name_versions(spec, current, traffic, shadow))
+    return [(m.version, m.traffic, m.shadow) for m in manifest.models if m.name == "m"]
+
+
+def test_deploy_flags_put_the_named_versions_of_a_name_in_the_next_manifest() -> None:
+    one = _desired(_entry("1"), {**_entry("x"), "name": "other"})
+    assert _versions("2", one, [("1", 70), ("2", 30)], None) == [("1", 70, False),
+                                                                  ("2", 30, False)]
+    ab = _desired(_entry("1", traffic=70), _entry("2", traffic=30))
+    # The deployed version as the shadow keeps the serving versions as they were.
+    assert _versions("3", ab, [], "3") == [("1", 70, False), ("2", 30, False), ("3", None, True)]
+    # Another version as the shadow: the deployed one serves alone beside it.
+    assert _versions("3", ab, [], "1") == [("3", None, False), ("1", None, True)]
+    # The deployed version was one of an A/B pair: the other serves alone, unweighted.
+    assert _versions("2", ab, [], "2") == [("1", None, False), ("2", None, True)]
+    assert parse_traffic(["1=70", "b.2=30"]) == [("1", 70), ("b.2", 30)]
+
+
+@pytest.mark.parametrize(("current", "new", "traffic", "shadow", "needle"), [
+    (None, "2", [("1", 50), ("2", 50)], None,
+     "--traffic 1=50: m:1 is neither the version deployed (2) nor in the desired manifest"),
+    (None, "2", [("2", 100)], "2", "--shadow 2: a shadow gets a copy of each job, not a share"),
+    (_desired(_entry("1"), _entry("3")), "2", [("1", 50), ("3", 50)], None,
+     "--version 2 is named by neither --traffic nor --shadow"),
+])
+def test_deploy_flags_that_name_impossible_versions_are_refused(
+        current: Manifest | None, new: str, traffic: list[tuple[str, int]], shadow: str | None,
+        needle: str) -> None:
+    with pytest.raises(VersionsError) as info:
+        name_versions(msgspec.convert(_entry(new), ModelSpec), current, traffic, shadow)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(("desired", "traffic", "shadow", "needle"), [
+    (True, [("1", 60), ("2", 30)], None, "the traffic of m's versions adds up to 90, not 100"),
+    (False, [], "2", "shadow version m:2 has no serving version of m beside it"),
+])
+def test_deploy_flags_breaking_the_manifest_rules_are_refused_before_publishing(
+        desired: bool, traffic: list[tuple[str, int]], shadow: str | None, needle: str) -> None:
+    with pytest.raises(DeployError) as info:
+        _versions("2", _desired(_entry("1")) if desired else None, traffic, shadow)
+    assert "the next manifest would be refused" in str(info.value)
+    assert needle in str(info.value)
+    for bad in (["1"], ["1=x"], ["=5"], ["1=5", "1=6"]):
+        with pytest.raises(VersionsError):
+            parse_traffic(bad)

@@ -166,7 +166,8 @@ def test_the_agents_state_and_reported_are_the_dicts_it_used_to_build(tmp_path: 
         tele = json.loads(documents.encode(agent.telemetry.document()))
         assert set(tele) == {"ts", "health", "queue_depth", "inference", "durability"}
         assert set(tele["inference"]) == {"jobs_ok", "jobs_failed", "errors_by_code", "models",
-                                          "state_disk"}
+                                          "shadows", "state_disk"}
+        assert tele["inference"]["shadows"] == {}  # no shadow version (agent/shadow.py)
         assert tele["durability"] == msgspec.to_builtins(agent.durability())
         assert len(tele["durability"]) == 12
     finally:

@@ -108,8 +108,10 @@ class Stack:
         self.registry = ServedModels()
         self.registry.replace([ServingModel(spec or _spec(), session, [])])
         self.observer = Observer()
+        self.metrics = Metrics()
         self.scheduler = Scheduler(
-            registry=self.registry, metrics=Metrics(), journal=self.journal, outbox=self.outbox,
+            registry=self.registry, metrics=self.metrics, journal=self.journal,
+            outbox=self.outbox,
             ack=lambda mid, qos: self.acks.append(mid),
             send_now=lambda topic, payload, corr, props: None,
             results_topic=RESULTS, reply_prefixes=["edge/v1/reply/"],
@@ -372,3 +374,41 @@ def test_failover_is_told_of_failed_and_good_runs(stack: Stack) -> None:
     assert stack.answers(3)["c3"]["parameters"]["code"] == "INVALID_ARGUMENT"
     assert stack.observer.runs == [("m:1", 1)]
     assert stack.observer.failures == [("m:1", "the accelerator fell over")]
+
+
+def test_a_shadow_copy_runs_after_the_answer_and_never_holds_it(tmp_path: Path) -> None:
+    """m:2 is m:1's shadow, held up (its gate shut): jobs naming no version are answered
+    by m:1 all the same; each becomes a copy compared once the shadow runs; a job naming
+    m:1 is not copied, and a job naming m:2 gets m:2's answer."""
+    stack = Stack(tmp_path, FakeSession())
+    shadow_session = FakeSession()
+    shadow_session.gate = threading.Event()
+    stack.registry.replace([ServingModel(_spec(), stack.session, []),
+                            ServingModel(_spec(version="2", shadow=True), shadow_session, [])])
+    try:
+        stack.scheduler.start()
+        for n in (1, 2):
+            stack.scheduler.submit(job(n))
+        got = stack.answers(2)
+        assert [got[f"c{n}"]["model_version"] for n in (1, 2)] == ["1", "1"]
+        assert shadow_session.entered.wait(5)  # the first copy waits at the gate meanwhile
+        stack.scheduler.submit(job(3, header={"id": "j3", "model_name": "m",
+                                              "model_version": "1", "inputs": [
+                                                  {"name": "x", "shape": [1, 4],
+                                                   "datatype": "FP32", "data": [3] * 4}]}))
+        assert stack.answers(3)["c3"]["model_version"] == "1"
+        shadow_session.gate.set()
+        deadline = time.monotonic() + 5
+        while (stack.metrics.shadow_figures().get("m:2", {}).get("compared", 0) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        figures = stack.metrics.shadow_figures()["m:2"]
+        assert (figures["compared"], figures["agreed"], figures["dropped"]) == (2, 2, 0)
+        assert sorted(shadow_session.ran) == [1.0, 2.0]  # job 3 named its version: no copy
+        stack.scheduler.submit(job(4, header={"id": "j4", "model_name": "m",
+                                              "model_version": "2", "inputs": [
+                                                  {"name": "x", "shape": [1, 4],
+                                                   "datatype": "FP32", "data": [4] * 4}]}))
+        assert stack.answers(4)["c4"]["model_version"] == "2"
+    finally:
+        stack.close()

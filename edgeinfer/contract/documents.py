@@ -21,6 +21,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from edgeinfer.contract import lenient
+from edgeinfer.contract.telemetry import ShadowFigures
 
 _encoder = msgspec.json.Encoder()
 
@@ -159,6 +160,7 @@ class ModelEntry(msgspec.Struct):
     # A/B and shadow (manifest `traffic`, `shadow`): only on the versions that give them.
     traffic: int | UnsetType = UNSET
     shadow: bool | UnsetType = UNSET
+    shadow_stats: ShadowFigures | UnsetType = UNSET  # a serving shadow's, once it has any
 
 
 class CpuSummary(msgspec.Struct):

@@ -67,6 +67,21 @@ class ModelFigures(msgspec.Struct):
         return self.errors if isinstance(self.errors, int) else sum(self.errors.values())
 
 
+class ShadowFigures(msgspec.Struct):
+    """A shadow version's copies of its name's jobs (docs/protocol.md "A/B and shadow
+    versions"): `inference.shadows["name:version"]` and the version's
+    `reported.models[].shadow_stats`. Latencies are over the last 2,048 copies compared."""
+
+    compared: int = 0  # copies run on the shadow and compared with the answer sent
+    agreed: int = 0
+    agreement: float | None = None  # agreed / compared; None before the first
+    dropped: int = 0  # copies not run: the backlog was full, or the shadow was gone
+    errors: int = 0  # copies whose shadow run failed (not compared)
+    compare: str | None = None  # how: "top1" (classification tasks) or "allclose"
+    shadow_ms: Percentiles = msgspec.field(default_factory=Percentiles)  # the shadow's run
+    serving_ms: Percentiles = msgspec.field(default_factory=Percentiles)  # the answer's run
+
+
 class StateDisk(msgspec.Struct):
     """The state disk's alarm (agent/diskalarm.py) and what waits in memory meanwhile."""
 
@@ -81,6 +96,7 @@ class Inference(msgspec.Struct):
     jobs_failed: int = 0
     errors_by_code: dict[str, int] = {}
     models: dict[str, ModelFigures] = {}  # by "name:version"
+    shadows: dict[str, ShadowFigures] = {}  # shadow versions, by "name:version"
     state_disk: StateDisk = msgspec.field(default_factory=StateDisk)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from edgeinfer.cliargs import Parser, UsageError, duration
 from edgeinfer.contract.manifest import ModelSpec
 from edgeinfer.contract.topics import Topics
+from edgeinfer.fleet.abtest import VersionsError, parse_traffic
 from edgeinfer.fleet.artifacts import Artifact, ArtifactStore
 from edgeinfer.fleet.cli.common import (
     add_artifact_dir_arg,
@@ -83,6 +84,14 @@ def add_deploy_parser(sub: Any, common: Parser) -> None:
                    help="deploy a version older than the one the device serves, on purpose "
                         "(refused without it); the manifest, a higher revision as always, "
                         "says \"rollback\": true")
+    p.add_argument("--traffic", action="append", default=[], metavar="VERSION=WEIGHT",
+                   help="A/B: serve these versions of --model side by side, each taking "
+                        "WEIGHT percent of the jobs that name no version (adding up to "
+                        "100); each is --version or one in the desired manifest; repeatable")
+    p.add_argument("--shadow", metavar="VERSION",
+                   help="serve this version of --model as a shadow: a copy of each job, "
+                        "its answers compared and never sent (--version, or one in the "
+                        "desired manifest)")
     p.set_defaults(func=cmd_deploy)
 
 
@@ -92,12 +101,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise UsageError("--wait needs a positive duration")
     # All that was given is checked before the artifact store gets a byte.
     spec, files = _deploy_entry(args)
+    try:
+        traffic = parse_traffic(args.traffic)
+    except VersionsError as exc:
+        raise UsageError(str(exc)) from None
     manifest_signer = signer(args)
     security = broker_security(args, args.broker)
     _store_files(files, artifact_store(args))
     with connect(args.broker, security=security) as conn:
         outcome = deploy(conn, topics, upsert=spec, remove=args.remove, wait_s=args.wait,
-                         signer=manifest_signer, rollback=args.rollback)
+                         signer=manifest_signer, rollback=args.rollback,
+                         traffic=traffic, shadow=args.shadow)
     what = (f"removed {args.remove}" if spec is None else
             f"{spec.name}:{spec.version} sha256 {spec.sha256[:12]} ({spec.size} bytes) "
             f"from {spec.uri}")
@@ -112,7 +126,8 @@ def _deploy_entry(args: argparse.Namespace) -> tuple[ModelSpec | None, list[tupl
     """The manifest entry to add (None with --remove) and the files it needs stored,
     checked in full; nothing is written yet."""
     if args.remove:
-        given = [f for f in ("model", "version", "file", "rollback") if getattr(args, f)]
+        given = [f for f in ("model", "version", "file", "rollback", "traffic", "shadow")
+                 if getattr(args, f)]
         if given:
             raise UsageError(f"--remove cannot be combined with --{', --'.join(given)}")
         return None, []
