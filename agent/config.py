@@ -201,6 +201,16 @@ class ServiceConfig(_Section):
     network_stall_s: PositiveFloat = 60.0
 
 
+class ModelsCacheKeys(_Section):
+    """The model cache's keys of `models:` (agent/model_cache.py)."""
+
+    # The loaded models' measured memory (MB) may not go over this: a lazy model's load
+    # first unloads the least recently used unpinned lazy ones. None: no budget.
+    memory_budget_mb: PositiveFloat | None = None
+    # A loaded, unpinned lazy model with no job for this long is unloaded. None: never.
+    idle_unload_s: PositiveFloat | None = None
+
+
 class AgentConfig(_Section):
     device_id: str = msgspec.field(default_factory=_default_device_id)
     state_dir: str = DEFAULT_STATE_DIR
@@ -217,6 +227,7 @@ class AgentConfig(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
+    models: ModelsCacheKeys = msgspec.field(default_factory=ModelsCacheKeys)
 
     @property
     def state_path(self) -> Path:

@@ -156,6 +156,11 @@ class ModelEntry(msgspec.Struct):
     # A/B and shadow (manifest `traffic`, `shadow`): only on the versions that give them.
     traffic: int | UnsetType = UNSET
     shadow: bool | UnsetType = UNSET
+    # The model cache (agent/model_cache.py), on serving versions: whether its sessions are
+    # loaded now (a `load: lazy` one may not be), and the agent's RSS growth, in MB, over
+    # its load and warm-up at deploy.
+    loaded: bool | UnsetType = UNSET
+    memory_mb: float | UnsetType = UNSET
 
 
 class CpuSummary(msgspec.Struct):

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import rfc8785
@@ -93,6 +93,10 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     traffic: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
     # Shadow: gets a copy of each job of its name; its answers are never sent.
     shadow: bool = False
+    # The model cache (agent/model_cache.py, docs/protocol.md "Lazy models"): `lazy` is
+    # gated at deploy, then unloaded until its first job; `pin` keeps it once loaded.
+    load: Literal["eager", "lazy"] = "eager"
+    pin: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -286,6 +290,10 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
             f"model {m.name}:{m.version}: task {m.task} runs several models, each warmed up "
             "on the task's own inputs: health.inputs and health.expected do not apply "
             "(rtol, atol and max_latency_ms do, to each model)")
+    if m.load == "lazy" and m.task in MULTI_MODEL_TASKS:
+        raise ManifestError(
+            f"invalid manifest: key '{where}.load': model {m.name}:{m.version} (task "
+            f"{m.task}) runs several models and is loaded eagerly; drop `load: lazy`")
 
 
 TRAFFIC_TOTAL = 100
