@@ -20,7 +20,13 @@ import psutil
 
 from edgeinfer.agent import faults, health_gate
 from edgeinfer.agent.config import AgentConfig
-from edgeinfer.agent.model_cache import ModelCache, Reload, close_sessions, give_back_memory
+from edgeinfer.agent.model_cache import (
+    ModelCache,
+    Reload,
+    close_sessions,
+    give_back_memory,
+    memory_in_use_mb,
+)
 from edgeinfer.agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
@@ -96,20 +102,21 @@ class VersionBringUp:
 
     # --- memory (agent/model_cache.py) ----------------------------------------------------
 
-    def _rss_mb(self) -> float:
-        return float(self._process.memory_info().rss) / (1024 * 1024)
+    def _used_mb(self) -> float:
+        return memory_in_use_mb(lambda: int(self._process.memory_info().rss))
 
-    def _over_budget(self, spec: ModelSpec, model: ServingModel, rss_before: float) -> str | None:
-        """Measure `model` (just loaded and warmed up): the agent's RSS growth since
-        `rss_before`. Why it is refused when it cannot fit the budget even alone, else None."""
-        model.memory_mb = round(max(0.0, self._rss_mb() - rss_before), 1)
+    def _over_budget(self, spec: ModelSpec, model: ServingModel, used_before: float) -> str | None:
+        """Measure `model` (just loaded and warmed up): the growth of the agent's memory in
+        use since `used_before` (model_cache.memory_in_use_mb). Why it is refused when it
+        cannot fit the budget even alone, else None."""
+        model.memory_mb = round(max(0.0, self._used_mb() - used_before), 1)
         budget = self.cache.budget_mb
         if budget is None or model.memory_mb <= budget:
             return None
         model.retire()  # closes its sessions
         give_back_memory()
-        return (f"{spec.name}:{spec.version} needs {model.memory_mb:.1f} MB (the agent's RSS "
-                f"grew that much over its load and warm-up), over models.memory_budget_mb="
+        return (f"{spec.name}:{spec.version} needs {model.memory_mb:.1f} MB (measured over its "
+                f"load and warm-up), over models.memory_budget_mb="
                 f"{budget:g}: it cannot be loaded even alone")
 
     def _go_lazy(self, spec: ModelSpec, model: ServingModel, reload: Reload) -> None:
@@ -185,7 +192,7 @@ class VersionBringUp:
         reports: dict[int, health_gate.HealthReport] = {}  # by id(session): auto judges several
         gate = self._gate(spec, check_latency, refusals, reports)
         self._crash.reached("load")
-        rss_before = self._rss_mb()
+        used_before = self._used_mb()
         try:
             # ["auto"] (the default) tunes over every runtime; a list pins an order.
             loaded = self.loader.load(spec, path, warmup_inputs, gate)
@@ -202,7 +209,7 @@ class VersionBringUp:
         served.model.model_dir = model_dir
         session = loaded.session
         served.entry(spec)  # builds the pipeline now: its memory is the version's too
-        refused = self._over_budget(spec, served.model, rss_before)
+        refused = self._over_budget(spec, served.model, used_before)
         if refused is not None:
             return self._failed_to(spec, "memory", refused)
         self._announce_serving(spec, served, reports[id(session)].latency_ms)
@@ -258,7 +265,7 @@ class VersionBringUp:
         label = f"{spec.name}:{spec.version}"
         loaded: dict[str, RoleLoaded] = {}
         latencies: dict[str, float] = {}
-        rss_before = self._rss_mb()
+        used_before = self._used_mb()
 
         def give_up(stage: str, reason: str,
                     attempts: list[Attempt] | None = None) -> tuple[None, str]:
@@ -300,7 +307,7 @@ class VersionBringUp:
         except JobError as exc:
             model.retire()  # closes every session
             return self._failed_to(spec, "pipeline", exc.message)
-        refused = self._over_budget(spec, model, rss_before)
+        refused = self._over_budget(spec, model, used_before)
         if refused is not None:
             return self._failed_to(spec, "memory", refused)
         self._announce_serving(

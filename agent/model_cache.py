@@ -1,8 +1,9 @@
 """The model cache: `load: lazy` versions loaded on their first job, under a memory budget.
 
 A version whose manifest entry says `load: lazy` is fetched, verified, loaded, warmed up and
-health-gated at deploy like any other (agent/bring_up.py), its memory measured (the agent's
-RSS growth over that load and warm-up: `ServingModel.memory_mb`), and then unloaded: it
+health-gated at deploy like any other (agent/bring_up.py), its memory measured (the growth
+of the agent's memory in use over that load and warm-up: `ServingModel.memory_mb`,
+`memory_in_use_mb`), and then unloaded: it
 serves (jobs may name it) but holds no session until a job needs one. After a restart it is
 restored the same way, unloaded.
 
@@ -91,6 +92,41 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 _trim = _malloc_trim()
+_MB = 1024 * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _find_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's (2.33+) mallinfo2, or None."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info: Callable[[], _MallInfo2] = fn
+    return info
+
+
+_mallinfo2 = _find_mallinfo2()
+
+
+def memory_in_use_mb(rss: Callable[[], int]) -> float:
+    """The memory the agent holds now, in MB, as a version's load and warm-up are measured
+    by: the bytes allocated and not freed (glibc's mallinfo2: heap and mmapped chunks; ONNX
+    Runtime's and OpenVINO's tensors and weights come from there). Not the RSS growth:
+    glibc reuses heap freed earlier (an unloaded version's) without the RSS moving, so a
+    version loaded after another was unloaded would seem to take nothing. Where mallinfo2
+    is missing (musl), the RSS (`rss()`, bytes) with the freed heap given back first."""
+    if _mallinfo2 is not None:
+        info = _mallinfo2()
+        return float(info.uordblks + info.hblkhd) / _MB
+    give_back_memory()
+    return float(rss()) / _MB
 
 
 def close_sessions(label: str, sessions: Sequence[Session]) -> None:
@@ -206,6 +242,7 @@ class ModelCache:
             started = time.monotonic()
             assert model.lazy is not None
             model.install(model.lazy.reload())
+            give_back_memory()  # what the load read and let go (the model file's bytes)
             load_ms = (time.monotonic() - started) * 1000.0
             log.info("%s loaded on demand in %.1f ms", model.label, load_ms)
             self._emit("model_loaded", model=model.spec.name, version=model.spec.version,

@@ -48,7 +48,7 @@ class ServingModel:
         # The manifest's `instances`: jobs (or batches) that run on the session at once.
         # The session's threads were sized for that many (runtimes.base.LoadOptions).
         self.instances = threading.BoundedSemaphore(spec.instances)
-        # The model cache (agent/model_cache.py): the agent's RSS growth over this version's
+        # The model cache (agent/model_cache.py): the agent's memory growth over this version's
         # load and warm-up (MB; None until measured), and for a `load: lazy` version its
         # place in the cache (None: eager, always loaded; the one check on a job's path).
         self.memory_mb: float | None = None

@@ -157,8 +157,8 @@ class ModelEntry(msgspec.Struct):
     traffic: int | UnsetType = UNSET
     shadow: bool | UnsetType = UNSET
     # The model cache (agent/model_cache.py), on serving versions: whether its sessions are
-    # loaded now (a `load: lazy` one may not be), and the agent's RSS growth, in MB, over
-    # its load and warm-up at deploy.
+    # loaded now (a `load: lazy` one may not be), and the growth of the agent's memory in
+    # use (MB) over its load and warm-up at deploy.
     loaded: bool | UnsetType = UNSET
     memory_mb: float | UnsetType = UNSET
 

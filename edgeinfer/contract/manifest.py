@@ -269,6 +269,10 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
     one of its fields. Pure: nothing is read or fetched. `edge-fleet deploy` runs them
     before it publishes.
     """
+    if m.load == "lazy" and m.task in MULTI_MODEL_TASKS:
+        raise ManifestError(
+            f"invalid manifest: key '{where}.load': model {m.name}:{m.version} (task "
+            f"{m.task}) runs several models and is loaded eagerly; drop `load: lazy`")
     for i, f in enumerate(m.files):
         if f.name in _NOT_FILE_NAMES:
             raise ManifestError(
@@ -290,10 +294,6 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
             f"model {m.name}:{m.version}: task {m.task} runs several models, each warmed up "
             "on the task's own inputs: health.inputs and health.expected do not apply "
             "(rtol, atol and max_latency_ms do, to each model)")
-    if m.load == "lazy" and m.task in MULTI_MODEL_TASKS:
-        raise ManifestError(
-            f"invalid manifest: key '{where}.load': model {m.name}:{m.version} (task "
-            f"{m.task}) runs several models and is loaded eagerly; drop `load: lazy`")
 
 
 TRAFFIC_TOTAL = 100
