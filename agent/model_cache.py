@@ -73,7 +73,7 @@ class Lazy:
         self.last_used = time.monotonic()
         if model.loaded:  # held by this job: the cache cannot unload it under us
             return
-        self.cache.load_for(model, deadline)
+        self.cache.load_for(model, self.reload, deadline)
 
     def released(self) -> None:
         """A job let go of the version: it may now be unloaded, which a waiting load needs."""
@@ -216,7 +216,7 @@ class ModelCache:
         with self._cond:
             self._cond.notify_all()
 
-    def load_for(self, model: ServingModel, deadline: float | None) -> None:
+    def load_for(self, model: ServingModel, reload: Reload, deadline: float | None) -> None:
         """Load `model` (held by the caller's job), making room under the budget first;
         waits (up to `deadline`) for another load, or for a version to be free to unload.
         Raises JobError: DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (can never fit),
@@ -240,8 +240,7 @@ class ModelCache:
             for victim, sessions in victims:
                 self._unloaded(victim, sessions, "budget", to_load=model.label)
             started = time.monotonic()
-            assert model.lazy is not None
-            model.install(model.lazy.reload())
+            model.install(reload())
             give_back_memory()  # what the load read and let go (the model file's bytes)
             load_ms = (time.monotonic() - started) * 1000.0
             log.info("%s loaded on demand in %.1f ms", model.label, load_ms)

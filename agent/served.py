@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from edgeinfer.contract.documents import TensorMetadata
 from edgeinfer.contract.errors import Code, JobError
@@ -21,10 +21,21 @@ from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
 from edgeinfer.runtimes.selection import Attempt
 
-if TYPE_CHECKING:
-    from edgeinfer.agent.model_cache import Lazy
-
 log = logging.getLogger(__name__)
+
+
+class LazyPlace(Protocol):
+    """A `load: lazy` version's place in the model cache (agent/model_cache.py's `Lazy`),
+    as the version and its jobs see it."""
+
+    pinned: bool
+    last_used: float
+
+    def ensure(self, model: ServingModel, deadline: float | None) -> None:
+        """Called by a job holding `model`: return once it is loaded (raises JobError)."""
+
+    def released(self) -> None:
+        """A job let go of the version."""
 
 
 class ServingModel:
@@ -52,7 +63,7 @@ class ServingModel:
         # load and warm-up (MB; None until measured), and for a `load: lazy` version its
         # place in the cache (None: eager, always loaded; the one check on a job's path).
         self.memory_mb: float | None = None
-        self.lazy: Lazy | None = None
+        self.lazy: LazyPlace | None = None
         self._unloaded = False  # its sessions closed by the cache; reloaded on demand
         self._described: tuple[list[TensorSpec], list[TensorSpec]] | None = None
 
