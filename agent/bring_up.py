@@ -16,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 
 from edgeinfer.agent import faults, health_gate
 from edgeinfer.agent.config import AgentConfig
 from edgeinfer.agent.int8 import prepare as prepare_int8
+from edgeinfer.agent.model_cache import (
+    ModelCache,
+    Reload,
+    close_sessions,
+    give_back_memory,
+    memory_in_use_mb,
+)
 from edgeinfer.agent.runtime_choice import (
     ModelLoader,
     RoleLoaded,
@@ -76,19 +84,63 @@ class VersionBringUp:
         self._failed: dict[tuple[str, str], str] = {}
         self.loader = ModelLoader(cfg, hardware, store, registry, emit_event, self.failed_over,
                                   swap_lock)
+        self.cache = ModelCache(registry, cfg.models, emit_event, on_change)
+        self._process = psutil.Process()
 
     # --- status, read by the service for `reported` --------------------------------------
 
     def statuses(self) -> list[ModelEntry]:
+        """Each version's entry, a serving one with the cache's figures of now."""
         with self._lock:
-            return list(self._statuses.values())
+            entries = list(self._statuses.values())
+        for i, entry in enumerate(entries):
+            if entry.state != "serving":
+                continue
+            model = self._registry.find(entry.name, entry.version)
+            if model is not None and model.memory_mb is not None:
+                entries[i] = msgspec.structs.replace(entry, loaded=model.loaded,
+                                                     memory_mb=model.memory_mb)
+        return entries
+
+    # --- memory (agent/model_cache.py) ----------------------------------------------------
+
+    def _used_mb(self) -> float:
+        return memory_in_use_mb(lambda: int(self._process.memory_info().rss))
+
+    def _over_budget(self, spec: ModelSpec, model: ServingModel, used_before: float) -> str | None:
+        """Measure `model` (just loaded and warmed up): the growth of the agent's memory in
+        use since `used_before` (model_cache.memory_in_use_mb). Why it is refused when it
+        cannot fit the budget even alone, else None."""
+        model.memory_mb = round(max(0.0, self._used_mb() - used_before), 1)
+        budget = self.cache.budget_mb
+        if budget is None or model.memory_mb <= budget:
+            return None
+        model.retire()  # closes its sessions
+        give_back_memory()
+        return (f"{spec.name}:{spec.version} needs {model.memory_mb:.1f} MB (measured over its "
+                f"load and warm-up), over models.memory_budget_mb="
+                f"{budget:g}: it cannot be loaded even alone")
+
+    def _go_lazy(self, spec: ModelSpec, model: ServingModel, reload: Reload) -> None:
+        """A `load: lazy` version, gated and measured, gives its session back until a job
+        needs it (agent/model_cache.py)."""
+        if spec.load != "lazy":
+            return
+        model.lazy = self.cache.lazy(reload, spec.pin)
+        sessions = model.detach()
+        close_sessions(model.label, sessions or [])
+        log.info("%s is lazy: unloaded until its first job (%.1f MB)", model.label,
+                 model.memory_mb or 0.0)
 
     def _reweigh(self, current: ServingModel, spec: ModelSpec) -> None:
-        """A serving version whose A/B `traffic` or `shadow` changed takes the new values
-        (no reload): the split reads them from the serving model's spec."""
-        if (current.spec.traffic, current.spec.shadow) == (spec.traffic, spec.shadow):
+        """A serving version whose A/B `traffic` or `shadow` (or `pin`) changed takes the
+        new values (no reload): the split reads them from the serving model's spec."""
+        if (current.spec.traffic, current.spec.shadow, current.spec.pin) == (
+                spec.traffic, spec.shadow, spec.pin):
             return
         current.spec = spec
+        if current.lazy is not None:
+            current.lazy.pinned = spec.pin
         with self._lock:
             status = self._statuses.get(spec.key)
             if status is not None:
@@ -111,7 +163,8 @@ class VersionBringUp:
         """Return (model, None) when it serves, (None, reason) when it failed. The fetch
         may raise what the reconciler's fetch raises (a newer manifest superseding this)."""
         current = self._registry.find(spec.name, spec.version)
-        if current is not None and version_dir_name(current.spec) == version_dir_name(spec):
+        if (current is not None and version_dir_name(current.spec) == version_dir_name(spec)
+                and current.spec.load == spec.load):  # eager <-> lazy: brought up anew
             self._reweigh(current, spec)
             return current, None
         if self._failed.get(spec.key) == version_dir_name(spec):
@@ -150,6 +203,7 @@ class VersionBringUp:
         reports: dict[int, health_gate.HealthReport] = {}  # by id(session): auto judges several
         gate = self._gate(spec, check_latency, refusals, reports)
         self._crash.reached("load")
+        used_before = self._used_mb()
         try:
             # ["auto"] (the default) tunes over every runtime; a list pins an order.
             loaded = self.loader.load(spec, path, warmup_inputs, gate, int8=int8)
@@ -165,8 +219,15 @@ class VersionBringUp:
         served = self.loader.serving(spec, loaded)
         served.model.model_dir = model_dir
         session = loaded.session
+        served.entry(spec)  # builds the pipeline now: its memory is the version's too
+        refused = self._over_budget(spec, served.model, used_before)
+        if refused is not None:
+            return self._failed_to(spec, "memory", refused)
         self._announce_serving(spec, served, reports[id(session)].latency_ms)
         log.info("%s serving on %s/%s", label, session.runtime, session.device)
+        choice = loaded.choice  # not `loaded`: it holds the session closed when lazy
+        self._go_lazy(spec, served.model, lambda: self.loader.reload(
+            spec, path, choice, warmup_inputs))
         return served.model, None
 
     def _announce_serving(self, spec: ModelSpec, served: Serving, latency_ms: float | None,
@@ -215,6 +276,7 @@ class VersionBringUp:
         label = f"{spec.name}:{spec.version}"
         loaded: dict[str, RoleLoaded] = {}
         latencies: dict[str, float] = {}
+        used_before = self._used_mb()
 
         def give_up(stage: str, reason: str,
                     attempts: list[Attempt] | None = None) -> tuple[None, str]:
@@ -256,6 +318,9 @@ class VersionBringUp:
         except JobError as exc:
             model.retire()  # closes every session
             return self._failed_to(spec, "pipeline", exc.message)
+        refused = self._over_budget(spec, model, used_before)
+        if refused is not None:
+            return self._failed_to(spec, "memory", refused)
         self._announce_serving(
             spec, served, latencies.get(roles[0].role),
             roles={role: RoleServing(runtime=r.tuned.session.runtime,

@@ -167,13 +167,19 @@ class DeployConfig(_Section):
 
 
 class ModelsConfig(_Section):
-    """Models served from a folder on the gateway, no fleet needed (agent/local_models.py)."""
+    """Models served from a folder on the gateway, no fleet needed (agent/local_models.py),
+    and the model cache's memory budget (agent/model_cache.py)."""
 
     # <local_dir>/<name>/<version>/ folders, each with model.onnx (or one *.onnx file) and an
     # optional model.yaml; empty: off.
     local_dir: str = ""
     # How often the folder is looked at; a version folder is taken once two looks agree.
     scan_interval_s: PositiveFloat = 2.0
+    # The loaded models' measured memory (MB) may not go over this: a lazy model's load
+    # first unloads the least recently used unpinned lazy ones. None: no budget.
+    memory_budget_mb: PositiveFloat | None = None
+    # A loaded, unpinned lazy model with no job for this long is unloaded. None: never.
+    idle_unload_s: PositiveFloat | None = None
 
 
 class TelemetryConfig(_Section):

@@ -135,6 +135,7 @@ class Reconciler:
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._thread.start()
         self.failover.start()
+        self.versions.cache.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -143,6 +144,7 @@ class Reconciler:
         if self._thread is not None:
             self._thread.join(timeout)
         self.failover.stop(timeout)
+        self.versions.cache.stop(timeout)
 
     def offer(self, payload: bytes) -> None:
         """Hand over a desired-state payload (network thread: never blocks)."""

@@ -28,7 +28,7 @@ from edgeinfer.agent.failover import EmitEvent, FailoverManager, OnSwapped, Runt
 from edgeinfer.agent.served import ServedModels, ServingModel, tensor_metadata
 from edgeinfer.agent.store import ModelStore
 from edgeinfer.contract import documents
-from edgeinfer.contract.errors import JobError
+from edgeinfer.contract.errors import Code, JobError
 from edgeinfer.contract.manifest import ModelSpec, RoleModel
 from edgeinfer.runtimes.autotune import Choice, Tolerance, Tuned, choose, load_choice
 from edgeinfer.runtimes.autotune_cache import AutotuneCache
@@ -205,6 +205,20 @@ class ModelLoader:
         model = ServingModel(spec, sessions[main], roles[main].tuned.attempts, sessions=sessions)
         self.failover.attach(model, [])
         return Serving(model, roles[main].tuned, roles)
+
+    def reload(self, spec: ModelSpec, path: Path, choice: Choice,
+               sample: Mapping[str, Any] | None) -> Session:
+        """A lazy version's session again, on the runtime chosen at deploy, warmed up
+        through the health gate (no latency budget); raises JobError(UNAVAILABLE)."""
+
+        def gate(session: Session, feed: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+            health_gate.judge(session, feed, outputs, spec.health, check_latency=False)
+
+        warm = load_choice(path, choice, self._options(spec), sample, gate)
+        if isinstance(warm, str):
+            raise JobError(Code.UNAVAILABLE, f"{spec.name}:{spec.version} could not be loaded "
+                           f"again on {choice.runtime}/{choice.device}: {warm}")
+        return self.fault.wrap(warm.session)
 
     def load_next(self, old: ServingModel, choice: Choice) -> ServingModel | str:
         """`choice` loaded and warmed up through the health gate (no latency budget)."""

@@ -12,15 +12,31 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from edgeinfer.contract.documents import TensorMetadata
 from edgeinfer.contract.errors import Code, JobError
-from edgeinfer.contract.manifest import ModelSpec, pick_version
+from edgeinfer.contract.manifest import ModelSpec
+from edgeinfer.contract.traffic import pick_version
 from edgeinfer.runtimes.base import Session, TensorSpec
 from edgeinfer.runtimes.pipelines import Pipeline, build_pipeline
 from edgeinfer.runtimes.selection import Attempt
 
 log = logging.getLogger(__name__)
+
+
+class LazyPlace(Protocol):
+    """A `load: lazy` version's place in the model cache (agent/model_cache.py's `Lazy`),
+    as the version and its jobs see it."""
+
+    pinned: bool
+    last_used: float
+
+    def ensure(self, model: ServingModel, deadline: float | None) -> None:
+        """Called by a job holding `model`: return once it is loaded (raises JobError)."""
+
+    def released(self) -> None:
+        """A job let go of the version."""
 
 
 class ServingModel:
@@ -44,6 +60,13 @@ class ServingModel:
         # The manifest's `instances`: jobs (or batches) that run on the session at once.
         # The session's threads were sized for that many (runtimes.base.LoadOptions).
         self.instances = threading.BoundedSemaphore(spec.instances)
+        # The model cache (agent/model_cache.py): the agent's memory growth over this version's
+        # load and warm-up (MB; None until measured), and for a `load: lazy` version its
+        # place in the cache (None: eager, always loaded; the one check on a job's path).
+        self.memory_mb: float | None = None
+        self.lazy: LazyPlace | None = None
+        self._unloaded = False  # its sessions closed by the cache; reloaded on demand
+        self._described: tuple[list[TensorSpec], list[TensorSpec]] | None = None
 
     @property
     def pipeline_session(self) -> Session | Mapping[str, Session]:
@@ -70,10 +93,15 @@ class ServingModel:
     def tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """What a job sends and what its answer holds: the task pipeline's tensors when the
         task has one, else the session's. Raises JobError when the pipeline cannot be built."""
+        if self._described is not None:  # kept: an unloaded lazy version has no session
+            return self._described
         pipeline = self.pipeline()
         if pipeline is None:
-            return self.session.inputs, self.session.outputs
-        return pipeline.inputs(), pipeline.outputs()
+            described = self.session.inputs, self.session.outputs
+        else:
+            described = pipeline.inputs(), pipeline.outputs()
+        self._described = described
+        return described
 
     @property
     def label(self) -> str:
@@ -93,6 +121,39 @@ class ServingModel:
             close = self._retired and self._inflight == 0
         if close:
             self._close()
+        if self.lazy is not None:
+            self.lazy.released()
+
+    # --- the model cache's side (agent/model_cache.py) -----------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return not self._unloaded
+
+    @property
+    def inflight(self) -> int:
+        """Jobs holding this version now."""
+        return self._inflight
+
+    def detach(self) -> list[Session] | None:
+        """Mark this version unloaded, if no job holds it and it is loaded and not closed;
+        the sessions to close (by the caller, outside any lock), else None."""
+        with self._lock:
+            if self._inflight or self._closed or self._unloaded:
+                return None
+            self._unloaded = True
+            self._pipeline = None
+            self._pipeline_error = None
+            return self._all_sessions()
+
+    def install(self, session: Session) -> None:
+        """A reloaded session (a single-model version) takes the closed one's place; the
+        pipeline is built again on it."""
+        with self._lock:
+            self.session = session
+            self._pipeline = None
+            self._pipeline_error = None
+            self._unloaded = False
 
     def retire(self) -> None:
         with self._lock:
@@ -101,14 +162,19 @@ class ServingModel:
         if close:
             self._close()
 
+    def _all_sessions(self) -> list[Session]:
+        sessions = [self.session] if self.sessions is None else list(self.sessions.values())
+        if all(s is not self.session for s in sessions):
+            sessions.append(self.session)
+        return sessions
+
     def _close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        sessions = [self.session] if self.sessions is None else list(self.sessions.values())
-        if all(s is not self.session for s in sessions):
-            sessions.append(self.session)
+            # Unloaded by the cache: its sessions are closed already.
+            sessions = [] if self._unloaded else self._all_sessions()
         for session in sessions:
             try:
                 session.close()

@@ -152,7 +152,9 @@ class Workers:
         if batcher is None:
             started = time.monotonic()
             self._run_batch([prepared])
-            if prepared.model.spec.task == "tensor":
+            # Not for a lazy version: the intake never runs its jobs inline, as one may
+            # have to wait for its load.
+            if prepared.model.spec.task == "tensor" and prepared.model.lazy is None:
                 rate = (time.monotonic() - started) / max(1, len(prepared.inbound.payload))
                 name = prepared.request.model_name
                 before = self._run_s_per_byte.get(name)
@@ -210,6 +212,8 @@ class Workers:
             check_deadline(deadline)
             model = self._registry.acquire(req.model_name, req.model_version,
                                            req.id if req.id is not None else job.key)
+            if model.lazy is not None:  # `load: lazy`: loaded now if it is not (model_cache)
+                model.lazy.ensure(model, deadline)
             pipeline = model.pipeline()
             in_specs, out_specs = model.tensors()
             knobs = pipeline.optional_inputs() if pipeline is not None else []

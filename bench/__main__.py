@@ -8,6 +8,7 @@ the performance targets. Figures are only comparable within one run.
     python -m bench --quick         # a short one (~2 minutes)
     python -m bench --models digits mobilenet --out /tmp/bench
     python -m bench --only preprocess --out /tmp/bench   # one part alone (raw, preprocess, e2e, cpu)
+    python -m bench --only lazy     # a lazy model's first job, added to <out>'s latest run
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import Any
 
 import psutil
 
-from bench import e2e, int8, jobcpu, points, preprocess, raw, refmodels, report
+from bench import e2e, int8, jobcpu, lazy, points, preprocess, raw, refmodels, report
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("raw", "preprocess", "e2e", "cpu")
+PARTS = ("raw", "preprocess", "e2e", "cpu", "lazy")
 
 
 def say(text: str) -> None:
@@ -143,6 +144,26 @@ def wait_quiet(limit_s: float, busy_below: float = 15.0, for_s: int = 8) -> bool
     return False
 
 
+def _lazy_alone(out: Path) -> int:
+    """`--only lazy`: measured alone and added to the run already in <out> (latest.json),
+    whose latest.md is written again with it; a short part, not worth a whole run."""
+    work = Path(tempfile.mkdtemp(prefix="edgeinfer-bench-lazy-"))
+    try:
+        measured = lazy.run(work, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = out / "latest.json"
+    stored: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if "meta" not in stored:
+        say(f"no earlier run in {out}: run `python -m bench` first")
+        return 1
+    stored["lazy"] = {**measured, "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                      "git": _git()}
+    report.write(stored, out, say)
+    say(f"wrote the lazy section into {out / 'latest.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (~2 minutes)")
@@ -177,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         args.skip_preprocess = "preprocess" not in args.only
         args.skip_e2e = "e2e" not in args.only
         args.skip_cpu = "cpu" not in args.only
+    if args.only == ["lazy"]:
+        return _lazy_alone(args.out)
     if args.render:
         stored: dict[str, Any] = json.loads((args.out / "latest.json").read_text())
         for line in report.ratio_lines(report.write(stored, args.out, say)):
@@ -275,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"cpu part failed: {cpu['error']} (--keep keeps the logs)")
             cpu["summary"] = jobcpu.summary(cpu)
             sections["cpu"] = round(time.monotonic() - t0, 1)
+        if args.only is None or "lazy" in args.only:
+            t0 = time.monotonic()
+            try:
+                results["lazy"] = lazy.run(work / "lazy", say)
+            except Exception as exc:
+                results["lazy"] = {"error": f"{type(exc).__name__}: {exc}"}
+                say(f"lazy part failed: {results['lazy']['error']}")
+            sections["lazy"] = round(time.monotonic() - t0, 1)
     finally:
         results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
         results["meta"]["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]

@@ -24,10 +24,10 @@ from bench.wheelmodels import RAPIDOCR_MODELS, rapidocr_models_dir, silero_vad_p
 
 __all__ = [
     "IR_VERSION", "OPSET", "RAPIDOCR_MODELS", "DigitsModel", "EncoderModel", "TinyLm",
-    "TinyLmConfig", "build_cnn", "build_digits", "build_digits_float", "build_encoder",
-    "build_heavy", "build_mlp", "build_mobilenet_like", "build_nan", "build_reduce_mean",
-    "build_scaled", "build_tiny_lm", "build_wordpiece_tokenizer", "rapidocr_models_dir",
-    "silero_vad_path",
+    "TinyLmConfig", "WeightyModel", "build_cnn", "build_digits", "build_digits_float",
+    "build_encoder", "build_heavy", "build_mlp", "build_mobilenet_like", "build_nan",
+    "build_reduce_mean", "build_scaled", "build_tiny_lm", "build_weighty",
+    "build_wordpiece_tokenizer", "rapidocr_models_dir", "silero_vad_path",
 ]
 
 
@@ -187,6 +187,41 @@ def build_heavy(out_dir: Path, name: str = "heavy.onnx", width: int = 1024, laye
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
     return save_checked(model, out_dir / name)
+
+
+@dataclass(frozen=True)
+class WeightyModel:
+    """A model that is mostly weights (`build_weighty`) and the answer it must give."""
+
+    path: Path
+    w: np.ndarray  # [width, width]
+    w_out: np.ndarray  # [width, 16]
+
+    def expected(self, x: np.ndarray) -> np.ndarray:
+        y: np.ndarray = np.tanh(x.astype(np.float64) @ self.w) @ self.w_out
+        return y
+
+
+def build_weighty(out_dir: Path, name: str, width: int, seed: int) -> WeightyModel:
+    """x FP32 [1, width] -> tanh(x @ w) @ w_out -> y FP32 [1, 16]: about width**2 * 4 bytes
+    of weights and next to no work, so loading it is what costs (the model cache's tests and
+    bench); `seed` makes models of one width differ (their own sha256)."""
+    rng = np.random.default_rng(seed)
+    w = seeded_weights(rng, width, width)
+    w_out = seeded_weights(rng, width, 16)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "w_out"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "weighty",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(w_out, "w_out")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    return WeightyModel(save_checked(model, out_dir / name), w, w_out)
 
 
 def build_scaled(out_dir: Path, factor: float, name: str | None = None, busy_layers: int = 0,

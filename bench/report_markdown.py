@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.int8 import markdown_section as _int8_section
+from bench.lazy import markdown_section as _lazy_section
 from bench.preprocess import markdown_section as _preprocess_section
 from bench.targets import LEVEL, Ratio, where_served
 
@@ -84,6 +85,7 @@ def markdown(results: dict[str, Any], rs: list[Ratio]) -> str:
     md += _e2e_section(results)
     md += cpu_section(results)
     md += _resources_section(results)
+    md += _lazy_section(results.get("lazy"))
     md += _profile_section(results)
     md += _method_section(results)
     return "\n".join(md) + "\n"

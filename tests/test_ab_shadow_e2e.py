@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from bench.models import build_scaled
-from edgeinfer.contract.manifest import Manifest, encode_manifest, pick_version
+from edgeinfer.contract.manifest import Manifest, encode_manifest
+from edgeinfer.contract.traffic import pick_version
 from edgeinfer.fleet.client import InferenceClient
 from edgeinfer.fleet.mqtt import connect
 from tests.broker import Broker

@@ -12,9 +12,8 @@ from edgeinfer.contract.manifest import (
     ManifestError,
     ModelSpec,
     decode_manifest,
-    pick_version,
-    traffic_bucket,
 )
+from edgeinfer.contract.traffic import pick_version, traffic_bucket
 from edgeinfer.fleet.abtest import VersionsError, name_versions, parse_traffic
 from edgeinfer.fleet.deploy import DeployError, next_manifest
 

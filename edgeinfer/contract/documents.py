@@ -161,6 +161,11 @@ class ModelEntry(msgspec.Struct):
     traffic: int | UnsetType = UNSET
     shadow: bool | UnsetType = UNSET
     shadow_stats: ShadowFigures | UnsetType = UNSET  # a serving shadow's, once it has any
+    # The model cache (agent/model_cache.py), on serving versions: whether its sessions are
+    # loaded now (a `load: lazy` one may not be), and the growth of the agent's memory in
+    # use (MB) over its load and warm-up at deploy.
+    loaded: bool | UnsetType = UNSET
+    memory_mb: float | UnsetType = UNSET
 
 
 class CpuSummary(msgspec.Struct):

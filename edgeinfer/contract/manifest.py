@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import rfc8785
@@ -21,6 +21,7 @@ from edgeinfer.contract.datatypes import OIP_DATATYPES
 from edgeinfer.contract.quantize import quantize_problem
 from edgeinfer.contract.tasks import MULTI_MODEL_TASKS
 from edgeinfer.contract.topics import NAME_RE
+from edgeinfer.contract.traffic import TRAFFIC_TOTAL
 from edgeinfer.structcheck import StructError, convert, not_utf8
 
 SHA256_RE = r"^[0-9a-f]{64}$"
@@ -98,6 +99,10 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     quantize: str | None = None
     quantize_calibration: Name | None = None
     quantize_min_agreement: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.99
+    # The model cache (agent/model_cache.py, docs/protocol.md "Lazy models"): `lazy` is
+    # gated at deploy, then unloaded until its first job; `pin` keeps it once loaded.
+    load: Literal["eager", "lazy"] = "eager"
+    pin: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -270,6 +275,10 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
     one of its fields. Pure: nothing is read or fetched. `edge-fleet deploy` runs them
     before it publishes.
     """
+    if m.load == "lazy" and m.task in MULTI_MODEL_TASKS:
+        raise ManifestError(
+            f"invalid manifest: key '{where}.load': model {m.name}:{m.version} (task "
+            f"{m.task}) runs several models and is loaded eagerly; drop `load: lazy`")
     for i, f in enumerate(m.files):
         if f.name in _NOT_FILE_NAMES:
             raise ManifestError(
@@ -298,7 +307,6 @@ def check_model(m: ModelSpec, where: str = "model") -> None:
             "(rtol, atol and max_latency_ms do, to each model)")
 
 
-TRAFFIC_TOTAL = 100
 
 
 def check_versions(models: list[ModelSpec]) -> None:
@@ -346,26 +354,6 @@ def check_versions(models: list[ModelSpec]) -> None:
             raise ManifestError(f"invalid manifest: key 'models[{serving[-1][0]}].traffic': "
                                 f"the traffic of {name}'s versions adds up to {total}, not "
                                 f"{TRAFFIC_TOTAL} ({listed})")
-
-
-def traffic_bucket(key: str) -> int:
-    """Where a job falls in [0, 100): the first 8 bytes of sha256(key) modulo 100. `key`
-    is the job's id (or, for a job without one, its request digest)."""
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") % TRAFFIC_TOTAL
-
-
-def pick_version(weighted: list[tuple[str, int]], key: str) -> str:
-    """The version a job that names none gets: `weighted` is (version, traffic) in manifest
-    order; version i takes the buckets from the sum of the weights before it to that sum
-    plus its own."""
-    bucket = traffic_bucket(key)
-    upto = 0
-    for version, weight in weighted:
-        upto += weight
-        if bucket < upto:
-            return version
-    return weighted[-1][0]
 
 
 _decoder = msgspec.json.Decoder()
