@@ -43,7 +43,6 @@ MODEL_YAML = "model.yaml"
 # model.yaml's keys: the manifest entry's fields the folder does not already say (name and
 # version are the folders' names; uri, sha256 and size come from the file).
 YAML_KEYS = ("task", "runtime", "batching", "instances", "health", "settings", "files")
-_HASH_CHUNK = 1 << 20
 
 # (file name, size or -1 for what is not a file, mtime in ns), sorted: a folder's listing.
 Snapshot = tuple[tuple[str, int, int], ...]
@@ -110,12 +109,10 @@ class Hashes:
         known = self._known.get(path)
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
             return known[2], st.st_size
-        digest = hashlib.sha256()
         with path.open("rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        self._known[path] = (st.st_size, st.st_mtime_ns, digest.hexdigest())
-        return digest.hexdigest(), st.st_size
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+        self._known[path] = (st.st_size, st.st_mtime_ns, sha)
+        return sha, st.st_size
 
     def keep_only(self, paths: set[Path]) -> None:
         self._known = {p: v for p, v in self._known.items() if p in paths}
